@@ -1,0 +1,47 @@
+"""``python -m runner [overrides]``: compose the config with Hydra and train."""
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+import runner  # noqa: F401  (registers the config schemas)
+from runner.errors import RunnerError, describe_error
+
+
+@hydra.main(version_base=None, config_path="pkg://conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Train one job in its Hydra run dir; the returned eval loss is what sweepers minimise."""
+    from runner.train import run  # imported here so that `--help` and `--cfg` stay fast
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        return run(cfg, Path(hydra_cfg.runtime.output_dir))
+    except RunnerError as err:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # Hydra names the failing job's overrides
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def cli() -> None:
+    """Run ``main``; a user error (bad override, bad value, missing GPU) prints one line and
+    exits 1. HYDRA_FULL_ERROR=1 shows the full traceback instead."""
+    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's exceptions reach us unprinted
+    try:
+        main()
+    except Exception as err:
+        message = describe_error(err)
+        if show_traceback or message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,70 @@
+"""The pure, jitted layer: build the TrainState, one train step, many steps per dispatch, eval."""
+
+import functools
+from typing import Dict, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training.train_state import TrainState
+
+from runner.optim import LRSchedule
+from tasks.base import Batch, Data, Task
+
+Metrics = Dict[str, jax.Array]
+
+
+def create_train_state(rng: jax.Array, model: nn.Module, task: Task,
+                       tx: optax.GradientTransformation) -> TrainState:
+    """Initialise the model's params on the task's example input and the optimizer state."""
+    params = model.init(rng, task.example_input())["params"]
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    # TrainState.create leaves step a Python int; a typed array keeps the first call of the
+    # jitted step from compiling a second time for the int32 step it gets back.
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,
+               schedule: LRSchedule) -> Tuple[TrainState, Metrics]:
+    """One optimizer step on ``batch``; ``rng`` feeds stochastic layers (dropout)."""
+
+    def loss_fn(params):
+        outputs = state.apply_fn({"params": params}, batch["x"], rngs={"dropout": rng})
+        return task.loss(outputs, batch)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    lr = state.opt_state.hyperparams["learning_rate"] * schedule(state.step)
+    state = state.apply_gradients(grads=grads)
+    return state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": lr}
+
+
+@functools.partial(jax.jit, static_argnames=("task", "schedule", "num_steps"),
+                   donate_argnames="state")
+def train_steps(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
+                schedule: LRSchedule, num_steps: int) -> Tuple[TrainState, Metrics]:
+    """``num_steps`` train steps fused into one dispatch with ``lax.scan``.
+
+    Each step's randomness is ``fold_in(rng, step)``, so it depends on the seed and the step
+    alone. Returns the metrics averaged over the steps, except ``lr``: the last step's value.
+    """
+
+    def body(state, _):
+        batch_rng, step_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+        batch = task.train_batch(data, batch_rng)
+        return train_step(state, batch, step_rng, task=task, schedule=schedule)
+
+    state, metrics = jax.lax.scan(body, state, length=num_steps)
+    means = {k: jnp.mean(v) for k, v in metrics.items()}
+    return state, {**means, "lr": metrics["lr"][-1]}
+
+
+@functools.partial(jax.jit, static_argnames="task")
+def evaluate(state: TrainState, data: Data, *, task: Task) -> Metrics:
+    """Loss and metrics on the task's held-out set, averaged over its equal-sized batches."""
+
+    def batch_metrics(batch):
+        loss, metrics = task.loss(state.apply_fn({"params": state.params}, batch["x"]), batch)
+        return {"loss": loss, **metrics}
+
+    return jax.tree.map(jnp.mean, jax.lax.map(batch_metrics, task.eval_batches(data)))

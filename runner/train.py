@@ -1,0 +1,159 @@
+"""One training run: build everything from the config, run the host loop, write the run dir."""
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import jax
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from runner.checkpoint import save_checkpoint
+from runner.compiles import compile_stats
+from runner.device import select_devices
+from runner.errors import RunnerError
+from runner.optim import make_optimizer
+from runner.schema import validate
+from runner.steps import create_train_state, evaluate, train_steps
+from runner.tb_logger import TensorBoardLogger
+
+log = logging.getLogger(__name__)
+
+
+def is_time(step: int, every: Optional[int]) -> bool:
+    """Whether periodic work with cadence ``every`` (None = never) falls on ``step``."""
+    return every is not None and step % every == 0
+
+
+def steps_per_dispatch(trainer: DictConfig) -> int:
+    """Steps fused per dispatch: the configured count, or else the largest that lands on every
+    log, eval and checkpoint step and on the last step, so all dispatches share one shape
+    (one compilation)."""
+    if trainer.steps_per_dispatch is not None:
+        return trainer.steps_per_dispatch
+    cadences = [trainer.log_every, trainer.eval_every, trainer.checkpoint_every]
+    return math.gcd(trainer.steps, *[c for c in cadences if c is not None])
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    """Train as ``cfg`` says, writing TensorBoard events, checkpoints, ``metrics.json`` and
+    ``model_summary.txt`` into ``run_dir``. Returns the final eval loss."""
+    validate(cfg)
+    devices = select_devices(cfg.device)
+    trainer = cfg.trainer
+    chunk = steps_per_dispatch(trainer)
+    if trainer.steps % chunk or any(c is not None and c % chunk for c in
+                                    (trainer.log_every, trainer.eval_every,
+                                     trainer.checkpoint_every)):
+        raise RunnerError(f"trainer.steps_per_dispatch={chunk}: must divide trainer.steps and "
+                          f"every trainer.*_every cadence")
+    task = instantiate(cfg.task, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
+    tx, schedule = make_optimizer(cfg.optimizer, total_steps=trainer.steps)
+    init_rng, data_rng, train_rng = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
+    state = create_train_state(init_rng, model, task, tx)
+    data = jax.jit(task.make_data)(data_rng)
+    log.info("devices: %s; %d steps, %d per dispatch", devices, trainer.steps, chunk)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "model_summary.txt").write_text(
+        model.tabulate(init_rng, task.example_input(), console_kwargs={"width": 120}))
+    logger = TensorBoardLogger(run_dir / "tb")
+    logger.text("config", OmegaConf.to_yaml(cfg, resolve=True))
+    start, compiles_before = time.perf_counter(), compile_stats("train_steps")
+    summary: Dict[str, Any] = {"status": "failed", "steps": 0}
+    try:
+        state, summary = train_loop(state, data, train_rng, task=task, schedule=schedule,
+                                    trainer=trainer, chunk=chunk, logger=logger,
+                                    ckpt_dir=run_dir / "checkpoints")
+    except RunnerError as err:
+        summary["reason"] = str(err)
+        raise
+    finally:
+        logger.close()
+        summary["wall_time_s"] = time.perf_counter() - start
+        compiles, compile_s = np.subtract(compile_stats("train_steps"), compiles_before)
+        summary.update(train_step_compiles=int(compiles), compile_s=float(compile_s))
+        _write_json(run_dir / "metrics.json", summary)
+    return summary["eval"]["loss"]
+
+
+def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, ckpt_dir):
+    """The host loop: dispatch fused steps; on cadence fetch metrics, log, evaluate, save.
+
+    Metrics come to the host only on log and eval steps (each fetch waits for the device).
+    """
+    step, train_metrics, eval_metrics = int(state.step), {}, {}
+    window_start, window_steps = time.perf_counter(), 0  # throughput, between host syncs
+    compiled = False
+    bar = _progress_bar(trainer, initial=step)
+    with bar or nullcontext():
+        while step < trainer.steps:
+            state, metrics = train_steps(state, data, rng, task=task, schedule=schedule,
+                                         num_steps=chunk)
+            step, last = step + chunk, step + chunk == trainer.steps
+            if compiled:
+                window_steps += chunk
+            else:  # keep compilation out of steps/s: wait for it, start timing after
+                jax.block_until_ready(metrics)
+            log_now, eval_now = is_time(step, trainer.log_every), is_time(step, trainer.eval_every)
+            save_now = is_time(step, trainer.checkpoint_every)
+            if log_now or last:
+                train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                bad = [k for k in ("loss", "grad_norm") if not np.isfinite(train_metrics[k])]
+                if bad:
+                    raise RunnerError(f"train/{bad[0]} is {train_metrics[bad[0]]} at step {step}: "
+                                      f"training diverged (try a lower optimizer.lr)")
+                perf = {}
+                if window_steps:
+                    perf["steps_per_sec"] = window_steps / (time.perf_counter() - window_start)
+                    logger.scalars(step, "perf", perf)
+                logger.scalars(step, "train", train_metrics)
+                _report(bar, step, trainer.steps, train_metrics, perf)
+            if eval_now or last:
+                eval_metrics = {k: float(v) for k, v in
+                                jax.device_get(evaluate(state, data, task=task)).items()}
+                logger.scalars(step, "eval", eval_metrics)
+                _report(bar, step, trainer.steps, eval_metrics, prefix="eval")
+            if save_now or last:
+                save_checkpoint(ckpt_dir, state, step=step)
+            if not compiled or log_now or eval_now or save_now:  # host work ends the window
+                compiled, window_start, window_steps = True, time.perf_counter(), 0
+            if bar:
+                bar.update(chunk)
+    return state, {"status": "completed", "steps": step, "train": train_metrics,
+                   "eval": eval_metrics}
+
+
+def _progress_bar(trainer: DictConfig, *, initial: int):
+    """A tqdm bar when stderr is a terminal (and enabled); None means plain log lines."""
+    if not (trainer.progress_bar and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=trainer.steps, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def _report(bar, step: int, total: int, metrics: Dict[str, float],
+            extra: Optional[Dict[str, float]] = None, *, prefix: str = "train") -> None:
+    values = {f"{prefix}/{k}": v for k, v in metrics.items()}
+    values.update({f"perf/{k}": v for k, v in (extra or {}).items()})
+    if bar:
+        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()
+                         if k.endswith(("loss", "steps_per_sec", "accuracy"))})
+    else:
+        log.info("step %d/%d %s", step, total,
+                 " ".join(f"{k}={v:.6g}" for k, v in sorted(values.items())))
+
+
+def _write_json(path: Path, payload: Dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

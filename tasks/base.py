@@ -1,0 +1,33 @@
+"""The interface every task implements: data made on device, a batch per step, a loss.
+
+A task is a frozen (hashable) dataclass built from ``conf/task/<name>.yaml`` via ``_target_``.
+Being hashable lets it be a static argument of the jitted train step: runs whose task configs
+are equal share one compiled step.
+"""
+
+from typing import Any, Dict, Protocol, Tuple
+
+import jax
+
+Batch = Dict[str, jax.Array]  # at least "x" (model input) and "y" (target)
+Data = Dict[str, Any]  # whatever the task keeps on device: datasets, class prototypes, ...
+
+
+class Task(Protocol):
+    batch_size: int
+    output_dim: int
+
+    def make_data(self, rng: jax.Array) -> Data:
+        """All fixed arrays of the task (training and held-out sets...), made once on device."""
+
+    def train_batch(self, data: Data, rng: jax.Array) -> Batch:
+        """The batch for one step; pure and jittable, so it runs inside the scanned step."""
+
+    def eval_batches(self, data: Data) -> Batch:
+        """The held-out set as equal batches stacked on a leading axis: [num_batches, batch, ...]."""
+
+    def loss(self, outputs: jax.Array, batch: Batch) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+        """Scalar loss (means over the batch) and a dict of scalar metrics."""
+
+    def example_input(self) -> jax.Array:
+        """A one-example input batch, to initialise and summarise the model."""

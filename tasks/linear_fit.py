@@ -1,0 +1,55 @@
+"""The reference's linear fit: y = slope * x + intercept + N(0, noise_std^2), x ~ N(0, 1)."""
+
+import dataclasses
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from runner.errors import ConfigError
+from tasks.base import Batch, Data
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearFit:
+    """Full-batch regression of a noisy line (minibatches when batch_size < num_train)."""
+
+    num_train: int = 100
+    num_eval: int = 100
+    batch_size: int = 100
+    slope: float = 2.0
+    intercept: float = 1.0
+    noise_std: float = 0.2
+    output_dim: int = 1
+
+    def __post_init__(self):
+        if self.batch_size > self.num_train:
+            raise ConfigError(f"task.batch_size={self.batch_size}: must be <= task.num_train="
+                              f"{self.num_train}")
+
+    def _sample(self, rng: jax.Array, n: int) -> Batch:
+        x_rng, noise_rng = jax.random.split(rng)
+        x = jax.random.normal(x_rng, (n, 1))
+        y = self.slope * x + self.intercept + self.noise_std * jax.random.normal(noise_rng, (n, 1))
+        return {"x": x, "y": y}
+
+    def make_data(self, rng: jax.Array) -> Data:
+        train_rng, eval_rng = jax.random.split(rng)
+        return {"train": self._sample(train_rng, self.num_train),
+                "eval": self._sample(eval_rng, self.num_eval)}
+
+    def train_batch(self, data: Data, rng: jax.Array) -> Batch:
+        if self.batch_size == self.num_train:
+            return data["train"]
+        idx = jax.random.choice(rng, self.num_train, (self.batch_size,), replace=False)
+        return jax.tree.map(lambda a: a[idx], data["train"])
+
+    def eval_batches(self, data: Data) -> Batch:
+        return jax.tree.map(lambda a: a[None], data["eval"])
+
+    def loss(self, outputs: jax.Array, batch: Batch) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+        mse = jnp.mean((outputs - batch["y"]) ** 2)
+        return mse, {"mse": mse}
+
+    def example_input(self) -> jax.Array:
+        return jnp.zeros((1, 1))

@@ -1,0 +1,49 @@
+"""Shared fixtures: configs composed with Hydra's compose API (tiny sizes), and the real CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Sequence
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+import runner  # noqa: F401  (registers the config schemas)
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+# Few steps and small shapes: every test run finishes in seconds on 2 CPU cores.
+TINY = ["trainer.steps=4", "trainer.log_every=2", "trainer.eval_every=2",
+        "trainer.checkpoint_every=2", "trainer.progress_bar=false"]
+TINY_CNN = ["task=cnn_random_images", "task.image_size=16", "task.batch_size=8",
+            "task.num_eval=16", "model.dense_features=[16]", "model.conv_features=[8,8]"]
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config ``python -m runner <overrides>`` would run, with tiny trainer settings."""
+    with initialize_config_module(config_module="conf", version_base=None):
+        return compose(config_name="config", overrides=[*TINY, *overrides])
+
+
+def group_options(group: str) -> List[str]:
+    """Every option of a config group, as files in conf/ (e.g. "optimizer" -> adam, sgd...)."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def run_cli(args: Sequence[str], *, cwd: Path, check: bool = True,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m runner <args>`` in a subprocess, as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"runner exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture
+def tiny_cfg():
+    return compose_config

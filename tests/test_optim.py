@@ -1,0 +1,71 @@
+"""Optimizers: every option builds, hyperparameters are traced state, schedules, clipping."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import compose_config, group_options
+from runner.errors import ConfigError
+from runner.optim import LRSchedule, make_optimizer
+from runner.schema import Schedule
+
+
+@pytest.mark.parametrize("name", group_options("optimizer"))
+def test_every_optimizer_builds_and_steps_with_lr_in_its_state(name):
+    cfg = compose_config([f"optimizer={name}", "optimizer.lr=0.05"])
+    tx, _ = make_optimizer(cfg.optimizer, total_steps=10)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.05)
+    updates, _ = tx.update({"w": jnp.ones(3)}, state, params)
+    assert float(jnp.abs(updates["w"]).max()) > 0
+
+
+def test_lr_is_traced_state_not_a_compiled_constant():
+    cfg = compose_config(["optimizer=sgd", "optimizer.momentum=null", "optimizer.lr=0.1"])
+    tx, _ = make_optimizer(cfg.optimizer, total_steps=10)
+    update = jax.jit(tx.update)
+    params = grads = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    first, _ = update(grads, state, params)
+    state.hyperparams["learning_rate"] = jnp.asarray(0.5, jnp.float32)
+    second, _ = update(grads, state, params)
+    np.testing.assert_allclose(first["w"], -0.1)
+    np.testing.assert_allclose(second["w"], -0.5)
+    assert update._cache_size() == 1
+
+
+def test_schedules_scale_the_peak_lr():
+    steps = jnp.arange(11)
+    np.testing.assert_allclose(LRSchedule(Schedule.constant, 10)(steps), 1.0)
+    cosine = LRSchedule(Schedule.cosine, 10)(steps)
+    assert float(cosine[0]) == 1.0 and float(cosine[-1]) == pytest.approx(0.0, abs=1e-6)
+    assert np.all(np.diff(cosine) <= 0)
+    warm = LRSchedule(Schedule.warmup_cosine, 10, warmup_steps=4)(steps)
+    assert float(warm[0]) == 0.0 and float(warm[4]) == pytest.approx(1.0)
+    assert float(warm[2]) == pytest.approx(0.5) and float(warm[-1]) == pytest.approx(0, abs=1e-6)
+
+
+def test_warmup_cosine_needs_warmup_steps():
+    cfg = compose_config(["optimizer.schedule=warmup_cosine", "optimizer.warmup_steps=0"])
+    with pytest.raises(ConfigError, match="optimizer.warmup_steps=0"):
+        make_optimizer(cfg.optimizer, total_steps=10)
+
+
+def test_clip_norm_bounds_the_update():
+    cfg = compose_config(["optimizer=sgd", "optimizer.momentum=null", "optimizer.lr=1",
+                          "optimizer.clip_norm=0.5"])
+    tx, _ = make_optimizer(cfg.optimizer, total_steps=10)
+    params = {"w": jnp.zeros(4)}
+    updates, _ = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params)
+    assert float(optax.tree.norm(updates)) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_optimizer_specific_keys_reach_optax():
+    cfg = compose_config(["optimizer=adamw", "optimizer.weight_decay=0.25", "optimizer.b1=0.5"])
+    tx, _ = make_optimizer(cfg.optimizer, total_steps=10)
+    state = tx.init({"w": jnp.ones(2)})
+    assert float(state.hyperparams["weight_decay"]) == 0.25
+    assert float(state.hyperparams["b1"]) == 0.5

@@ -1,0 +1,87 @@
+"""Tasks: data from the stated law, made deterministically from the PRNG; losses and metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from runner.errors import ConfigError
+from tasks.cnn_random_images import CNNRandomImages
+from tasks.linear_fit import LinearFit
+
+
+def test_linear_fit_data_follows_the_reference_law():
+    task = LinearFit(num_train=20_000, num_eval=100, batch_size=20_000)
+    data = task.make_data(jax.random.PRNGKey(0))
+    x, y = np.asarray(data["train"]["x"][:, 0]), np.asarray(data["train"]["y"][:, 0])
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (slope * x + intercept)
+    assert abs(slope - 2) < 0.01 and abs(intercept - 1) < 0.01
+    assert abs(residual.std() - 0.2) < 0.01 and abs(x.std() - 1) < 0.02
+    assert data["eval"]["x"].shape == (100, 1)
+
+
+def test_linear_fit_defaults_are_full_batch_with_a_held_out_set():
+    task = LinearFit()
+    data = task.make_data(jax.random.PRNGKey(0))
+    batch = task.train_batch(data, jax.random.PRNGKey(1))
+    assert batch["x"].shape == (100, 1) and batch is data["train"]
+    assert not np.allclose(data["train"]["x"], data["eval"]["x"])
+    again = task.make_data(jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(again["train"]["y"], data["train"]["y"])
+
+
+def test_linear_fit_minibatches_are_subsets_of_the_training_set():
+    task = LinearFit(batch_size=10)
+    data = task.make_data(jax.random.PRNGKey(0))
+    batch = task.train_batch(data, jax.random.PRNGKey(1))
+    assert batch["x"].shape == (10, 1)
+    assert set(np.asarray(batch["x"][:, 0])) <= set(np.asarray(data["train"]["x"][:, 0]))
+    with pytest.raises(ConfigError, match="task.batch_size=200"):
+        LinearFit(batch_size=200)
+
+
+def test_linear_fit_loss_is_the_per_sample_mse():
+    task = LinearFit()
+    batch = {"x": jnp.zeros((4, 1)), "y": jnp.array([[1.0], [2.0], [3.0], [4.0]])}
+    loss, metrics = task.loss(jnp.zeros((4, 1)), batch)
+    assert float(loss) == pytest.approx(7.5) and float(metrics["mse"]) == pytest.approx(7.5)
+
+
+def test_cnn_images_are_class_prototypes_plus_noise():
+    task = CNNRandomImages(image_size=16, batch_size=8, num_eval=64)
+    data = task.make_data(jax.random.PRNGKey(0))
+    batch = task.train_batch(data, jax.random.PRNGKey(1))
+    assert batch["x"].shape == (8, 16, 16, 3) and batch["y"].shape == (8,)
+    assert int(batch["y"].min()) >= 0 and int(batch["y"].max()) < 10
+    assert abs(float(batch["x"].std()) - 1) < 0.1  # unit variance at any noise level
+    # Nearest prototype recovers the label: the task is learnable.
+    flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
+    scores = flat(data["eval"]["x"]) @ flat(data["prototypes"]).T
+    assert float(jnp.mean(jnp.argmax(scores, -1) == data["eval"]["y"])) > 0.9
+    stacked = task.eval_batches(data)
+    assert stacked["x"].shape == (8, 8, 16, 16, 3) and stacked["y"].shape == (8, 8)
+
+
+def test_cnn_train_batches_differ_per_rng_and_repeat_per_rng():
+    task = CNNRandomImages(image_size=8, batch_size=4, num_eval=4)
+    data = task.make_data(jax.random.PRNGKey(0))
+    a, b = (task.train_batch(data, jax.random.PRNGKey(i)) for i in (1, 2))
+    assert not np.allclose(a["x"], b["x"])
+    np.testing.assert_array_equal(a["x"], task.train_batch(data, jax.random.PRNGKey(1))["x"])
+
+
+def test_cnn_loss_is_cross_entropy_and_accuracy():
+    task = CNNRandomImages()
+    logits = jnp.array([[10.0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 10.0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    loss, metrics = task.loss(logits, {"x": None, "y": jnp.array([0, 2])})
+    assert float(metrics["accuracy"]) == 0.5
+    expected = np.mean([-jax.nn.log_softmax(logits[0])[0], -jax.nn.log_softmax(logits[1])[2]])
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_cnn_rejects_inconsistent_sizes():
+    with pytest.raises(ConfigError, match="task.num_eval=33"):
+        CNNRandomImages(num_eval=33)
+    with pytest.raises(ConfigError, match="task.output_dim=3"):
+        CNNRandomImages(output_dim=3)

@@ -1,0 +1,96 @@
+"""The runner in-process: run-dir contents, one compilation, determinism, scan == steps."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import TINY_CNN, compose_config
+from runner.errors import RunnerError
+from runner.optim import make_optimizer
+from runner.steps import create_train_state, train_steps
+from runner.train import run, steps_per_dispatch
+
+LINEAR_40 = ["trainer.steps=40", "trainer.log_every=10", "trainer.eval_every=20",
+             "trainer.checkpoint_every=20"]
+
+
+def scalars(run_dir, tag):
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_run_trains_logs_checkpoints_and_compiles_the_step_once(tmp_path):
+    eval_loss = run(compose_config(LINEAR_40), tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 40
+    assert metrics["eval"]["loss"] == pytest.approx(eval_loss)
+    assert metrics["train_step_compiles"] == 1  # 4 dispatches of 10 steps, one compilation
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step_20.msgpack", "step_40.msgpack"]
+    losses = scalars(tmp_path, "train/loss")
+    assert [s for s, _ in losses] == [10, 20, 30, 40]
+    assert losses[-1][1] < losses[0][1] / 2  # the loss falls
+    assert [s for s, _ in scalars(tmp_path, "eval/mse")] == [20, 40]
+    assert "Total Parameters: 385" in (tmp_path / "model_summary.txt").read_text()
+
+
+def test_cnn_run_compiles_once_and_logs_accuracy(tmp_path):
+    run(compose_config([*TINY_CNN, "trainer.steps=6", "trainer.log_every=2",
+                        "trainer.eval_every=3", "trainer.checkpoint_every=6"]), tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["train_step_compiles"] == 1
+    assert [s for s, _ in scalars(tmp_path, "eval/accuracy")] == [3, 6]
+    assert set(metrics["eval"]) == {"loss", "accuracy"}
+
+
+def test_same_seed_gives_identical_checkpoints_and_another_seed_does_not(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run(compose_config([f"seed={seed}"]), tmp_path / name)
+    read = lambda name: (tmp_path / name / "checkpoints" / "step_4.msgpack").read_bytes()  # noqa
+    assert read("a") == read("b")
+    assert read("a") != read("c")
+
+
+def test_scanned_steps_equal_single_steps():
+    cfg = compose_config(["task.batch_size=10"])  # minibatches: per-step data randomness
+    task, model = instantiate(cfg.task), instantiate(cfg.model)
+    tx, schedule = make_optimizer(cfg.optimizer, total_steps=8)
+    data = task.make_data(jax.random.PRNGKey(1))
+    rng = jax.random.PRNGKey(2)
+    fused = create_train_state(jax.random.PRNGKey(0), model, task, tx)
+    fused, _ = train_steps(fused, data, rng, task=task, schedule=schedule, num_steps=4)
+    single = create_train_state(jax.random.PRNGKey(0), model, task, tx)
+    for _ in range(4):
+        single, _ = train_steps(single, data, rng, task=task, schedule=schedule, num_steps=1)
+    assert int(fused.step) == int(single.step) == 4
+    for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(single.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_steps_per_dispatch_lands_on_every_cadence():
+    trainer = lambda **kw: OmegaConf.create({"steps": 200, "log_every": 50, "eval_every": 100,  # noqa
+                                             "checkpoint_every": 100, "steps_per_dispatch": None,
+                                             **kw})
+    assert steps_per_dispatch(trainer()) == 50
+    assert steps_per_dispatch(trainer(log_every=30, eval_every=None)) == 10
+    assert steps_per_dispatch(trainer(steps=7, log_every=5)) == 1
+    assert steps_per_dispatch(trainer(steps_per_dispatch=25)) == 25
+
+
+def test_steps_per_dispatch_must_divide_the_cadences(tmp_path):
+    with pytest.raises(RunnerError, match="trainer.steps_per_dispatch=3"):
+        run(compose_config(["trainer.steps_per_dispatch=3"]), tmp_path)
+
+
+def test_divergence_stops_the_run_with_status_failed(tmp_path):
+    with pytest.raises(RunnerError, match="at step 2: training diverged"):
+        run(compose_config(["optimizer.lr=1e6", "optimizer=sgd", "optimizer.momentum=null"]),
+            tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "diverged" in metrics["reason"]
