@@ -16,14 +16,18 @@ from runner.errors import RunnerError, describe_error
 @hydra.main(version_base=None, config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one job in its Hydra run dir; the returned eval loss is what sweepers minimise."""
-    from runner.train import run  # imported here so that `--help` and `--cfg` stay fast
+    # Imported here so that `--help` and `--cfg` stay fast.
+    from runner.sweep import run_sweep_job
+    from runner.train import run
 
     hydra_cfg = HydraConfig.get()
+    run_dir, overrides = Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        parallel = "joblib" in str(hydra_cfg.launcher.get("_target_", "")).lower()
+        return run_sweep_job(cfg, run_dir, overrides=overrides, parallel=parallel)
     try:
-        return run(cfg, Path(hydra_cfg.runtime.output_dir))
+        return run(cfg, run_dir, overrides=overrides)
     except RunnerError as err:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # Hydra names the failing job's overrides
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

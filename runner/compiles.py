@@ -10,6 +10,7 @@ import jax
 _TRACE = "/jax/core/compile/jaxpr_trace_duration"
 _LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 _COMPILE = "/jax/core/compile/backend_compile_duration"
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"  # a persistent-cache hit (compiler.py)
 _counts: collections.Counter = collections.Counter()
 _seconds: collections.Counter = collections.Counter()
 
@@ -21,10 +22,21 @@ def _on_duration(event: str, duration: float, *, fun_name: str = "", **_) -> Non
         _counts[name] += event == _COMPILE
 
 
+def _on_event(event: str, **_) -> None:
+    if event == _CACHE_HIT:
+        _counts[_CACHE_HIT] += 1
+
+
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
+jax.monitoring.register_event_listener(_on_event)
 
 
 def compile_stats(fun_name: str) -> Tuple[int, float]:
     """(XLA compilations, seconds spent tracing, lowering and compiling) of the jitted
     function named ``fun_name``, so far in this process."""
     return _counts[fun_name], _seconds[fun_name]
+
+
+def cache_hits() -> int:
+    """Executables loaded from JAX's persistent compilation cache so far in this process."""
+    return _counts[_CACHE_HIT]

@@ -1,5 +1,7 @@
-"""The ``device`` group: choose JAX's platform before JAX initialises a backend."""
+"""The ``device`` group: where and how JAX runs, set before JAX initialises a backend."""
 
+import os
+from pathlib import Path
 from typing import List
 
 import jax
@@ -13,11 +15,22 @@ from runner.schema import Platform
 _JAX_PLATFORMS = {Platform.cpu: "cpu", Platform.gpu: "cuda", Platform.tpu: "tpu"}
 
 
-def select_devices(cfg: DictConfig) -> List[jax.Device]:
-    """Apply ``device.platform`` and return the devices JAX will use.
+def configure_jax(cfg: DictConfig) -> List[jax.Device]:
+    """Apply the ``device`` config and return the devices JAX will use.
 
-    Must run before anything creates a JAX array; afterwards JAX's platform is fixed.
+    Must run before anything creates a JAX array: the platform and the GPU memory settings
+    are read once, when JAX starts its backend.
     """
+    if cfg.preallocate is not None:
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = str(cfg.preallocate).lower()
+    if cfg.mem_fraction is not None:
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(cfg.mem_fraction)
+    if cfg.compilation_cache_dir:
+        cache_dir = Path(cfg.compilation_cache_dir).expanduser()
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+        # Cache every compiled step, not only those over JAX's default 1 s of compile time:
+        # sweep jobs in separate processes (joblib, SLURM) then compile each step once.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     platform = Platform(cfg.platform)
     if platform != Platform.auto:
         jax.config.update("jax_platforms", _JAX_PLATFORMS[platform])

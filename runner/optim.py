@@ -2,8 +2,9 @@
 hyperparameter injected into the optimizer state.
 
 Because ``lr``, ``b1``, ``weight_decay``, ``clip_norm``... live in ``opt_state.hyperparams`` as
-arrays rather than as constants of the compiled program, runs that differ only in them can
-share one compiled train step. The schedule only scales the injected peak ``lr``.
+arrays rather than as constants of the compiled program, runs that differ only in them share
+one compiled train step: the transformation a TrainState carries (part of the jit cache key)
+is one object per optimizer *structure* in this process. The schedule only scales the peak lr.
 """
 
 import dataclasses
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from runner.errors import ConfigError
 from runner.schema import Schedule
@@ -40,13 +41,26 @@ class LRSchedule:
             0.0, 1.0, self.warmup_steps, self.total_steps, end_value=0.0)(step)
 
 
-def make_optimizer(cfg: DictConfig, *, total_steps: int
-                   ) -> Tuple[optax.GradientTransformation, LRSchedule]:
-    """Build ``clip_by_global_norm(clip_norm)`` (when set) then the optax optimizer.
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """What a run needs of its optimizer.
 
-    Returns the transformation and the schedule, so that the train step can log the lr in use:
-    ``opt_state.hyperparams["learning_rate"] * schedule(step)``.
+    ``tx`` steps the state: equal-structured optimizers share it, so it keys one compiled step.
+    ``init`` makes this run's initial optimizer state, holding this run's hyperparameter values.
+    ``schedule`` gives the lr in use: ``opt_state.hyperparams["learning_rate"] * schedule(step)``.
     """
+
+    tx: optax.GradientTransformation
+    init: Callable[[Any], optax.OptState]
+    schedule: LRSchedule
+
+
+# One transformation per optimizer structure (factory, schedule, static arguments) per process.
+_SHARED_TX: Dict[Tuple, optax.GradientTransformation] = {}
+
+
+def make_optimizer(cfg: DictConfig, *, total_steps: int) -> Optimizer:
+    """Build ``clip_by_global_norm(clip_norm)`` (when set) then the optax optimizer."""
     schedule = LRSchedule(Schedule(cfg.schedule), total_steps, cfg.warmup_steps)
     if schedule.kind == Schedule.warmup_cosine and not 0 < cfg.warmup_steps < total_steps:
         raise ConfigError(f"optimizer.warmup_steps={cfg.warmup_steps}: warmup_cosine needs "
@@ -55,7 +69,14 @@ def make_optimizer(cfg: DictConfig, *, total_steps: int
     factory = instantiate({"_target_": cfg._target_}, _partial_=True).func
     build = _scheduled(factory, schedule)
     hparams: Dict[str, Any] = dict(learning_rate=cfg.lr, max_grad_norm=cfg.clip_norm, **own)
-    return optax.inject_hyperparams(build)(**hparams), schedule
+    tx = optax.inject_hyperparams(build)(**hparams)
+    # As inject_hyperparams sorts them: numbers become state, anything else (None, bools) is
+    # baked into the transformation and so belongs to its structure.
+    numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    structure = (cfg._target_, schedule,
+                 tuple(sorted((k, v) for k, v in hparams.items() if not numeric(v))),
+                 tuple(sorted(k for k, v in hparams.items() if numeric(v))))
+    return Optimizer(tx=_SHARED_TX.setdefault(structure, tx), init=tx.init, schedule=schedule)
 
 
 def _scheduled(factory: Callable[..., optax.GradientTransformation],
@@ -77,7 +98,3 @@ def _scheduled(factory: Callable[..., optax.GradientTransformation],
     build.__signature__ = inspect.Signature([*params, clip])
     return build
 
-
-def optimizer_hparams(cfg: DictConfig) -> Dict[str, Any]:
-    """The optimizer config as plain Python values (for logging and summaries)."""
-    return OmegaConf.to_container(cfg, resolve=True)

@@ -136,6 +136,12 @@ class RMSPropConf(OptimizerConf):
 @dataclass
 class DeviceConf:
     platform: Platform = Platform.auto
+    # GPU memory: preallocation (null = JAX's default, except off when jobs run in parallel
+    # processes on one machine) and the fraction of memory JAX may take (null = JAX's default).
+    preallocate: Optional[bool] = None
+    mem_fraction: Optional[float] = bounded(None, gt=0, le=1)
+    # JAX's persistent compilation cache, shared by every process (null = off).
+    compilation_cache_dir: Optional[str] = "${oc.env:XDG_CACHE_HOME,'~/.cache'}/runner/jax"
 
 
 @dataclass

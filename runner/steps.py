@@ -9,20 +9,26 @@ import jax.numpy as jnp
 import optax
 from flax.training.train_state import TrainState
 
-from runner.optim import LRSchedule
+from runner.optim import LRSchedule, Optimizer
 from tasks.base import Batch, Data, Task
 
 Metrics = Dict[str, jax.Array]
 
 
 def create_train_state(rng: jax.Array, model: nn.Module, task: Task,
-                       tx: optax.GradientTransformation) -> TrainState:
+                       optimizer: Optimizer) -> TrainState:
     """Initialise the model's params on the task's example input and the optimizer state."""
     params = model.init(rng, task.example_input())["params"]
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-    # TrainState.create leaves step a Python int; a typed array keeps the first call of the
-    # jitted step from compiling a second time for the int32 step it gets back.
-    return state.replace(step=jnp.zeros((), jnp.int32))
+    # The step is a typed array (not TrainState.create's Python int), or the first call of the
+    # jitted step would compile a second time for the int32 step it gets back.
+    return TrainState(step=jnp.zeros((), jnp.int32), apply_fn=model.apply, params=params,
+                      tx=optimizer.tx, opt_state=optimizer.init(params))
+
+
+@functools.partial(jax.jit, static_argnames="task")
+def make_data(rng: jax.Array, *, task: Task) -> Data:
+    """The task's fixed arrays, made on device in one compiled call."""
+    return task.make_data(rng)
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,

@@ -8,20 +8,21 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from runner.checkpoint import save_checkpoint
-from runner.compiles import compile_stats
-from runner.device import select_devices
-from runner.errors import RunnerError
+from runner.compiles import cache_hits, compile_stats
+from runner.device import configure_jax
+from runner.errors import RunnerError, describe_error
 from runner.optim import make_optimizer
 from runner.schema import validate
-from runner.steps import create_train_state, evaluate, train_steps
+from runner.steps import create_train_state, evaluate, make_data, train_steps
 from runner.tb_logger import TensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,34 @@ def steps_per_dispatch(trainer: DictConfig) -> int:
     return math.gcd(trainer.steps, *[c for c in cadences if c is not None])
 
 
-def run(cfg: DictConfig, run_dir: Path) -> float:
+def run(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str] = ()) -> float:
     """Train as ``cfg`` says, writing TensorBoard events, checkpoints, ``metrics.json`` and
-    ``model_summary.txt`` into ``run_dir``. Returns the final eval loss."""
+    ``model_summary.txt`` into ``run_dir``. Returns the final eval loss.
+
+    ``metrics.json`` is written however the run ends: ``"status"`` is ``completed``, or
+    ``failed`` with the ``reason``. ``overrides`` (the job's command-line overrides) are recorded.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start, compiles_before, hits_before = (time.perf_counter(), compile_stats("train_steps"),
+                                           cache_hits())
+    summary: Dict[str, Any] = {"status": "failed", "steps": 0, "overrides": list(overrides)}
+    try:
+        summary.update(_train(cfg, run_dir, compiles_before=compiles_before))
+    except Exception as err:
+        summary["reason"] = describe_error(err) or f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        compiles, compile_s = np.subtract(compile_stats("train_steps"), compiles_before)
+        summary.update(wall_time_s=time.perf_counter() - start, compile_s=float(compile_s),
+                       train_step_compiles=int(compiles),
+                       compile_cache_hits=cache_hits() - hits_before)
+        _write_json(run_dir / "metrics.json", summary)
+    return summary["eval"]["loss"]
+
+
+def _train(cfg: DictConfig, run_dir: Path, *, compiles_before) -> Dict[str, Any]:
     validate(cfg)
-    devices = select_devices(cfg.device)
+    devices = configure_jax(cfg.device)
     trainer = cfg.trainer
     chunk = steps_per_dispatch(trainer)
     if trainer.steps % chunk or any(c is not None and c % chunk for c in
@@ -55,34 +79,38 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         raise RunnerError(f"trainer.steps_per_dispatch={chunk}: must divide trainer.steps and "
                           f"every trainer.*_every cadence")
     task = instantiate(cfg.task, _convert_="all")
-    model = instantiate(cfg.model, _convert_="all")
-    tx, schedule = make_optimizer(cfg.optimizer, total_steps=trainer.steps)
+    model = build_model(cfg.model)
+    optimizer = make_optimizer(cfg.optimizer, total_steps=trainer.steps)
     init_rng, data_rng, train_rng = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
-    state = create_train_state(init_rng, model, task, tx)
-    data = jax.jit(task.make_data)(data_rng)
+    state = create_train_state(init_rng, model, task, optimizer)
+    data = make_data(data_rng, task=task)
     log.info("devices: %s; %d steps, %d per dispatch", devices, trainer.steps, chunk)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "model_summary.txt").write_text(
         model.tabulate(init_rng, task.example_input(), console_kwargs={"width": 120}))
     logger = TensorBoardLogger(run_dir / "tb")
-    logger.text("config", OmegaConf.to_yaml(cfg, resolve=True))
-    start, compiles_before = time.perf_counter(), compile_stats("train_steps")
-    summary: Dict[str, Any] = {"status": "failed", "steps": 0}
     try:
-        state, summary = train_loop(state, data, train_rng, task=task, schedule=schedule,
-                                    trainer=trainer, chunk=chunk, logger=logger,
-                                    ckpt_dir=run_dir / "checkpoints")
-    except RunnerError as err:
-        summary["reason"] = str(err)
-        raise
+        logger.text("config", OmegaConf.to_yaml(cfg, resolve=True))
+        state, summary = train_loop(state, data, train_rng, task=task,
+                                    schedule=optimizer.schedule, trainer=trainer, chunk=chunk,
+                                    logger=logger, ckpt_dir=run_dir / "checkpoints")
+        compile_s = compile_stats("train_steps")[1] - compiles_before[1]
+        logger.scalars(summary["steps"], "perf", {"compile_s": compile_s})
     finally:
         logger.close()
-        summary["wall_time_s"] = time.perf_counter() - start
-        compiles, compile_s = np.subtract(compile_stats("train_steps"), compiles_before)
-        summary.update(train_step_compiles=int(compiles), compile_s=float(compile_s))
-        _write_json(run_dir / "metrics.json", summary)
-    return summary["eval"]["loss"]
+    return summary
+
+
+def build_model(cfg: DictConfig) -> nn.Module:
+    """Instantiate the model; equal configs give the same Module object in this process, so
+    jobs of a sweep that share a model config also share the compiled step."""
+    key = OmegaConf.to_yaml(cfg, resolve=True)
+    if key not in _MODELS:
+        _MODELS[key] = instantiate(cfg, _convert_="all")
+    return _MODELS[key]
+
+
+_MODELS: Dict[str, nn.Module] = {}
 
 
 def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, ckpt_dir):

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Sequence
 
@@ -13,6 +14,9 @@ from omegaconf import DictConfig
 import runner  # noqa: F401  (registers the config schemas)
 
 REPO = Path(__file__).resolve().parents[1]
+# JAX's persistent compilation cache (device.compilation_cache_dir) of the test session's runs,
+# in-process and CLI: shared between them, never the user's own ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="runner-tests-cache-")
 CONF = REPO / "conf"
 
 # Few steps and small shapes: every test run finishes in seconds on 2 CPU cores.

@@ -15,9 +15,9 @@ from runner.steps import create_train_state, train_steps
 def make_state(seed=0):
     cfg = compose_config()
     task, model = instantiate(cfg.task), instantiate(cfg.model)
-    tx, schedule = make_optimizer(cfg.optimizer, total_steps=10)
-    state = create_train_state(jax.random.PRNGKey(seed), model, task, tx)
-    return state, task, schedule
+    optimizer = make_optimizer(cfg.optimizer, total_steps=10)
+    state = create_train_state(jax.random.PRNGKey(seed), model, task, optimizer)
+    return state, task, optimizer.schedule
 
 
 def test_round_trip_restores_every_leaf(tmp_path):
@@ -63,9 +63,9 @@ def test_missing_file_names_the_file(tmp_path):
 
 def test_checkpoint_of_another_model_is_rejected(tmp_path):
     cfg = compose_config(["model.features=[4]"])
-    tx, _ = make_optimizer(cfg.optimizer, total_steps=10)
     other = create_train_state(jax.random.PRNGKey(0), instantiate(cfg.model),
-                               instantiate(cfg.task), tx)
+                               instantiate(cfg.task),
+                               make_optimizer(cfg.optimizer, total_steps=10))
     path = save_checkpoint(tmp_path, other, step=1)
     # flax's from_bytes alone would restore the (4,)-wide arrays silently
     with pytest.raises(RunnerError, match=r"does not match.*Dense_0.*\[4\].*\[128\]"):

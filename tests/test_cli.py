@@ -72,9 +72,9 @@ def test_cnn_run_restores_with_from_bytes(tmp_path):
     acc = read_tb(run_dir)
     assert SCALARS | {"eval/accuracy", "train/accuracy"} <= set(acc.Tags()["scalars"])
     cfg = compose_config(overrides)
-    tx, _ = make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps)
     template = create_train_state(jax.random.PRNGKey(9), instantiate(cfg.model),
-                                  instantiate(cfg.task), tx)
+                                  instantiate(cfg.task),
+                                  make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps))
     state = serialization.from_bytes(template, (run_dir / "checkpoints/step_4.msgpack")
                                      .read_bytes())
     assert int(state.step) == 4

@@ -15,20 +15,20 @@ from runner.schema import Schedule
 @pytest.mark.parametrize("name", group_options("optimizer"))
 def test_every_optimizer_builds_and_steps_with_lr_in_its_state(name):
     cfg = compose_config([f"optimizer={name}", "optimizer.lr=0.05"])
-    tx, _ = make_optimizer(cfg.optimizer, total_steps=10)
+    opt = make_optimizer(cfg.optimizer, total_steps=10)
     params = {"w": jnp.ones(3)}
-    state = tx.init(params)
+    state = opt.init(params)
     assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.05)
-    updates, _ = tx.update({"w": jnp.ones(3)}, state, params)
+    updates, _ = opt.tx.update({"w": jnp.ones(3)}, state, params)
     assert float(jnp.abs(updates["w"]).max()) > 0
 
 
 def test_lr_is_traced_state_not_a_compiled_constant():
     cfg = compose_config(["optimizer=sgd", "optimizer.momentum=null", "optimizer.lr=0.1"])
-    tx, _ = make_optimizer(cfg.optimizer, total_steps=10)
-    update = jax.jit(tx.update)
+    opt = make_optimizer(cfg.optimizer, total_steps=10)
+    update = jax.jit(opt.tx.update)
     params = grads = {"w": jnp.ones(2)}
-    state = tx.init(params)
+    state = opt.init(params)
     first, _ = update(grads, state, params)
     state.hyperparams["learning_rate"] = jnp.asarray(0.5, jnp.float32)
     second, _ = update(grads, state, params)
@@ -57,15 +57,29 @@ def test_warmup_cosine_needs_warmup_steps():
 def test_clip_norm_bounds_the_update():
     cfg = compose_config(["optimizer=sgd", "optimizer.momentum=null", "optimizer.lr=1",
                           "optimizer.clip_norm=0.5"])
-    tx, _ = make_optimizer(cfg.optimizer, total_steps=10)
+    opt = make_optimizer(cfg.optimizer, total_steps=10)
     params = {"w": jnp.zeros(4)}
-    updates, _ = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params)
+    updates, _ = opt.tx.update({"w": jnp.full(4, 10.0)}, opt.init(params), params)
     assert float(optax.tree.norm(updates)) == pytest.approx(0.5, rel=1e-5)
 
 
 def test_optimizer_specific_keys_reach_optax():
     cfg = compose_config(["optimizer=adamw", "optimizer.weight_decay=0.25", "optimizer.b1=0.5"])
-    tx, _ = make_optimizer(cfg.optimizer, total_steps=10)
-    state = tx.init({"w": jnp.ones(2)})
+    state = make_optimizer(cfg.optimizer, total_steps=10).init({"w": jnp.ones(2)})
     assert float(state.hyperparams["weight_decay"]) == 0.25
     assert float(state.hyperparams["b1"]) == 0.5
+
+
+def test_optimizers_of_one_structure_share_the_transformation_not_the_values():
+    cfg = lambda *o: compose_config(["optimizer=sgd", *o]).optimizer  # noqa: E731
+    a = make_optimizer(cfg("optimizer.lr=0.1"), total_steps=10)
+    b = make_optimizer(cfg("optimizer.lr=0.2", "optimizer.momentum=0.5"), total_steps=10)
+    params = {"w": jnp.ones(2)}
+    assert a.tx is b.tx  # the jit cache key of the train step
+    assert float(b.init(params).hyperparams["learning_rate"]) == pytest.approx(0.2)
+    assert float(b.init(params).hyperparams["momentum"]) == pytest.approx(0.5)
+    for other in (cfg("optimizer.nesterov=true"), cfg("optimizer.momentum=null"),
+                  cfg("optimizer.schedule=cosine"), cfg("optimizer.clip_norm=1.0")):
+        assert make_optimizer(other, total_steps=10).tx is not a.tx
+    assert make_optimizer(cfg(), total_steps=20).tx is make_optimizer(
+        cfg(), total_steps=20).tx

@@ -60,12 +60,13 @@ def test_same_seed_gives_identical_checkpoints_and_another_seed_does_not(tmp_pat
 def test_scanned_steps_equal_single_steps():
     cfg = compose_config(["task.batch_size=10"])  # minibatches: per-step data randomness
     task, model = instantiate(cfg.task), instantiate(cfg.model)
-    tx, schedule = make_optimizer(cfg.optimizer, total_steps=8)
+    optimizer = make_optimizer(cfg.optimizer, total_steps=8)
+    schedule = optimizer.schedule
     data = task.make_data(jax.random.PRNGKey(1))
     rng = jax.random.PRNGKey(2)
-    fused = create_train_state(jax.random.PRNGKey(0), model, task, tx)
+    fused = create_train_state(jax.random.PRNGKey(0), model, task, optimizer)
     fused, _ = train_steps(fused, data, rng, task=task, schedule=schedule, num_steps=4)
-    single = create_train_state(jax.random.PRNGKey(0), model, task, tx)
+    single = create_train_state(jax.random.PRNGKey(0), model, task, optimizer)
     for _ in range(4):
         single, _ = train_steps(single, data, rng, task=task, schedule=schedule, num_steps=1)
     assert int(fused.step) == int(single.step) == 4

@@ -1,0 +1,138 @@
+"""Multiruns: each job isolated from the others' failures, resumable, and summarised.
+
+``run_sweep_job`` runs one job: a job whose dir already says ``completed`` (for the same
+overrides) is skipped, so rerunning a sweep with the same ``hydra.sweep.dir`` finishes only the
+missing jobs; a failing job is recorded and returns NaN instead of stopping the sweep.
+``SweepSummary`` (a Hydra callback) writes ``summary.csv`` when the multirun ends and exits 1,
+naming the failed jobs, if any failed.
+"""
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from runner.errors import RunnerError
+
+log = logging.getLogger(__name__)
+
+
+def read_metrics(run_dir: Path) -> Dict[str, Any]:
+    """The run's ``metrics.json``, or {} when there is none (never started, or killed)."""
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
+                  parallel: bool) -> float:
+    """Run one multirun job in ``run_dir``; returns its eval loss (NaN when it failed)."""
+    from runner.train import run
+
+    previous = read_metrics(run_dir)
+    if previous.get("status") == "completed":
+        if previous.get("overrides") == list(overrides):
+            log.info("%s already completed: skipping it", run_dir)
+            return previous["eval"]["loss"]
+        # Another sweep's finished job: touch nothing, and stop this sweep.
+        raise RunnerError(f"{run_dir} holds a completed job with other overrides "
+                          f"({' '.join(previous.get('overrides', []))}); use another "
+                          f"hydra.sweep.dir")
+    if parallel:  # several JAX processes share this machine's accelerator memory
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    try:
+        _set_aside_earlier_attempt(run_dir)
+        return run(cfg, run_dir, overrides=overrides)
+    except Exception as err:  # noqa: BLE001  (isolate the failure; it is in metrics.json)
+        reason = read_metrics(run_dir).get("reason") or f"{type(err).__name__}: {err}"
+        # A RunnerError is the user's to fix: one line. Anything else keeps its traceback.
+        log.error("job %s (%s) failed: %s", run_dir.name, " ".join(overrides), reason,
+                  exc_info=not isinstance(err, RunnerError))
+        return math.nan
+
+
+def _set_aside_earlier_attempt(run_dir: Path) -> None:
+    """Move what an interrupted or failed attempt left into ``attempts/<n>/`` (kept, not mixed
+    into this attempt's TensorBoard curves and checkpoints)."""
+    left = [p for p in (run_dir / "tb", run_dir / "checkpoints", run_dir / "metrics.json")
+            if p.exists()]
+    if not left:
+        return
+    dest = run_dir / "attempts" / str(len(list((run_dir / "attempts").glob("*"))) + 1)
+    dest.mkdir(parents=True)
+    for path in left:
+        shutil.move(str(path), str(dest / path.name))
+    log.info("set aside the earlier attempt's files in %s", dest)
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: ``<sweep_dir>/summary.csv`` and a table, best job marked."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = summarize(sweep_dir)
+        if not rows:
+            return
+        _write_csv(sweep_dir / "summary.csv", rows)
+        print(format_table(rows))
+        print(f"summary: {sweep_dir / 'summary.csv'}")
+        failed = [r for r in rows if r["status"] != "completed"]
+        if failed:
+            # Hydra turns a callback's exception into a warning (exit 0); exit here instead.
+            print(f"error: {len(failed)} of {len(rows)} jobs failed: " + "; ".join(
+                f"job {r['job']} ({r['overrides']}): {r['reason']}" for r in failed),
+                file=sys.stderr)
+            sys.exit(1)
+
+
+def summarize(sweep_dir: Path) -> List[Dict[str, Any]]:
+    """One row per job dir of the sweep: overrides, status, final metrics, times, best."""
+    rows = []
+    job_dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
+    by_number = lambda p: (int(p.name) if p.name.isdigit() else math.inf, p.name)  # noqa: E731
+    for job_dir in sorted(job_dirs, key=by_number):
+        m = read_metrics(job_dir)
+        row = {"job": job_dir.name, "overrides": " ".join(m.get("overrides", [])),
+               "status": m.get("status", "missing"), "best": "",
+               "reason": m.get("reason", "" if m else "no metrics.json (killed?)")}
+        row.update({f"eval/{k}": v for k, v in m.get("eval", {}).items()})
+        row.update({f"train/{k}": v for k, v in m.get("train", {}).items()})
+        row.update({k: m.get(k) for k in ("steps", "wall_time_s", "compile_s",
+                                          "train_step_compiles")})
+        rows.append(row)
+    done = [r for r in rows if r["status"] == "completed"
+            and math.isfinite(r.get("eval/loss", math.nan))]
+    if done:
+        min(done, key=lambda r: r["eval/loss"])["best"] = "*"
+    return rows
+
+
+def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    """The summary as an aligned text table (metrics to 4 significant digits)."""
+    columns = [c for c in dict.fromkeys(k for row in rows for k in row)
+               if c.startswith("eval/") or c in ("job", "overrides", "status", "wall_time_s",
+                                                  "best")]
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa
+    table = [columns] + [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in table)
+

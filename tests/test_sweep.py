@@ -1,0 +1,141 @@
+"""Multiruns: failure isolation, summary.csv, Optuna, launchers, compile sharing, resuming."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+
+TINY_JOB = ["trainer.steps=4", "trainer.log_every=2", "trainer.eval_every=4",
+            "trainer.checkpoint_every=4"]
+
+
+def read_summary(sweep_dir: Path):
+    with open(sweep_dir / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+    proc = run_cli(["-m", "optimizer.lr=1e-3,1e6,1e-2", *TINY_JOB, "optimizer=sgd",
+                    "optimizer.momentum=null", f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path,
+                   check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 of 3 jobs failed: job 1 (optimizer.lr=1000000.0")
+    assert "diverged" in last
+    rows = read_summary(tmp_path)
+    assert [r["status"] for r in rows] == ["completed", "failed", "completed"]
+    assert "diverged" in rows[1]["reason"]
+    assert [r["best"] for r in rows].count("*") == 1
+    best = min((r for r in rows if r["status"] == "completed"), key=lambda r: float(
+        r["eval/loss"]))
+    assert best["best"] == "*"
+    assert "optimizer.lr=0.001" in proc.stdout  # the printed table
+    assert json.loads((tmp_path / "2/metrics.json").read_text())["status"] == "completed"
+
+
+def test_each_job_gets_its_own_dir_and_the_step_compiles_once_in_process(tmp_path):
+    run_cli(["-m", "optimizer.lr=1e-3,1e-2,1e-1", *TINY_JOB, "device.compilation_cache_dir=null",
+             f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
+    rows = read_summary(tmp_path)
+    assert [r["job"] for r in rows] == ["0", "1", "2"]
+    assert [r["train_step_compiles"] for r in rows] == ["1", "0", "0"]
+    assert len({r["eval/loss"] for r in rows}) == 3  # the lr really differed
+
+
+def test_persistent_compilation_cache_is_hit_across_processes(tmp_path):
+    cache = f"device.compilation_cache_dir={tmp_path}/cache"
+    for name in ("first", "second"):
+        run_cli([*TINY_JOB, cache, f"hydra.run.dir={tmp_path}/{name}"], cwd=tmp_path)
+    first, second = (json.loads((tmp_path / n / "metrics.json").read_text())
+                     for n in ("first", "second"))
+    assert first["compile_cache_hits"] == 0 and second["compile_cache_hits"] > 0
+    assert any((tmp_path / "cache").iterdir())
+
+
+def test_optuna_search_records_the_best_params(tmp_path):
+    run_cli(["-m", "hparams_search=linear_fit_optuna", "hydra.sweeper.n_trials=3", *TINY_JOB,
+             f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
+    results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == {"optimizer.lr", "optimizer.b1", "model.features"}
+    rows = read_summary(tmp_path)
+    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
+    assert results["best_value"] == pytest.approx(min(float(r["eval/loss"]) for r in rows))
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_launchers_run_jobs_in_other_processes(tmp_path, launcher):
+    run_cli(["-m", f"hydra/launcher={launcher}", "optimizer.lr=1e-3,1e-2", *TINY_JOB,
+             f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
+    for job in ("0", "1"):
+        job_dir = tmp_path / job
+        assert {p.name for p in job_dir.iterdir()} >= {
+            ".hydra", "tb", "checkpoints", "metrics.json", "model_summary.txt"}
+        assert json.loads((job_dir / "metrics.json").read_text())["status"] == "completed"
+    assert len(read_summary(tmp_path)) == 2
+
+
+def test_shipped_slurm_launcher_config_composes():
+    from conftest import compose_config
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="conf", version_base=None):
+        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == 1 and launcher.timeout_min == 240
+    assert compose_config()  # the default config is untouched
+
+
+def test_a_killed_sweep_rerun_completes_only_the_missing_jobs(tmp_path):
+    # Three ~3 s jobs; the sweep is killed while the second one runs.
+    long_job = ["trainer.steps=200000", "trainer.log_every=100000", "trainer.eval_every=100000",
+                "trainer.checkpoint_every=100000", "trainer.progress_bar=false"]
+    args = [sys.executable, "-m", "runner", "-m", "optimizer.lr=1e-3,2e-3,3e-3", *long_job,
+            f"hydra.sweep.dir={tmp_path}/sweep"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    first = tmp_path / "sweep/0/metrics.json"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (tmp_path / "sweep/2/metrics.json").exists()
+    before = first.read_bytes()
+
+    rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert first.read_bytes() == before  # job 0 was not run again
+    assert "already completed: skipping it" in (tmp_path / "sweep/0/runner.log").read_text()
+    rows = read_summary(tmp_path / "sweep")
+    assert [r["status"] for r in rows] == ["completed"] * 3
+    assert [r["train_step_compiles"] for r in rows][1:] in (["1", "0"], ["0", "0"])
+
+
+def test_a_sweep_dir_of_other_jobs_is_not_overwritten(tmp_path):
+    run_cli(["-m", "optimizer.lr=1e-3", *TINY_JOB, f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
+    before = (tmp_path / "0/metrics.json").read_bytes()
+    proc = run_cli(["-m", "optimizer.lr=5e-3", *TINY_JOB, f"hydra.sweep.dir={tmp_path}"],
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "holds a completed job with other overrides" in proc.stderr
+    assert (tmp_path / "0/metrics.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_sweep_benchmark_quick_mode(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "runner.bench", "--quick", "--out", str(out)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    result = json.loads(out.read_text())["sweep"]
+    assert result["jobs"] == 2 and result["train_step_compiles_per_sweep"] == 1
+    assert result["sweep_s"] > 0 and result["sweep_over_single"] > 0
