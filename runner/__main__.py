@@ -17,6 +17,7 @@ from runner.errors import RunnerError, describe_error
 def main(cfg: DictConfig) -> float:
     """Train one job in its Hydra run dir; the returned eval loss is what sweepers minimise."""
     # Imported here so that `--help` and `--cfg` stay fast.
+    from runner.console import print_config_tree
     from runner.sweep import run_sweep_job
     from runner.train import run
 
@@ -25,6 +26,7 @@ def main(cfg: DictConfig) -> float:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         parallel = "joblib" in str(hydra_cfg.launcher.get("_target_", "")).lower()
         return run_sweep_job(cfg, run_dir, overrides=overrides, parallel=parallel)
+    print_config_tree(cfg)
     try:
         return run(cfg, run_dir, overrides=overrides)
     except RunnerError as err:

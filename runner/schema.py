@@ -152,6 +152,8 @@ class TrainerConf:
     checkpoint_every: Optional[int] = bounded(100, gt=0)
     steps_per_dispatch: Optional[int] = bounded(None, gt=0)
     progress_bar: bool = True
+    log_images: bool = True
+    log_histograms: bool = False
 
 
 @dataclass

@@ -13,6 +13,7 @@ from runner.optim import LRSchedule, Optimizer
 from tasks.base import Batch, Data, Task
 
 Metrics = Dict[str, jax.Array]
+LAYER_GRAD_NORM = "grad_norm/"  # metric-name prefix of each top-level layer's gradient norm
 
 
 def create_train_state(rng: jax.Array, model: nn.Module, task: Task,
@@ -42,7 +43,9 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     lr = state.opt_state.hyperparams["learning_rate"] * schedule(state.step)
     state = state.apply_gradients(grads=grads)
-    return state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": lr}
+    layer_norms = {f"{LAYER_GRAD_NORM}{name}": optax.tree.norm(g) for name, g in grads.items()}
+    return state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": lr,
+                   **layer_norms}
 
 
 @functools.partial(jax.jit, static_argnames=("task", "schedule", "num_steps"),
@@ -66,11 +69,14 @@ def train_steps(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
 
 
 @functools.partial(jax.jit, static_argnames="task")
-def evaluate(state: TrainState, data: Data, *, task: Task) -> Metrics:
-    """Loss and metrics on the task's held-out set, averaged over its equal-sized batches."""
+def evaluate(state: TrainState, data: Data, *, task: Task) -> Tuple[Metrics, jax.Array]:
+    """Loss and metrics on the task's held-out set, averaged over its equal-sized batches,
+    and the model's outputs for those batches (stacked like ``task.eval_batches``)."""
 
     def batch_metrics(batch):
-        loss, metrics = task.loss(state.apply_fn({"params": state.params}, batch["x"]), batch)
-        return {"loss": loss, **metrics}
+        outputs = state.apply_fn({"params": state.params}, batch["x"])
+        loss, metrics = task.loss(outputs, batch)
+        return {"loss": loss, **metrics}, outputs
 
-    return jax.tree.map(jnp.mean, jax.lax.map(batch_metrics, task.eval_batches(data)))
+    metrics, outputs = jax.lax.map(batch_metrics, task.eval_batches(data))
+    return jax.tree.map(jnp.mean, metrics), outputs

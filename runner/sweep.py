@@ -47,8 +47,9 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
         raise RunnerError(f"{run_dir} holds a completed job with other overrides "
                           f"({' '.join(previous.get('overrides', []))}); use another "
                           f"hydra.sweep.dir")
-    if parallel:  # several JAX processes share this machine's accelerator memory
+    if parallel:  # several JAX processes share this machine's accelerator and terminal
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        cfg.trainer.progress_bar = False
     try:
         _set_aside_earlier_attempt(run_dir)
         return run(cfg, run_dir, overrides=overrides)

@@ -1,13 +1,17 @@
 """TensorBoard logging into the run's ``tb/`` directory (tensorboardX)."""
 
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterable, Mapping
 
+import jax
+import numpy as np
 from tensorboardX import SummaryWriter
+from tensorboardX.summary import hparams as hparams_summaries
 
 
 class TensorBoardLogger:
-    """Scalars grouped by prefix (``train/loss``, ``eval/accuracy``, ``perf/...``) and text."""
+    """Scalars grouped by prefix (``train/loss``, ``eval/accuracy``, ``perf/...``, ``opt/...``),
+    text, images, histograms, and the HParams row of this run."""
 
     def __init__(self, log_dir: Path):
         self.writer = SummaryWriter(logdir=str(log_dir))
@@ -19,6 +23,31 @@ class TensorBoardLogger:
     def text(self, tag: str, text: str) -> None:
         # TensorBoard renders text as markdown: indent four spaces to keep it verbatim.
         self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()))
+
+    def figures(self, step: int, prefix: str, figures: Mapping[str, Any]) -> None:
+        """matplotlib figures as images (``<prefix>/<name>``); the figures are closed."""
+        for name, figure in figures.items():
+            self.writer.add_figure(f"{prefix}/{name}", figure, global_step=step, close=True)
+
+    def histograms(self, step: int, prefix: str, tree: Any) -> None:
+        """One histogram per array of a pytree (``params/Dense_0/kernel``)."""
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            self.writer.add_histogram(f"{prefix}/{name}", np.asarray(leaf), global_step=step)
+
+    def hparams(self, hparams: Mapping[str, Any], metric_tags: Iterable[str], *,
+                completed: bool) -> None:
+        """This run's hyperparameters and metric tags for the HPARAMS tab.
+
+        Written into the run's own event file: tensorboardX's ``add_hparams`` would write them
+        into a separate sub-run, giving two rows per run. The metric values are the run's own
+        scalars under those tags. A run that did not complete gets no session-end record.
+        """
+        experiment, session_start, session_end = hparams_summaries(
+            dict(hparams), {tag: 0.0 for tag in metric_tags})
+        file_writer = self.writer._get_file_writer()  # what add_scalar writes through
+        for summary in (experiment, session_start, session_end)[:3 if completed else 2]:
+            file_writer.add_summary(summary)
 
     def flush(self) -> None:
         self.writer.flush()

@@ -20,9 +20,11 @@ from runner.checkpoint import save_checkpoint
 from runner.compiles import cache_hits, compile_stats
 from runner.device import configure_jax
 from runner.errors import RunnerError, describe_error
+from runner.hparams import run_hparams
 from runner.optim import make_optimizer
 from runner.schema import validate
-from runner.steps import create_train_state, evaluate, make_data, train_steps
+from runner.steps import (LAYER_GRAD_NORM, create_train_state, evaluate, make_data,
+                          train_steps)
 from runner.tb_logger import TensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,8 @@ def run(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str] = ()) -> flo
                                            cache_hits())
     summary: Dict[str, Any] = {"status": "failed", "steps": 0, "overrides": list(overrides)}
     try:
-        summary.update(_train(cfg, run_dir, compiles_before=compiles_before))
+        summary.update(_train(cfg, run_dir, overrides=overrides,
+                              compiles_before=compiles_before))
     except Exception as err:
         summary["reason"] = describe_error(err) or f"{type(err).__name__}: {err}"
         raise
@@ -68,7 +71,8 @@ def run(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str] = ()) -> flo
     return summary["eval"]["loss"]
 
 
-def _train(cfg: DictConfig, run_dir: Path, *, compiles_before) -> Dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
+           compiles_before) -> Dict[str, Any]:
     validate(cfg)
     devices = configure_jax(cfg.device)
     trainer = cfg.trainer
@@ -86,17 +90,22 @@ def _train(cfg: DictConfig, run_dir: Path, *, compiles_before) -> Dict[str, Any]
     data = make_data(data_rng, task=task)
     log.info("devices: %s; %d steps, %d per dispatch", devices, trainer.steps, chunk)
 
-    (run_dir / "model_summary.txt").write_text(
-        model.tabulate(init_rng, task.example_input(), console_kwargs={"width": 120}))
+    model_summary = model.tabulate(init_rng, task.example_input(), console_kwargs={"width": 120})
+    (run_dir / "model_summary.txt").write_text(model_summary)
     logger = TensorBoardLogger(run_dir / "tb")
+    summary: Dict[str, Any] = {}
     try:
         logger.text("config", OmegaConf.to_yaml(cfg, resolve=True))
+        logger.text("model_summary", model_summary)
         state, summary = train_loop(state, data, train_rng, task=task,
                                     schedule=optimizer.schedule, trainer=trainer, chunk=chunk,
                                     logger=logger, ckpt_dir=run_dir / "checkpoints")
         compile_s = compile_stats("train_steps")[1] - compiles_before[1]
         logger.scalars(summary["steps"], "perf", {"compile_s": compile_s})
     finally:
+        tags = ["eval/loss", *(f"eval/{k}" for k in summary.get("eval", {}) if k != "loss"),
+                "train/loss"]
+        logger.hparams(run_hparams(cfg, overrides), tags, completed=bool(summary))
         logger.close()
     return summary
 
@@ -134,21 +143,14 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, ckpt
             log_now, eval_now = is_time(step, trainer.log_every), is_time(step, trainer.eval_every)
             save_now = is_time(step, trainer.checkpoint_every)
             if log_now or last:
-                train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                bad = [k for k in ("loss", "grad_norm") if not np.isfinite(train_metrics[k])]
-                if bad:
-                    raise RunnerError(f"train/{bad[0]} is {train_metrics[bad[0]]} at step {step}: "
-                                      f"training diverged (try a lower optimizer.lr)")
-                perf = {}
-                if window_steps:
-                    perf["steps_per_sec"] = window_steps / (time.perf_counter() - window_start)
-                    logger.scalars(step, "perf", perf)
-                logger.scalars(step, "train", train_metrics)
+                metrics = jax.device_get(metrics)  # waits for the device: ends the window
+                perf = {"steps_per_sec": window_steps / (time.perf_counter() - window_start)
+                        } if window_steps else {}
+                logger.scalars(step, "perf", perf)
+                train_metrics = _log_train(state, metrics, step, trainer, logger)
                 _report(bar, step, trainer.steps, train_metrics, perf)
             if eval_now or last:
-                eval_metrics = {k: float(v) for k, v in
-                                jax.device_get(evaluate(state, data, task=task)).items()}
-                logger.scalars(step, "eval", eval_metrics)
+                eval_metrics = _log_eval(state, data, task, step, trainer, logger)
                 _report(bar, step, trainer.steps, eval_metrics, prefix="eval")
             if save_now or last:
                 save_checkpoint(ckpt_dir, state, step=step)
@@ -158,6 +160,32 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, ckpt
                 bar.update(chunk)
     return state, {"status": "completed", "steps": step, "train": train_metrics,
                    "eval": eval_metrics}
+
+
+def _log_train(state, metrics, step: int, trainer: DictConfig, logger) -> Dict[str, float]:
+    """Stop on divergence, else log the train metrics (on host); returns them."""
+    values = {k: float(v) for k, v in metrics.items()}
+    bad = [k for k in ("loss", "grad_norm") if not np.isfinite(values[k])]
+    if bad:
+        raise RunnerError(f"train/{bad[0]} is {values[bad[0]]} at step {step}: "
+                          f"training diverged (try a lower optimizer.lr)")
+    layers = {k[len(LAYER_GRAD_NORM):]: values.pop(k) for k in list(values)
+              if k.startswith(LAYER_GRAD_NORM)}
+    logger.scalars(step, "train", values)
+    if trainer.log_histograms:
+        logger.scalars(step, "opt/grad_norm", layers)
+        logger.histograms(step, "params", state.params)
+    return values
+
+
+def _log_eval(state, data, task, step: int, trainer: DictConfig, logger) -> Dict[str, float]:
+    """Evaluate, log the metrics and (with ``trainer.log_images``) the task's figures."""
+    metrics, outputs = evaluate(state, data, task=task)
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    logger.scalars(step, "eval", values)
+    if trainer.log_images and hasattr(task, "figures"):
+        logger.figures(step, "eval", task.figures(data, outputs))
+    return values
 
 
 def _progress_bar(trainer: DictConfig, *, initial: int):

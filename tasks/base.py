@@ -31,3 +31,8 @@ class Task(Protocol):
 
     def example_input(self) -> jax.Array:
         """A one-example input batch, to initialise and summarise the model."""
+
+    def figures(self, data: Data, outputs: jax.Array) -> Dict[str, Any]:
+        """Optional: matplotlib figures of the model's eval ``outputs`` (stacked as
+        ``eval_batches``), logged to TensorBoard's IMAGES tab at eval steps as ``eval/<name>``.
+        Import matplotlib inside (``tasks.figures.pyplot``), so runs without images skip it."""

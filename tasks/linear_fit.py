@@ -5,9 +5,11 @@ from typing import Dict, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from runner.errors import ConfigError
 from tasks.base import Batch, Data
+from tasks.figures import pyplot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,3 +55,19 @@ class LinearFit:
 
     def example_input(self) -> jax.Array:
         return jnp.zeros((1, 1))
+
+    def figures(self, data: Data, outputs: jax.Array) -> Dict[str, "Figure"]:  # noqa: F821
+        """The reference's picture: the data, the model's line and the true line."""
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(5, 4), dpi=80)
+        ax.scatter(np.asarray(data["train"]["x"]), np.asarray(data["train"]["y"]), s=10,
+                   alpha=0.6, label="train data")
+        x = np.asarray(data["eval"]["x"]).reshape(-1)
+        order = np.argsort(x)
+        ax.plot(x[order], np.asarray(outputs).reshape(-1)[order], "r", label="model")
+        ax.plot(x[order], self.slope * x[order] + self.intercept, "k--", lw=1, label="truth")
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+        return {"fit": fig}
