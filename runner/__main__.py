@@ -35,12 +35,20 @@ def main(cfg: DictConfig) -> float:
 
 
 def cli() -> None:
-    """Run ``main``; a user error (bad override, bad value, missing GPU) prints one line and
-    exits 1. HYDRA_FULL_ERROR=1 shows the full traceback instead."""
+    """Run ``main`` (or, for ``resume=<run_dir>``, continue that run in place, outside Hydra's
+    new-run-dir machinery); a user error (bad override, bad value, missing GPU, bad checkpoint)
+    prints one line and exits 1. HYDRA_FULL_ERROR=1 shows the full traceback instead."""
     show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's exceptions reach us unprinted
+    args = sys.argv[1:]
+    resume = [a for a in args if a.startswith("resume=")]
     try:
-        main()
+        if resume and not {"-m", "--multirun"} & set(args):
+            from runner.resume import resume_run
+
+            resume_run(resume[0].split("=", 1)[1], [a for a in args if a not in resume])
+        else:
+            main()
     except Exception as err:
         message = describe_error(err)
         if show_traceback or message is None:

@@ -1,8 +1,11 @@
-"""Flax-serialized TrainState checkpoints, written atomically."""
+"""Flax-serialized TrainState checkpoints: written atomically, validated when loaded."""
 
+import json
+import logging
 import os
+import re
 from pathlib import Path
-from typing import TypeVar
+from typing import List, Optional, Tuple, TypeVar
 
 import jax
 import numpy as np
@@ -11,43 +14,67 @@ from flax import serialization
 from runner.errors import RunnerError
 
 State = TypeVar("State")
+log = logging.getLogger(__name__)
+_STEP_FILE = re.compile(r"step_(\d+)\.msgpack")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash at any instant leaves either the old file or
+    the complete new one: a temporary file, fsynced, renamed over ``path``, the rename fsynced."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{step}.msgpack"
 
 
-def save_checkpoint(ckpt_dir: Path, state, *, step: int) -> Path:
-    """Write ``to_bytes(state)`` to ``ckpt_dir/step_<step>.msgpack``.
-
-    The bytes go to a temporary file that is fsynced and then renamed over the final name, so
-    a crash leaves either the previous file or the complete new one, never a partial one.
-    """
+def save_checkpoint(ckpt_dir: Path, state, *, step: int, name: Optional[str] = None) -> Path:
+    """Write ``to_bytes(state)`` to ``ckpt_dir/step_<step>.msgpack`` (or ``<name>.msgpack``)."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_path(ckpt_dir, step)
-    tmp = path.with_name(f".{path.name}.tmp")
-    data = serialization.to_bytes(state)  # device -> host transfer of the whole state
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(ckpt_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    path = ckpt_dir / f"{name}.msgpack" if name else checkpoint_path(ckpt_dir, step)
+    write_atomic(path, serialization.to_bytes(state))  # device -> host copy of the state
     return path
 
 
+def list_checkpoints(ckpt_dir: Path) -> List[Tuple[int, Path]]:
+    """The ``step_<N>.msgpack`` files of ``ckpt_dir`` as (N, path), oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("step_*.msgpack")
+             if (m := _STEP_FILE.fullmatch(p.name))]
+    return sorted(found)
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: Optional[int]) -> None:
+    """Delete all but the newest ``keep`` step checkpoints (None keeps all; best stays)."""
+    if keep is not None:
+        for _, path in list_checkpoints(ckpt_dir)[:-keep]:
+            path.unlink()
+
+
 def load_checkpoint(path: Path, template: State) -> State:
-    """Restore a state shaped like ``template`` from ``path`` (msgpack; never executes code)."""
+    """Restore a state shaped like ``template`` from ``path`` (msgpack; never executes code).
+
+    Raises RunnerError naming the file when it cannot be read, is not a msgpack of this state's
+    structure, holds arrays of other shapes or dtypes, or a step other than its name says.
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as err:
         raise RunnerError(f"checkpoint {path}: cannot read ({err.strerror})") from None
+    if not data:
+        raise RunnerError(f"checkpoint {path}: empty file")
     try:
         restored = serialization.from_bytes(template, data)
     except Exception as err:  # msgpack and flax raise many types for bad bytes or structure
@@ -61,9 +88,55 @@ def load_checkpoint(path: Path, template: State) -> State:
             raise RunnerError(f"checkpoint {path}: does not match this run's state "
                               f"({jax.tree_util.keystr(key)} is {_spec(got)}, expected "
                               f"{_spec(want)})")
+    named = _STEP_FILE.fullmatch(path.name)
+    if named and int(named.group(1)) != int(restored.step):
+        raise RunnerError(f"checkpoint {path}: holds step {int(restored.step)}, not "
+                          f"{named.group(1)}")
     return restored
+
+
+def restore_latest(ckpt_dir: Path, template: State) -> Tuple[Optional[State], Optional[Path]]:
+    """The newest valid step checkpoint of ``ckpt_dir`` (skipping invalid ones, each with a
+    warning that names it and why), or (None, None) when there is none."""
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return load_checkpoint(path, template), path
+        except RunnerError as err:
+            log.warning("skipping %s; falling back to an older checkpoint", err)
+    return None, None
 
 
 def _spec(leaf) -> str:
     dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
     return f"{dtype}{list(np.shape(leaf))}"
+
+
+class Checkpointer:
+    """A run's ``checkpoints/``: step files (the newest ``keep`` kept) and ``best.msgpack``,
+    the state with the best ``eval/<metric>`` so far (recorded in ``best.json``)."""
+
+    def __init__(self, ckpt_dir: Path, *, keep: Optional[int], metric: str, mode: str):
+        self.dir, self.keep, self.metric, self.mode = Path(ckpt_dir), keep, metric, mode
+        try:  # a resumed run keeps comparing against its earlier best
+            self.best = json.loads((self.dir / "best.json").read_text())
+        except (OSError, ValueError):
+            self.best = None
+
+    def save(self, state, step: int) -> Path:
+        path = save_checkpoint(self.dir, state, step=step)
+        prune_checkpoints(self.dir, self.keep)
+        return path
+
+    def consider(self, state, step: int, eval_metrics: dict) -> None:
+        """Save ``state`` as best.msgpack if its eval metric beats the best so far."""
+        if self.metric not in eval_metrics:
+            raise RunnerError(f"trainer.best_metric={self.metric}: not an eval metric of this "
+                              f"task; valid: {', '.join(sorted(eval_metrics))}")
+        value = eval_metrics[self.metric]
+        if self.best is not None and not (value < self.best["value"] if self.mode == "min"
+                                          else value > self.best["value"]):
+            return
+        save_checkpoint(self.dir, state, step=step, name="best")
+        self.best = {"step": step, "metric": f"eval/{self.metric}", "value": value,
+                     "path": str(self.dir / "best.msgpack")}
+        write_atomic(self.dir / "best.json", (json.dumps(self.best, indent=2) + "\n").encode())

@@ -33,6 +33,13 @@ class Schedule(str, Enum):
     warmup_cosine = "warmup_cosine"
 
 
+class BestMode(str, Enum):
+    """Whether a lower (``min``) or higher (``max``) ``trainer.best_metric`` is better."""
+
+    min = "min"
+    max = "max"
+
+
 class Platform(str, Enum):
     """Where JAX runs: ``auto`` takes an accelerator when one is present, else the CPU."""
 
@@ -154,11 +161,15 @@ class TrainerConf:
     progress_bar: bool = True
     log_images: bool = True
     log_histograms: bool = False
+    keep_checkpoints: Optional[int] = bounded(None, gt=0)
+    best_metric: str = "loss"
+    best_mode: BestMode = BestMode.min
 
 
 @dataclass
 class RunConf:
     seed: int = bounded(0, ge=0)
+    resume: Optional[str] = None
     task: Any = MISSING
     model: Any = MISSING
     optimizer: Any = MISSING

@@ -1,13 +1,15 @@
 """Multiruns: each job isolated from the others' failures, resumable, and summarised.
 
 ``run_sweep_job`` runs one job: a job whose dir already says ``completed`` (for the same
-overrides) is skipped, so rerunning a sweep with the same ``hydra.sweep.dir`` finishes only the
-missing jobs; a failing job is recorded and returns NaN instead of stopping the sweep.
+overrides) is skipped and an interrupted one resumes from its checkpoint, so rerunning a sweep
+with the same ``hydra.sweep.dir`` finishes only the missing work; a failing job is recorded and
+returns NaN instead of stopping the sweep.
 ``SweepSummary`` (a Hydra callback) writes ``summary.csv`` when the multirun ends and exits 1,
 naming the failed jobs, if any failed.
 """
 
 import csv
+import io
 import json
 import logging
 import math
@@ -20,6 +22,7 @@ from typing import Any, Dict, List, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from runner.checkpoint import list_checkpoints, write_atomic
 from runner.errors import RunnerError
 
 log = logging.getLogger(__name__)
@@ -51,8 +54,12 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         cfg.trainer.progress_bar = False
     try:
-        _set_aside_earlier_attempt(run_dir)
-        return run(cfg, run_dir, overrides=overrides)
+        resume = _interrupted_here(run_dir, overrides)
+        if resume:
+            log.info("%s was interrupted: resuming it from its newest checkpoint", run_dir)
+        else:
+            _set_aside_earlier_attempt(run_dir)
+        return run(cfg, run_dir, overrides=overrides, resume=resume)
     except Exception as err:  # noqa: BLE001  (isolate the failure; it is in metrics.json)
         reason = read_metrics(run_dir).get("reason") or f"{type(err).__name__}: {err}"
         # A RunnerError is the user's to fix: one line. Anything else keeps its traceback.
@@ -61,11 +68,21 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
         return math.nan
 
 
+def _interrupted_here(run_dir: Path, overrides: Sequence[str]) -> bool:
+    """Whether ``run_dir`` holds checkpoints of an unfinished attempt at this very job."""
+    try:
+        attempts = json.loads((run_dir / "manifest.json").read_text())["attempts"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return attempts[-1].get("overrides") == list(overrides) and bool(
+        list_checkpoints(run_dir / "checkpoints"))
+
+
 def _set_aside_earlier_attempt(run_dir: Path) -> None:
     """Move what an interrupted or failed attempt left into ``attempts/<n>/`` (kept, not mixed
     into this attempt's TensorBoard curves and checkpoints)."""
-    left = [p for p in (run_dir / "tb", run_dir / "checkpoints", run_dir / "metrics.json")
-            if p.exists()]
+    left = [p for p in (run_dir / "tb", run_dir / "checkpoints", run_dir / "metrics.json",
+                        run_dir / "manifest.json") if p.exists()]
     if not left:
         return
     dest = run_dir / "attempts" / str(len(list((run_dir / "attempts").glob("*"))) + 1)
@@ -119,12 +136,11 @@ def summarize(sweep_dir: Path) -> List[Dict[str, Any]]:
 
 def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue().encode())
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:

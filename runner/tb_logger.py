@@ -1,7 +1,7 @@
 """TensorBoard logging into the run's ``tb/`` directory (tensorboardX)."""
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -13,8 +13,10 @@ class TensorBoardLogger:
     """Scalars grouped by prefix (``train/loss``, ``eval/accuracy``, ``perf/...``, ``opt/...``),
     text, images, histograms, and the HParams row of this run."""
 
-    def __init__(self, log_dir: Path):
-        self.writer = SummaryWriter(logdir=str(log_dir))
+    def __init__(self, log_dir: Path, *, purge_step: Optional[int] = None):
+        # purge_step: TensorBoard discards this run's earlier events at steps >= purge_step
+        # (those an interrupted attempt logged after its last checkpoint).
+        self.writer = SummaryWriter(logdir=str(log_dir), purge_step=purge_step)
 
     def scalars(self, step: int, prefix: str, values: Mapping[str, float]) -> None:
         for name, value in values.items():

@@ -3,7 +3,6 @@
 import json
 import logging
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -16,12 +15,14 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from runner.checkpoint import save_checkpoint
+from runner.checkpoint import Checkpointer, restore_latest, write_atomic
 from runner.compiles import cache_hits, compile_stats
 from runner.device import configure_jax
 from runner.errors import RunnerError, describe_error
 from runner.hparams import run_hparams
+from runner.manifest import write_manifest
 from runner.optim import make_optimizer
+from runner.preemption import Interrupted, StopRequest, stop_on_signals
 from runner.schema import validate
 from runner.steps import (LAYER_GRAD_NORM, create_train_state, evaluate, make_data,
                           train_steps)
@@ -35,73 +36,92 @@ def is_time(step: int, every: Optional[int]) -> bool:
     return every is not None and step % every == 0
 
 
-def steps_per_dispatch(trainer: DictConfig) -> int:
+def steps_per_dispatch(trainer: DictConfig, *, start_step: int = 0) -> int:
     """Steps fused per dispatch: the configured count, or else the largest that lands on every
-    log, eval and checkpoint step and on the last step, so all dispatches share one shape
-    (one compilation)."""
+    log, eval and checkpoint step, on the last step and on the step a resume starts from, so
+    all dispatches share one shape (one compilation)."""
     if trainer.steps_per_dispatch is not None:
         return trainer.steps_per_dispatch
     cadences = [trainer.log_every, trainer.eval_every, trainer.checkpoint_every]
-    return math.gcd(trainer.steps, *[c for c in cadences if c is not None])
+    return math.gcd(trainer.steps, start_step, *[c for c in cadences if c is not None])
 
 
-def run(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str] = ()) -> float:
-    """Train as ``cfg`` says, writing TensorBoard events, checkpoints, ``metrics.json`` and
-    ``model_summary.txt`` into ``run_dir``. Returns the final eval loss.
+def run(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str] = (),
+        resume: bool = False) -> float:
+    """Train as ``cfg`` says, writing TensorBoard events, checkpoints, ``metrics.json``,
+    ``manifest.json`` and ``model_summary.txt`` into ``run_dir``. Returns the final eval loss.
 
-    ``metrics.json`` is written however the run ends: ``"status"`` is ``completed``, or
-    ``failed`` with the ``reason``. ``overrides`` (the job's command-line overrides) are recorded.
+    With ``resume``, continue from the newest valid checkpoint in ``run_dir``. SIGTERM and
+    SIGINT save a checkpoint at the current step and stop the run. ``metrics.json`` is written
+    however the run ends: ``"status"`` is ``completed``, ``interrupted`` or ``failed``, with the
+    ``reason``; ``overrides`` (the job's command-line overrides) are recorded.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     start, compiles_before, hits_before = (time.perf_counter(), compile_stats("train_steps"),
                                            cache_hits())
     summary: Dict[str, Any] = {"status": "failed", "steps": 0, "overrides": list(overrides)}
     try:
-        summary.update(_train(cfg, run_dir, overrides=overrides,
-                              compiles_before=compiles_before))
+        with stop_on_signals() as stop:
+            summary.update(_train(cfg, run_dir, overrides=overrides, resume=resume, stop=stop,
+                                  compiles_before=compiles_before))
     except Exception as err:
         summary["reason"] = describe_error(err) or f"{type(err).__name__}: {err}"
+        if isinstance(err, Interrupted):
+            summary.update(status="interrupted", steps=err.step)
         raise
     finally:
         compiles, compile_s = np.subtract(compile_stats("train_steps"), compiles_before)
         summary.update(wall_time_s=time.perf_counter() - start, compile_s=float(compile_s),
                        train_step_compiles=int(compiles),
                        compile_cache_hits=cache_hits() - hits_before)
-        _write_json(run_dir / "metrics.json", summary)
+        write_atomic(run_dir / "metrics.json",
+                     (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     return summary["eval"]["loss"]
 
 
-def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
-           compiles_before) -> Dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: bool,
+           stop: StopRequest, compiles_before) -> Dict[str, Any]:
     validate(cfg)
     devices = configure_jax(cfg.device)
     trainer = cfg.trainer
-    chunk = steps_per_dispatch(trainer)
-    if trainer.steps % chunk or any(c is not None and c % chunk for c in
-                                    (trainer.log_every, trainer.eval_every,
-                                     trainer.checkpoint_every)):
-        raise RunnerError(f"trainer.steps_per_dispatch={chunk}: must divide trainer.steps and "
-                          f"every trainer.*_every cadence")
     task = instantiate(cfg.task, _convert_="all")
     model = build_model(cfg.model)
     optimizer = make_optimizer(cfg.optimizer, total_steps=trainer.steps)
     init_rng, data_rng, train_rng = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
     state = create_train_state(init_rng, model, task, optimizer)
+    if resume:
+        state = _restore(run_dir, state)
+    start_step = int(state.step)
+    if start_step >= trainer.steps:
+        raise RunnerError(f"{run_dir} is at step {start_step} of trainer.steps={trainer.steps}: "
+                          f"nothing to do (resume with a larger trainer.steps to train longer)")
+    chunk = steps_per_dispatch(trainer, start_step=start_step)
+    if (trainer.steps - start_step) % chunk or any(
+            c is not None and c % chunk for c in (trainer.log_every, trainer.eval_every,
+                                                  trainer.checkpoint_every)):
+        raise RunnerError(f"trainer.steps_per_dispatch={chunk}: must divide trainer.steps and "
+                          f"every trainer.*_every cadence")
     data = make_data(data_rng, task=task)
-    log.info("devices: %s; %d steps, %d per dispatch", devices, trainer.steps, chunk)
+    write_manifest(run_dir, devices=devices, overrides=overrides, start_step=start_step)
+    log.info("devices: %s; steps %d..%d, %d per dispatch", devices, start_step, trainer.steps,
+             chunk)
 
     model_summary = model.tabulate(init_rng, task.example_input(), console_kwargs={"width": 120})
     (run_dir / "model_summary.txt").write_text(model_summary)
-    logger = TensorBoardLogger(run_dir / "tb")
+    # A resumed run drops what the interrupted attempt logged after its checkpoint.
+    logger = TensorBoardLogger(run_dir / "tb", purge_step=start_step + 1 if start_step else None)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=trainer.keep_checkpoints,
+                                metric=trainer.best_metric, mode=trainer.best_mode)
     summary: Dict[str, Any] = {}
     try:
         logger.text("config", OmegaConf.to_yaml(cfg, resolve=True))
         logger.text("model_summary", model_summary)
         state, summary = train_loop(state, data, train_rng, task=task,
                                     schedule=optimizer.schedule, trainer=trainer, chunk=chunk,
-                                    logger=logger, ckpt_dir=run_dir / "checkpoints")
+                                    logger=logger, checkpointer=checkpointer, stop=stop)
         compile_s = compile_stats("train_steps")[1] - compiles_before[1]
         logger.scalars(summary["steps"], "perf", {"compile_s": compile_s})
+        summary.update(best=checkpointer.best, resumed_from=start_step if resume else None)
     finally:
         tags = ["eval/loss", *(f"eval/{k}" for k in summary.get("eval", {}) if k != "loss"),
                 "train/loss"]
@@ -110,22 +130,24 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
     return summary
 
 
-def build_model(cfg: DictConfig) -> nn.Module:
-    """Instantiate the model; equal configs give the same Module object in this process, so
-    jobs of a sweep that share a model config also share the compiled step."""
-    key = OmegaConf.to_yaml(cfg, resolve=True)
-    if key not in _MODELS:
-        _MODELS[key] = instantiate(cfg, _convert_="all")
-    return _MODELS[key]
+def _restore(run_dir: Path, template):
+    """The newest valid checkpoint of the run, with this config's optimizer hyperparameters
+    (so that e.g. ``optimizer.lr=...`` given with ``resume`` applies); else ``template``."""
+    restored, path = restore_latest(run_dir / "checkpoints", template)
+    if restored is None:
+        log.warning("no valid checkpoint in %s: starting from step 0", run_dir / "checkpoints")
+        return template
+    log.info("resuming from %s (step %d)", path, int(restored.step))
+    opt_state = restored.opt_state._replace(hyperparams=template.opt_state.hyperparams)
+    return restored.replace(opt_state=opt_state)
 
 
-_MODELS: Dict[str, nn.Module] = {}
-
-
-def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, ckpt_dir):
+def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, checkpointer,
+               stop):
     """The host loop: dispatch fused steps; on cadence fetch metrics, log, evaluate, save.
 
     Metrics come to the host only on log and eval steps (each fetch waits for the device).
+    A stop request (SIGTERM/SIGINT) saves a checkpoint after the current dispatch and raises.
     """
     step, train_metrics, eval_metrics = int(state.step), {}, {}
     window_start, window_steps = time.perf_counter(), 0  # throughput, between host syncs
@@ -141,34 +163,57 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, ckpt
             else:  # keep compilation out of steps/s: wait for it, start timing after
                 jax.block_until_ready(metrics)
             log_now, eval_now = is_time(step, trainer.log_every), is_time(step, trainer.eval_every)
-            save_now = is_time(step, trainer.checkpoint_every)
-            if log_now or last:
+            save_now = is_time(step, trainer.checkpoint_every) or last
+            if log_now or last or save_now or stop.requested:
                 metrics = jax.device_get(metrics)  # waits for the device: ends the window
                 perf = {"steps_per_sec": window_steps / (time.perf_counter() - window_start)
                         } if window_steps else {}
+                _check_finite(metrics, step)  # before anything is saved
+            if log_now or last:
                 logger.scalars(step, "perf", perf)
                 train_metrics = _log_train(state, metrics, step, trainer, logger)
                 _report(bar, step, trainer.steps, train_metrics, perf)
             if eval_now or last:
                 eval_metrics = _log_eval(state, data, task, step, trainer, logger)
+                checkpointer.consider(state, step, eval_metrics)
                 _report(bar, step, trainer.steps, eval_metrics, prefix="eval")
-            if save_now or last:
-                save_checkpoint(ckpt_dir, state, step=step)
+            if save_now or stop.requested:
+                checkpoint = checkpointer.save(state, step)
+            if stop.requested and not last:
+                raise Interrupted(f"stopped by {stop.signal_name} at step {step}, checkpoint "
+                                  f"{checkpoint}; continue with: python -m runner "
+                                  f"resume={checkpointer.dir.parent}", step)
             if not compiled or log_now or eval_now or save_now:  # host work ends the window
                 compiled, window_start, window_steps = True, time.perf_counter(), 0
             if bar:
                 bar.update(chunk)
     return state, {"status": "completed", "steps": step, "train": train_metrics,
-                   "eval": eval_metrics}
+                   "eval": eval_metrics, "checkpoint": str(checkpoint)}
+
+
+def build_model(cfg: DictConfig) -> nn.Module:
+    """Instantiate the model; equal configs give the same Module object in this process, so
+    jobs of a sweep that share a model config also share the compiled step."""
+    key = OmegaConf.to_yaml(cfg, resolve=True)
+    if key not in _MODELS:
+        _MODELS[key] = instantiate(cfg, _convert_="all")
+    return _MODELS[key]
+
+
+_MODELS: Dict[str, nn.Module] = {}
+
+
+def _check_finite(metrics, step: int) -> None:
+    """Stop the run at a non-finite loss or gradient norm (the last checkpoint stays good)."""
+    for key in ("loss", "grad_norm"):
+        if not np.isfinite(metrics[key]):
+            raise RunnerError(f"train/{key} is {float(metrics[key])} at step {step}: training "
+                              f"diverged (try a lower optimizer.lr)")
 
 
 def _log_train(state, metrics, step: int, trainer: DictConfig, logger) -> Dict[str, float]:
-    """Stop on divergence, else log the train metrics (on host); returns them."""
+    """Log the train metrics (on host); returns them."""
     values = {k: float(v) for k, v in metrics.items()}
-    bad = [k for k in ("loss", "grad_norm") if not np.isfinite(values[k])]
-    if bad:
-        raise RunnerError(f"train/{bad[0]} is {values[bad[0]]} at step {step}: "
-                          f"training diverged (try a lower optimizer.lr)")
     layers = {k[len(LAYER_GRAD_NORM):]: values.pop(k) for k in list(values)
               if k.startswith(LAYER_GRAD_NORM)}
     logger.scalars(step, "train", values)
@@ -207,9 +252,3 @@ def _report(bar, step: int, total: int, metrics: Dict[str, float],
     else:
         log.info("step %d/%d %s", step, total,
                  " ".join(f"{k}={v:.6g}" for k, v in sorted(values.items())))
-
-
-def _write_json(path: Path, payload: Dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

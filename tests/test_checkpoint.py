@@ -40,9 +40,9 @@ def test_round_trip_restores_every_leaf(tmp_path):
 
 def test_overwrite_is_atomic_and_complete(tmp_path):
     state, _, _ = make_state()
-    save_checkpoint(tmp_path, state, step=1)
+    save_checkpoint(tmp_path, state, step=0)
     state = state.replace(params=jax.tree.map(lambda p: p + 1, state.params))
-    path = save_checkpoint(tmp_path, state, step=1)
+    path = save_checkpoint(tmp_path, state, step=0)
     restored = load_checkpoint(path, make_state()[0])
     np.testing.assert_array_equal(restored.params["Dense_0"]["bias"],
                                   state.params["Dense_0"]["bias"])
@@ -70,3 +70,36 @@ def test_checkpoint_of_another_model_is_rejected(tmp_path):
     # flax's from_bytes alone would restore the (4,)-wide arrays silently
     with pytest.raises(RunnerError, match=r"does not match.*Dense_0.*\[4\].*\[128\]"):
         load_checkpoint(path, make_state()[0])
+
+
+def test_truncated_file_and_other_optimizer_and_wrong_step_are_rejected(tmp_path):
+    state, _, _ = make_state()
+    path = save_checkpoint(tmp_path, state, step=0)
+    full = path.read_bytes()
+    path.write_bytes(full[: len(full) // 2])
+    with pytest.raises(RunnerError, match="step_0.msgpack: does not match"):
+        load_checkpoint(path, make_state()[0])
+
+    cfg = compose_config(["optimizer=sgd"])  # same model, another optimizer state
+    sgd = create_train_state(jax.random.PRNGKey(0), instantiate(cfg.model),
+                             instantiate(cfg.task), make_optimizer(cfg.optimizer, total_steps=10))
+    other = save_checkpoint(tmp_path, sgd, step=0, name="sgd")
+    with pytest.raises(RunnerError, match="sgd.msgpack: does not match"):
+        load_checkpoint(other, make_state()[0])
+
+    renamed = tmp_path / "step_7.msgpack"
+    renamed.write_bytes(full)
+    with pytest.raises(RunnerError, match="step_7.msgpack: holds step 0, not 7"):
+        load_checkpoint(renamed, make_state()[0])
+
+
+def test_restore_latest_skips_invalid_files(tmp_path):
+    from runner.checkpoint import restore_latest
+
+    state, _, _ = make_state()
+    save_checkpoint(tmp_path, state, step=0)
+    (tmp_path / "step_5.msgpack").write_bytes(b"")
+    (tmp_path / ".step_9.msgpack.tmp").write_bytes(b"partial")
+    restored, path = restore_latest(tmp_path, make_state(seed=3)[0])
+    assert path.name == "step_0.msgpack" and int(restored.step) == 0
+    assert restore_latest(tmp_path / "none", state) == (None, None)

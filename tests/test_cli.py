@@ -48,7 +48,7 @@ def test_default_run_from_another_directory_fits_the_line(tmp_path):
     # The checkpoint is to_bytes(TrainState): restore it into a plain template and read the
     # learned line off the parameters (the model is linear: slope = W1 W2, intercept = b1 W2 + b2).
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "step_100.msgpack", "step_200.msgpack"]
+        "best.json", "best.msgpack", "step_100.msgpack", "step_200.msgpack"]
     raw = serialization.msgpack_restore((run_dir / "checkpoints/step_200.msgpack").read_bytes())
     assert int(raw["step"]) == 200 and set(raw) >= {"params", "opt_state", "step"}
     p = raw["params"]

@@ -32,7 +32,7 @@ def test_run_trains_logs_checkpoints_and_compiles_the_step_once(tmp_path):
     assert metrics["eval"]["loss"] == pytest.approx(eval_loss)
     assert metrics["train_step_compiles"] == 1  # 4 dispatches of 10 steps, one compilation
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "step_20.msgpack", "step_40.msgpack"]
+        "best.json", "best.msgpack", "step_20.msgpack", "step_40.msgpack"]
     losses = scalars(tmp_path, "train/loss")
     assert [s for s, _ in losses] == [10, 20, 30, 40]
     assert losses[-1][1] < losses[0][1] / 2  # the loss falls

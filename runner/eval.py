@@ -1,0 +1,68 @@
+"""``python -m runner.eval <run_dir> [--checkpoint last|best|<step>]``: eval metrics as JSON.
+
+Rebuilds the model from the config stored in the run dir (so a run dir copied elsewhere works),
+restores the checkpoint with ``flax.serialization.from_bytes`` and evaluates on the task's
+held-out set.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runner.errors import RunnerError
+
+
+def evaluate_run(run_dir: Path, which: str = "last") -> dict:
+    """Eval metrics of checkpoint ``which`` (``last``, ``best`` or a step) of ``run_dir``."""
+    import jax
+    from hydra.utils import instantiate
+
+    from runner.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+    from runner.device import configure_jax
+    from runner.optim import make_optimizer
+    from runner.resume import load_run_config
+    from runner.schema import validate
+    from runner.steps import create_train_state, evaluate, make_data
+
+    cfg, _ = load_run_config(run_dir)
+    validate(cfg)
+    configure_jax(cfg.device)
+    ckpt_dir = run_dir / "checkpoints"
+    if which == "best":
+        path = ckpt_dir / "best.msgpack"
+    elif which == "last":
+        found = list_checkpoints(ckpt_dir)
+        if not found:
+            raise RunnerError(f"{ckpt_dir}: no step_<N>.msgpack checkpoint")
+        path = found[-1][1]
+    elif which.isdigit():
+        path = checkpoint_path(ckpt_dir, int(which))
+    else:
+        raise RunnerError(f"--checkpoint {which}: use last, best or a step number")
+    task = instantiate(cfg.task, _convert_="all")
+    init_rng, data_rng, _ = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
+    template = create_train_state(init_rng, instantiate(cfg.model, _convert_="all"), task,
+                                  make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps))
+    state = load_checkpoint(path, template)
+    metrics, _ = evaluate(state, make_data(data_rng, task=task), task=task)
+    return {"run_dir": str(run_dir), "checkpoint": str(path), "step": int(state.step),
+            "eval": {k: float(v) for k, v in jax.device_get(metrics).items()}}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m runner.eval",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--checkpoint", default="last", help="last (default), best or a step")
+    args = parser.parse_args(argv)
+    try:
+        print(json.dumps(evaluate_run(args.run_dir.expanduser().resolve(), args.checkpoint),
+                         indent=2))
+    except RunnerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

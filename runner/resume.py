@@ -1,0 +1,67 @@
+"""``python -m runner resume=<run_dir> [key=value ...]``: continue a run in its own dir."""
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, OmegaConf
+
+from runner.checkpoint import write_atomic
+from runner.errors import RunnerError
+from runner.schema import validate
+
+GROUPS = ("task", "model", "optimizer", "device", "hparams_search")
+
+
+def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictConfig, List[str]]:
+    """The config stored in ``run_dir/.hydra`` (typed by the schemas), with ``overrides``
+    (``key=value``) applied on top; and the run's own overrides."""
+    stored_path = run_dir / ".hydra" / "config.yaml"
+    if not stored_path.is_file():
+        raise RunnerError(f"{run_dir}: not a run dir (no .hydra/config.yaml)")
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in GROUPS or "/" in key or key.startswith("hydra"):
+            raise RunnerError(f"{override}: a resumed run keeps its task, model, optimizer and "
+                              f"device; change values (e.g. trainer.steps=400), not groups")
+    overrides_path = run_dir / ".hydra" / "overrides.yaml"
+    stored_overrides = (OmegaConf.to_container(OmegaConf.load(overrides_path))
+                        if overrides_path.is_file() else [])
+    with initialize_config_module(config_module="conf", version_base=None):
+        typed = compose(config_name="config", overrides=[
+            o for o in stored_overrides if not o.startswith(("resume=", "hydra"))])
+    # The stored values win over today's defaults; the new overrides win over both.
+    cfg = OmegaConf.merge(typed, OmegaConf.load(stored_path),
+                          OmegaConf.from_dotlist(list(overrides)))
+    cfg.resume = None
+    return cfg, [*stored_overrides, *overrides]
+
+
+def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> float:
+    """Continue the run in ``run_dir_arg`` from its newest valid checkpoint, in place."""
+    from runner.train import run
+
+    run_dir = Path(run_dir_arg).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise RunnerError(f"resume={run_dir_arg}: no such directory")
+    cfg, all_overrides = load_run_config(run_dir, overrides)
+    validate(cfg)
+    _log_to(run_dir / "runner.log")
+    # The run dir's config is the run's as it now stands (for later resumes and runner.eval).
+    write_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+    write_atomic(run_dir / ".hydra" / "overrides.yaml",
+                 OmegaConf.to_yaml(OmegaConf.create(all_overrides)).encode())
+    return run(cfg, run_dir, overrides=all_overrides, resume=True)
+
+
+def _log_to(log_file: Path) -> None:
+    """Log as Hydra does for a run (console and the run's log file), appending."""
+    formatter = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(log_file, mode="a")):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    logging.getLogger("jax").setLevel(logging.WARNING)

@@ -1,0 +1,230 @@
+"""Runs you can trust: bit-exact resume after SIGKILL, SIGTERM, keep-N and best checkpoints,
+bad checkpoints, eval of a finished (copied) run, the manifest."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, compose_config, run_cli
+from runner.checkpoint import list_checkpoints
+from runner.errors import RunnerError
+from runner.train import run
+
+# ~4 s of minibatch training (per-step data randomness), a checkpoint every ~0.3 s.
+LONG = ["task.batch_size=10", "trainer.steps=240000", "trainer.log_every=20000",
+        "trainer.eval_every=60000", "trainer.checkpoint_every=20000",
+        "trainer.progress_bar=false"]
+
+
+def start(args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def newest_step(run_dir: Path) -> int:
+    found = list_checkpoints(run_dir / "checkpoints")
+    return found[-1][0] if found else 0
+
+
+def wait_past(proc, run_dir: Path, step: int, timeout: float = 120) -> None:
+    """Wait until a checkpoint newer than ``step`` exists (the run is mid-way)."""
+    deadline = time.monotonic() + timeout
+    while newest_step(run_dir) <= step:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "no new checkpoint in time"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_sigkilled_and_resumed_run_ends_byte_identical(tmp_path):
+    run_cli([*LONG, f"hydra.run.dir={tmp_path}/reference"], cwd=tmp_path)
+    reference = (tmp_path / "reference/checkpoints/step_240000.msgpack").read_bytes()
+
+    run_dir = tmp_path / "run"
+    proc = start([*LONG, f"hydra.run.dir={run_dir}"], tmp_path)
+    wait_past(proc, run_dir, 0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first_kill = newest_step(run_dir)
+    assert 0 < first_kill < 240000
+
+    proc = start([f"resume={run_dir}"], tmp_path)  # killed again, a little later
+    wait_past(proc, run_dir, first_kill)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    second_kill = newest_step(run_dir)
+    assert first_kill < second_kill < 240000
+
+    # A kill inside a checkpoint write leaves at most a temporary file; a torn file under a
+    # final name (as a non-atomic writer would leave) must be skipped, not loaded.
+    ckpt = run_dir / "checkpoints"
+    (ckpt / f".step_{second_kill + 20000}.msgpack.tmp").write_bytes(b"\x87partial")
+    torn = (ckpt / f"step_{second_kill}.msgpack").read_bytes()
+    (ckpt / f"step_{second_kill + 20000}.msgpack").write_bytes(torn[: len(torn) // 2])
+
+    proc = start([f"resume={run_dir}"], tmp_path)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    final = (ckpt / "step_240000.msgpack").read_bytes()
+    assert final == reference  # params, opt_state and step, byte for byte
+    log = (run_dir / "runner.log").read_text()
+    assert f"skipping checkpoint {ckpt}/step_{second_kill + 20000}.msgpack" in log
+    assert f"resuming from {ckpt}/step_{second_kill}.msgpack" in log
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["resumed_from"] == second_kill
+    reference_metrics = json.loads((tmp_path / "reference/metrics.json").read_text())
+    assert metrics["eval"] == reference_metrics["eval"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [a["start_step"] for a in manifest["attempts"]] == [0, first_kill, second_kill]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_marks_the_run_interrupted(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start([*LONG, f"hydra.run.dir={run_dir}"], tmp_path)
+    wait_past(proc, run_dir, 0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 1
+    stderr = proc.stderr.read()
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM at step ")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted"
+    assert (run_dir / f"checkpoints/step_{metrics['steps']}.msgpack").exists()
+    assert newest_step(run_dir) == metrics["steps"]  # the checkpoint at the current step
+
+    proc = start([f"resume={run_dir}"], tmp_path)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+
+
+def test_resume_extends_a_finished_run_and_tensorboard_has_each_step_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_cli([*TINY, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    proc = run_cli([f"resume={tmp_path}", "trainer.steps=8"], cwd=tmp_path)
+    assert "resuming from" in proc.stdout + proc.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 8 and metrics["resumed_from"] == 4
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8]
+    stored = (tmp_path / ".hydra/config.yaml").read_text()
+    assert "steps: 8" in stored  # the run dir's config is the run's as it now stands
+    again = run_cli([f"resume={tmp_path}"], cwd=tmp_path, check=False)
+    assert again.returncode == 1 and "nothing to do" in again.stderr
+
+
+def test_interrupted_attempt_logged_past_its_checkpoint_is_purged(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = compose_config(["trainer.steps=6", "trainer.checkpoint_every=2"])
+    run(cfg, tmp_path)
+    for path in (tmp_path / "checkpoints").glob("step_[46].msgpack"):
+        path.unlink()  # as if killed after logging step 6 but before checkpointing past 2
+    run(cfg, tmp_path, resume=True)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, caplog):
+    cfg = compose_config(["trainer.steps=6", "trainer.checkpoint_every=2"])
+    run(cfg, tmp_path)
+    (tmp_path / "checkpoints/step_6.msgpack").write_bytes(os.urandom(300))
+    extended = compose_config(["trainer.steps=8", "trainer.checkpoint_every=2"])
+    with caplog.at_level(logging.INFO):
+        run(extended, tmp_path, resume=True)
+    assert "skipping checkpoint" in caplog.text and "step_6.msgpack" in caplog.text
+    assert "resuming from" in caplog.text and "step_4.msgpack" in caplog.text
+
+
+def test_keep_newest_checkpoints_and_the_best(tmp_path):
+    run(compose_config(["trainer.steps=6", "trainer.checkpoint_every=1", "trainer.eval_every=1",
+                        "trainer.log_every=1", "trainer.keep_checkpoints=2"]), tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["best.json", "best.msgpack", "step_5.msgpack", "step_6.msgpack"]
+    best = json.loads((tmp_path / "checkpoints/best.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["best"] == best and best["metric"] == "eval/loss"
+
+
+def test_best_mode_max_keeps_the_highest(tmp_path):
+    run(compose_config(["trainer.eval_every=1", "trainer.log_every=1",
+                        "trainer.best_mode=max"]), tmp_path)
+    best = json.loads((tmp_path / "checkpoints/best.json").read_text())
+    assert best["step"] == 1  # the loss falls: its maximum is the first eval
+
+
+def test_unknown_best_metric_names_the_valid_ones(tmp_path):
+    with pytest.raises(RunnerError, match="trainer.best_metric=accuracy: .* valid: loss, mse"):
+        run(compose_config(["trainer.best_metric=accuracy"]), tmp_path)
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+    import jax
+    import numpy as np
+    from flax import serialization
+
+    with pytest.raises(RunnerError, match="diverged"):
+        run(compose_config(["optimizer=sgd", "optimizer.momentum=null", "optimizer.lr=3",
+                            "trainer.steps=40", "trainer.log_every=20",
+                            "trainer.checkpoint_every=1", "trainer.eval_every=null"]), tmp_path)
+    found = list_checkpoints(tmp_path / "checkpoints")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "diverged" in metrics["reason"]
+    assert found and found[-1][0] < 40
+    last = serialization.msgpack_restore(found[-1][1].read_bytes())
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(last["params"]))
+
+
+def test_eval_of_a_copied_run_dir(tmp_path):
+    run_cli([*TINY, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    shutil.copytree(tmp_path / "run", tmp_path / "elsewhere/copy")
+    shutil.rmtree(tmp_path / "run")
+    metrics = json.loads((tmp_path / "elsewhere/copy/metrics.json").read_text())
+    for which, step in (("last", 4), ("best", metrics["best"]["step"]), ("2", 2)):
+        out = subprocess.run([sys.executable, "-m", "runner.eval", "elsewhere/copy",
+                              "--checkpoint", which], cwd=tmp_path, capture_output=True,
+                             text=True, check=True).stdout
+        result = json.loads(out)
+        assert result["step"] == step
+        if which == "last":
+            assert result["eval"] == pytest.approx(metrics["eval"], rel=1e-6)
+    bad = subprocess.run([sys.executable, "-m", "runner.eval", "elsewhere/copy",
+                          "--checkpoint", "3"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: checkpoint ")
+    assert "step_3.msgpack: cannot read" in bad.stderr
+
+
+def test_manifest_records_versions_devices_and_command(tmp_path):
+    run(compose_config(), tmp_path, overrides=["seed=0"])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["versions"]["jax"] and manifest["versions"]["flax"]
+    assert manifest["devices"] and "XLA_FLAGS" in manifest["env"]
+    assert manifest["attempts"][0]["overrides"] == ["seed=0"]
+    assert manifest["git"] is None or len(manifest["git"]["commit"]) == 40
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task=cnn_random_images", "a resumed run keeps its task"),
+    ("trainer.steps=abc", "trainer.steps"),
+])
+def test_resume_rejects_bad_overrides(tmp_path, override, message):
+    run_cli([*TINY, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    proc = run_cli([f"resume={tmp_path}", override], cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_of_a_missing_dir_is_one_line(tmp_path):
+    proc = run_cli([f"resume={tmp_path}/nope"], cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: resume={tmp_path}/nope: no such directory"
