@@ -1,68 +1,310 @@
-"""``python -m runner.bench``: what a sweep costs against a single run (wall-clock ratio).
+"""``python -m runner.bench``: runner against hand-written JAX (and PyTorch), in one run.
 
-Times, as a user runs them, ``python -m runner`` (one linear_fit run) against
-``python -m runner -m optimizer.lr=<8 values>`` (the basic launcher, one process), interleaved
-and repeated, median of each. The persistent compilation cache is off in both, so the ratio
-shows what in-process compile sharing buys: 8 jobs, one compilation of the train step.
+Every comparison is interleaved (A, B, A, B, ...) and repeated; figures are medians. Sections:
+linear_fit steps/s (reference per-step loop vs runner's scan-fused loop), the CNN step (the
+reference's Flax step vs runner's, GFLOP/s against this machine's fp32 matmul, PyTorch when
+installed), overheads (compile time, whole-process wall vs bare imports, logging and
+checkpointing per 1,000 steps), compilations per run and per sweep, and an lr sweep against a
+single run. Writes a table to the console and everything to ``bench/results.json``.
 """
 
 import argparse
-import csv
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List
+from typing import Callable, Dict, List
 
-LRS = ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"]
-COMMON = ["device.compilation_cache_dir=null", "trainer.progress_bar=false"]
+SWEEP_LRS = ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"]
+NO_CACHE = ["device.compilation_cache_dir=null", "trainer.progress_bar=false"]
 
 
-def _time(args: List[str], cwd: Path) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "runner", *args, *COMMON], cwd=cwd,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"runner failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
+def _median_times(fns: Dict[str, Callable[[], None]], repeats: int, *,
+                  warmup: bool = True) -> Dict[str, float]:
+    """Call each fn once to warm up (compile), then ``repeats`` rounds in turn; the median
+    seconds of each. Whole processes need no warm-up: each starts cold anyway."""
+    for fn in fns.values() if warmup else ():
+        fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _runner_parts(overrides: List[str]):
+    """task, optimizer, state, data and rng of ``python -m runner <overrides>``."""
+    import jax
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    import runner  # noqa: F401
+    from runner.optim import make_optimizer
+    from runner.steps import create_train_state, make_data
+
+    with initialize_config_module(config_module="conf", version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    task = instantiate(cfg.task, _convert_="all")
+    optimizer = make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps)
+    init_rng, data_rng, rng = jax.random.split(jax.random.PRNGKey(0), 3)
+    state = create_train_state(init_rng, instantiate(cfg.model, _convert_="all"), task,
+                               optimizer)
+    return cfg, task, optimizer, state, make_data(data_rng, task=task), rng
+
+
+def bench_linear_fit(repeats: int, steps: int) -> dict:
+    """Steps/s of the reference's per-step loop and of runner's fused loop, same work."""
+    import jax
+
+    from runner.bench_cases import reference_linear_fit
+    from runner.steps import train_steps
+    from runner.train import steps_per_dispatch
+
+    ref_step, ref_state, ref_args = reference_linear_fit()
+    cfg, task, optimizer, state, data, rng = _runner_parts([])
+    chunk = steps_per_dispatch(cfg.trainer)  # the default run's dispatch: 50 steps
+    box = {"ref": ref_state, "runner": state}
+
+    def reference():
+        s = box["ref"]
+        for _ in range(steps):
+            s, loss = ref_step(s, *ref_args)
+        jax.block_until_ready(loss)
+        box["ref"] = s
+
+    def fused():
+        s = box["runner"]
+        for _ in range(steps // chunk):
+            s, metrics = train_steps(s, data, rng, task=task, schedule=optimizer.schedule,
+                                     num_steps=chunk)
+        jax.block_until_ready(metrics)
+        box["runner"] = s
+
+    t = _median_times({"reference": reference, "runner": fused}, repeats)
+    return {"steps": steps, "steps_per_dispatch": chunk,
+            "reference_steps_per_s": steps / t["reference"],
+            "runner_steps_per_s": steps / t["runner"],
+            "runner_over_reference": t["reference"] / t["runner"]}
+
+
+def bench_cnn(repeats: int, steps: int) -> dict:
+    """ms/step of the reference Flax CNN step, runner's scanned step and PyTorch's."""
+    import jax
+
+    from runner.bench_cases import reference_cnn, torch_cnn_step
+    from runner.steps import train_steps
+
+    ref_step, ref_state, ref_args = reference_cnn()
+    flops = ref_step.lower(ref_state, *ref_args).compile().cost_analysis()
+    flops = (flops[0] if isinstance(flops, list) else flops).get("flops", 0.0)
+    _, task, optimizer, state, data, rng = _runner_parts(["task=cnn_random_images"])
+    box = {"ref": ref_state, "runner": state}
+
+    def reference():
+        s = box["ref"]
+        for _ in range(steps):
+            s, loss = ref_step(s, *ref_args)
+        jax.block_until_ready(loss)
+        box["ref"] = s
+
+    def fused():
+        box["runner"], metrics = train_steps(box["runner"], data, rng, task=task,
+                                             schedule=optimizer.schedule, num_steps=steps)
+        jax.block_until_ready(metrics)
+
+    fns = {"reference": reference, "runner": fused}
+    torch_case = torch_cnn_step()
+    if torch_case:
+        torch_step, torch_version = torch_case
+        fns["torch"] = lambda: [torch_step() for _ in range(steps)]
+    t = {k: v / steps for k, v in _median_times(fns, repeats).items()}
+    result = {"steps_per_call": steps, "flops_per_step": flops,
+              "reference_ms": 1e3 * t["reference"], "runner_ms": 1e3 * t["runner"],
+              "runner_over_reference": t["runner"] / t["reference"],
+              "reference_gflops": flops / t["reference"] / 1e9,
+              "runner_gflops": flops / t["runner"] / 1e9,
+              "matmul_gflops": matmul_gflops(repeats)}
+    if torch_case:
+        result.update(torch_version=torch_version, torch_ms=1e3 * t["torch"],
+                      runner_over_torch=t["runner"] / t["torch"])
+    return result
+
+
+def matmul_gflops(repeats: int, n: int = 2048) -> float:
+    """This machine's fp32 matmul throughput through XLA (n x n times n x n)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
+    dot = jax.jit(jnp.dot)
+    t = _median_times({"dot": lambda: dot(a, a).block_until_ready()}, repeats)["dot"]
+    return 2 * n**3 / t / 1e9
+
+
+def bench_overheads(repeats: int) -> dict:
+    """Compile time, process wall vs bare imports, logging and checkpoint cost."""
+    import jax
+
+    from runner.checkpoint import save_checkpoint
+    from runner.compiles import compile_stats
+    from runner.steps import train_steps
+    from runner.tb_logger import TensorBoardLogger
+
+    result = {}
+    for name, overrides, chunk in (("linear_fit", [], 50),
+                                   ("cnn_random_images", ["task=cnn_random_images"], 10)):
+        cfg, task, optimizer, state, data, rng = _runner_parts(overrides)
+        before = compile_stats("train_steps")
+        state, metrics = train_steps(state, data, rng, task=task, schedule=optimizer.schedule,
+                                     num_steps=chunk + 1)  # a length no earlier call compiled
+        jax.block_until_ready(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            logger = TensorBoardLogger(Path(tmp) / "tb")
+            t = _median_times({
+                "log": lambda: logger.scalars(0, "train", jax.device_get(metrics)),
+                "checkpoint": lambda: save_checkpoint(Path(tmp), state, step=0)}, repeats)
+            logger.close()
+        per_1000 = (1000 / cfg.trainer.log_every * t["log"]
+                    + 1000 / cfg.trainer.checkpoint_every * t["checkpoint"])
+        result[name] = {"compile_s": compile_stats("train_steps")[1] - before[1],
+                        "log_step_ms": 1e3 * t["log"], "checkpoint_ms": 1e3 * t["checkpoint"],
+                        "log_and_checkpoint_s_per_1000_steps": per_1000}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = iter(range(10**6))
+        t = _median_times({
+            "import": lambda: _run([sys.executable, "-c", "import jax, flax, optax"], tmp),
+            "runner": lambda: _run([sys.executable, "-m", "runner",
+                                    f"hydra.run.dir={tmp}/{next(runs)}"], tmp),
+            "runner_no_images": lambda: _run([sys.executable, "-m", "runner",
+                                              "trainer.log_images=false",
+                                              f"hydra.run.dir={tmp}/{next(runs)}"], tmp)},
+            repeats, warmup=False)
+    result["process"] = {"bare_import_s": t["import"], "default_run_s": t["runner"],
+                         "default_run_over_import": t["runner"] / t["import"],
+                         "no_images_run_s": t["runner_no_images"],
+                         "no_images_over_import": t["runner_no_images"] / t["import"]}
+    return result
+
+
+def bench_compiles(jobs: int = 3) -> dict:
+    """Train-step compilations of one run, and of a ``jobs``-job lr sweep in one process."""
+    import json as _json
+
+    from omegaconf import OmegaConf  # noqa: F401
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["-m", "optimizer.lr=" + ",".join(SWEEP_LRS[:jobs]), "trainer.steps=20",
+                "trainer.log_every=10", *NO_CACHE, f"hydra.sweep.dir={tmp}/sweep"]
+        _run([sys.executable, "-m", "runner", *args], tmp)
+        per_job = [_json.loads((Path(tmp) / "sweep" / str(i) / "metrics.json").read_text())
+                   ["train_step_compiles"] for i in range(jobs)]
+    return {"per_run": per_job[0], "per_sweep": sum(per_job), "sweep_jobs": jobs}
 
 
 def bench_sweep(repeats: int, lrs: List[str]) -> dict:
-    """Median wall time of one run and of a len(lrs)-job lr sweep, and their ratio."""
-    singles, sweeps, compiles = [], [], []
+    """Median wall time of one run and of a len(lrs)-job lr sweep (basic launcher)."""
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for i in range(repeats):
-            singles.append(_time([f"hydra.run.dir={tmp}/single{i}"], tmp))
-            sweeps.append(_time(["-m", f"optimizer.lr={','.join(lrs)}",
-                                 f"hydra.sweep.dir={tmp}/sweep{i}"], tmp))
-            with open(tmp / f"sweep{i}" / "summary.csv") as f:
-                compiles.append(sum(int(r["train_step_compiles"]) for r in csv.DictReader(f)))
-    single, sweep = statistics.median(singles), statistics.median(sweeps)
-    return {"jobs": len(lrs), "repeats": repeats, "single_run_s": single, "sweep_s": sweep,
-            "sweep_over_single": sweep / single, "per_job_over_single": sweep / single / len(lrs),
-            "train_step_compiles_per_sweep": max(compiles)}
+        runs = iter(range(10**6))
+        t = _median_times({
+            "single": lambda: _run([sys.executable, "-m", "runner", *NO_CACHE,
+                                    f"hydra.run.dir={tmp}/single{next(runs)}"], tmp),
+            "sweep": lambda: _run([sys.executable, "-m", "runner", "-m",
+                                   f"optimizer.lr={','.join(lrs)}", *NO_CACHE,
+                                   f"hydra.sweep.dir={tmp}/sweep{next(runs)}"], tmp)},
+            repeats, warmup=False)
+    return {"jobs": len(lrs), "single_run_s": t["single"], "sweep_s": t["sweep"],
+            "sweep_over_single": t["sweep"] / t["single"],
+            "per_job_over_single": t["sweep"] / t["single"] / len(lrs)}
+
+
+def _run(cmd: List[str], cwd) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+
+
+def machine_info() -> dict:
+    import jax
+
+    from runner.manifest import PACKAGES, _version
+
+    cpu = ""
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                 .splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "devices": [str(d) for d in jax.devices()],
+            "versions": {"python": platform.python_version(),
+                         **{p: _version(p) for p in (*PACKAGES, "torch")}}}
+
+
+def print_table(results: dict) -> None:
+    lin, cnn, over, comp = (results.get(k) for k in ("linear_fit", "cnn", "overheads",
+                                                       "compiles"))
+    rows = []
+    if lin:
+        rows += [("linear_fit: reference loop", f"{lin['reference_steps_per_s']:,.0f} steps/s"),
+                 ("linear_fit: runner loop", f"{lin['runner_steps_per_s']:,.0f} steps/s"),
+                 ("linear_fit: runner / reference", f"{lin['runner_over_reference']:.1f}x")]
+    if cnn:
+        rows += [("cnn: reference Flax step", f"{cnn['reference_ms']:.0f} ms "
+                  f"({cnn['reference_gflops']:.0f} GFLOP/s)"),
+                 ("cnn: runner step", f"{cnn['runner_ms']:.0f} ms "
+                  f"({cnn['runner_gflops']:.0f} GFLOP/s)"),
+                 ("cnn: runner / reference time", f"{cnn['runner_over_reference']:.2f}")]
+        if "torch_ms" in cnn:
+            rows += [(f"cnn: PyTorch {cnn['torch_version']} step", f"{cnn['torch_ms']:.0f} ms"),
+                     ("cnn: runner / PyTorch time", f"{cnn['runner_over_torch']:.2f}")]
+        rows.append(("fp32 matmul (XLA, 2048^3)", f"{cnn['matmul_gflops']:.0f} GFLOP/s"))
+    if over:
+        for name in ("linear_fit", "cnn_random_images"):
+            o = over[name]
+            rows.append((f"{name}: compile / log+ckpt per 1k steps",
+                         f"{o['compile_s']:.2f} s / {o['log_and_checkpoint_s_per_1000_steps']:.3f} s"))
+        p = over["process"]
+        rows += [("bare `import jax, flax, optax`", f"{p['bare_import_s']:.2f} s"),
+                 ("`python -m runner` (default)", f"{p['default_run_s']:.2f} s = "
+                  f"{p['default_run_over_import']:.1f}x import"),
+                 ("  ... trainer.log_images=false", f"{p['no_images_run_s']:.2f} s = "
+                  f"{p['no_images_over_import']:.1f}x import")]
+    if comp:
+        rows.append(("train-step compiles: run / 3-job sweep",
+                     f"{comp['per_run']} / {comp['per_sweep']}"))
+    if results.get("sweep"):
+        s = results["sweep"]
+        rows.append((f"{s['jobs']}-job lr sweep / one run (wall)",
+                     f"{s['sweep_over_single']:.2f}x ({s['per_job_over_single']:.2f}x per job)"))
+    width = max(len(r[0]) for r in rows)
+    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="2 repeats of a 2-job sweep")
-    parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    parser = argparse.ArgumentParser(prog="python -m runner.bench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="rounds per comparison (median)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke mode: 1 round, few steps (figures are not meaningful)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args(argv)
-    result = bench_sweep(2 if args.quick else args.repeats, LRS[:2] if args.quick else LRS)
-    print(f"linear_fit, {result['jobs']}-job lr sweep (basic launcher) vs one run, "
-          f"median of {result['repeats']}:")
-    print(f"  one run          {result['single_run_s']:7.2f} s")
-    print(f"  sweep            {result['sweep_s']:7.2f} s   = {result['sweep_over_single']:.2f}x "
-          f"one run ({result['per_job_over_single']:.2f}x per job)")
-    print(f"  train-step compilations in the sweep: {result['train_step_compiles_per_sweep']}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"sweep": result}, indent=2) + "\n")
+    repeats = 1 if args.quick else args.repeats
+    results = {"machine": machine_info(), "repeats": repeats, "quick": args.quick}
+    results["linear_fit"] = bench_linear_fit(repeats, steps=200 if args.quick else 2000)
+    results["cnn"] = bench_cnn(repeats, steps=1 if args.quick else 10)
+    results["overheads"] = bench_overheads(repeats)
+    results["compiles"] = bench_compiles()
+    results["sweep"] = bench_sweep(repeats, SWEEP_LRS[:2] if args.quick else SWEEP_LRS)
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

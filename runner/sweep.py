@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from runner.checkpoint import list_checkpoints, write_atomic
 from runner.errors import RunnerError
+from runner.preemption import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
         else:
             _set_aside_earlier_attempt(run_dir)
         return run(cfg, run_dir, overrides=overrides, resume=resume)
+    except Interrupted as err:
+        # SIGTERM/SIGINT is meant for the whole sweep (preemption, Ctrl-C): stop it here;
+        # rerunning the command resumes this job and runs the rest.
+        log.error("%s", err)
+        raise SystemExit(1) from None
     except Exception as err:  # noqa: BLE001  (isolate the failure; it is in metrics.json)
         reason = read_metrics(run_dir).get("reason") or f"{type(err).__name__}: {err}"
         # A RunnerError is the user's to fix: one line. Anything else keeps its traceback.

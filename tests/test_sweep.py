@@ -132,10 +132,27 @@ def test_a_sweep_dir_of_other_jobs_is_not_overwritten(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_benchmark_quick_mode(tmp_path):
-    out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "-m", "runner.bench", "--quick", "--out", str(out)],
-                   check=True, capture_output=True, cwd=tmp_path)
-    result = json.loads(out.read_text())["sweep"]
-    assert result["jobs"] == 2 and result["train_step_compiles_per_sweep"] == 1
-    assert result["sweep_s"] > 0 and result["sweep_over_single"] > 0
+def test_sigterm_stops_the_whole_sweep_and_a_rerun_resumes_it(tmp_path):
+    long_job = ["task.batch_size=10", "trainer.steps=240000", "trainer.log_every=20000",
+                "trainer.eval_every=60000", "trainer.checkpoint_every=20000",
+                "trainer.progress_bar=false"]
+    args = [sys.executable, "-m", "runner", "-m", "optimizer.lr=1e-3,2e-3", *long_job,
+            f"hydra.sweep.dir={tmp_path}/sweep"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "sweep/0/checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(ckpts.glob("step_*.msgpack")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 1
+    metrics = json.loads((tmp_path / "sweep/0/metrics.json").read_text())
+    assert metrics["status"] == "interrupted"
+    assert not (tmp_path / "sweep/1").exists()  # the sweep stopped; job 1 never started
+
+    rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert [r["status"] for r in read_summary(tmp_path / "sweep")] == ["completed"] * 2
+    assert json.loads((tmp_path / "sweep/0/metrics.json").read_text())["resumed_from"] == \
+        metrics["steps"]

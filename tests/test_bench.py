@@ -1,0 +1,28 @@
+"""The benchmark's smoke mode: it runs end to end and writes every figure (no speed asserts)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_the_results_schema(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "runner.bench", "--quick"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "bench/results.json").read_text())
+    assert {"machine", "linear_fit", "cnn", "overheads", "compiles", "sweep"} <= set(results)
+    assert results["machine"]["versions"]["jax"]
+    for key in ("reference_steps_per_s", "runner_steps_per_s", "runner_over_reference"):
+        assert results["linear_fit"][key] > 0
+    for key in ("reference_ms", "runner_ms", "flops_per_step", "runner_gflops",
+                "matmul_gflops"):
+        assert results["cnn"][key] > 0
+    for task in ("linear_fit", "cnn_random_images"):
+        assert results["overheads"][task]["log_and_checkpoint_s_per_1000_steps"] > 0
+    assert results["overheads"]["process"]["default_run_over_import"] > 0
+    assert results["compiles"] == {"per_run": 1, "per_sweep": 1, "sweep_jobs": 3}
+    assert results["sweep"]["jobs"] == 2
+    assert "linear_fit: runner / reference" in proc.stdout
