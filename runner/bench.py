@@ -59,35 +59,42 @@ def _runner_parts(overrides: List[str]):
     return cfg, task, optimizer, state, make_data(data_rng, task=task), rng
 
 
-def bench_linear_fit(repeats: int, steps: int) -> dict:
-    """Steps/s of the reference's per-step loop and of runner's fused loop, same work."""
+def _loops(reference, runner_parts, *, steps: int, chunk: int) -> Dict[str, Callable]:
+    """Two ways to train ``steps`` steps: the reference's Python loop over its jitted step,
+    and runner's ``train_steps`` fusing ``chunk`` steps per dispatch. Each call continues from
+    the state the previous one left (the state is donated)."""
     import jax
 
-    from runner.bench_cases import reference_linear_fit
     from runner.steps import train_steps
-    from runner.train import steps_per_dispatch
 
-    ref_step, ref_state, ref_args = reference_linear_fit()
-    cfg, task, optimizer, state, data, rng = _runner_parts([])
-    chunk = steps_per_dispatch(cfg.trainer)  # the default run's dispatch: 50 steps
-    box = {"ref": ref_state, "runner": state}
+    ref_step, ref_state, ref_args = reference
+    task, optimizer, state, data, rng = runner_parts
+    box = {"reference": ref_state, "runner": state}
 
-    def reference():
-        s = box["ref"]
+    def reference_loop():
+        s = box["reference"]
         for _ in range(steps):
-            s, loss = ref_step(s, *ref_args)
-        jax.block_until_ready(loss)
-        box["ref"] = s
+            s, _ = ref_step(s, *ref_args)
+        box["reference"] = jax.block_until_ready(s)
 
-    def fused():
+    def runner_loop():
         s = box["runner"]
         for _ in range(steps // chunk):
-            s, metrics = train_steps(s, data, rng, task=task, schedule=optimizer.schedule,
-                                     num_steps=chunk)
-        jax.block_until_ready(metrics)
-        box["runner"] = s
+            s, _ = train_steps(s, data, rng, task=task, schedule=optimizer.schedule,
+                               num_steps=chunk)
+        box["runner"] = jax.block_until_ready(s)
 
-    t = _median_times({"reference": reference, "runner": fused}, repeats)
+    return {"reference": reference_loop, "runner": runner_loop}
+
+
+def bench_linear_fit(repeats: int, steps: int) -> dict:
+    """Steps/s of the reference's per-step loop and of runner's fused loop, same work."""
+    from runner.bench_cases import reference_linear_fit
+    from runner.train import steps_per_dispatch
+
+    cfg, *parts = _runner_parts([])
+    chunk = steps_per_dispatch(cfg.trainer)  # the default run's dispatch: 50 steps
+    t = _median_times(_loops(reference_linear_fit(), parts, steps=steps, chunk=chunk), repeats)
     return {"steps": steps, "steps_per_dispatch": chunk,
             "reference_steps_per_s": steps / t["reference"],
             "runner_steps_per_s": steps / t["runner"],
@@ -96,30 +103,14 @@ def bench_linear_fit(repeats: int, steps: int) -> dict:
 
 def bench_cnn(repeats: int, steps: int) -> dict:
     """ms/step of the reference Flax CNN step, runner's scanned step and PyTorch's."""
-    import jax
-
     from runner.bench_cases import reference_cnn, torch_cnn_step
-    from runner.steps import train_steps
 
-    ref_step, ref_state, ref_args = reference_cnn()
+    reference = reference_cnn()
+    ref_step, ref_state, ref_args = reference
     flops = ref_step.lower(ref_state, *ref_args).compile().cost_analysis()
     flops = (flops[0] if isinstance(flops, list) else flops).get("flops", 0.0)
-    _, task, optimizer, state, data, rng = _runner_parts(["task=cnn_random_images"])
-    box = {"ref": ref_state, "runner": state}
-
-    def reference():
-        s = box["ref"]
-        for _ in range(steps):
-            s, loss = ref_step(s, *ref_args)
-        jax.block_until_ready(loss)
-        box["ref"] = s
-
-    def fused():
-        box["runner"], metrics = train_steps(box["runner"], data, rng, task=task,
-                                             schedule=optimizer.schedule, num_steps=steps)
-        jax.block_until_ready(metrics)
-
-    fns = {"reference": reference, "runner": fused}
+    _, *parts = _runner_parts(["task=cnn_random_images"])
+    fns = _loops(reference, parts, steps=steps, chunk=steps)
     torch_case = torch_cnn_step()
     if torch_case:
         torch_step, torch_version = torch_case

@@ -11,27 +11,13 @@ from models.cnn import CNN
 from models.conv import conv_general_dilated
 from models.mlp import MLP
 from models.pooling import max_pool
+from runner.bench_cases import ReferenceCNN  # the reference's CNN, verbatim
 from runner.errors import ConfigError
 
 
 def param_count(model, x):
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
-
-
-class ReferenceCNN(nn.Module):
-    """The CNN of ../shared/reference, verbatim (nn.max_pool, lax convolutions)."""
-
-    @nn.compact
-    def __call__(self, inputs):
-        x = nn.relu(nn.Conv(64, kernel_size=(3, 3), kernel_init=nn.initializers.orthogonal(
-            jnp.sqrt(2)), bias_init=nn.initializers.constant(0.0))(inputs))
-        x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
-        x = nn.relu(nn.Conv(128, kernel_size=(3, 3))(x))
-        x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(64)(x))
-        return nn.Dense(10)(x)
 
 
 def test_mlp_default_is_the_reference_385_parameters():
