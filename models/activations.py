@@ -16,5 +16,6 @@ def get_activation(name: Optional[str]) -> Callable[[jax.Array], jax.Array]:
     if name is None:
         return lambda x: x
     if name not in ACTIVATIONS:
-        raise ConfigError(f"model.activation={name}: unknown; valid: null, {', '.join(ACTIVATIONS)}")
+        raise ConfigError(f"model.activation={name}: unknown; valid: null, "
+                          f"{', '.join(ACTIVATIONS)}")
     return getattr(jax.nn, name)

@@ -24,7 +24,7 @@ class Task(Protocol):
         """The batch for one step; pure and jittable, so it runs inside the scanned step."""
 
     def eval_batches(self, data: Data) -> Batch:
-        """The held-out set as equal batches stacked on a leading axis: [num_batches, batch, ...]."""
+        """The held-out set as equal batches stacked on a leading axis: [batches, batch, ...]."""
 
     def loss(self, outputs: jax.Array, batch: Batch) -> Tuple[jax.Array, Dict[str, jax.Array]]:
         """Scalar loss (means over the batch) and a dict of scalar metrics."""
