@@ -1,5 +1,7 @@
 """TensorBoard logging into the run's ``tb/`` directory (tensorboardX)."""
 
+import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -16,7 +18,10 @@ class TensorBoardLogger:
     def __init__(self, log_dir: Path, *, purge_step: Optional[int] = None):
         # purge_step: TensorBoard discards this run's earlier events at steps >= purge_step
         # (those an interrupted attempt logged after its last checkpoint).
-        self.writer = SummaryWriter(logdir=str(log_dir), purge_step=purge_step)
+        # The event file is named by the second it was opened in: a unique suffix keeps an
+        # attempt that starts within the same second (a quick resume) from overwriting it.
+        self.writer = SummaryWriter(logdir=str(log_dir), purge_step=purge_step,
+                                    filename_suffix=f".{os.getpid()}.{time.time_ns()}")
 
     def scalars(self, step: int, prefix: str, values: Mapping[str, float]) -> None:
         for name, value in values.items():
