@@ -52,7 +52,9 @@ def _version(package: str) -> Optional[str]:
 
 def _git_state(source: Path) -> Optional[Dict[str, Any]]:
     """The commit of the runner source tree (and whether it had local changes), if it is a
-    git checkout."""
+    git checkout itself (an installed copy in a venv inside some other repo is not)."""
+    if not (source / ".git").exists():
+        return None
     try:
         commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"],
                                 capture_output=True, text=True, timeout=10)

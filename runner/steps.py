@@ -33,8 +33,9 @@ def make_data(rng: jax.Array, *, task: Task) -> Data:
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,
-               schedule: LRSchedule) -> Tuple[TrainState, Metrics]:
-    """One optimizer step on ``batch``; ``rng`` feeds stochastic layers (dropout)."""
+               schedule: LRSchedule, layer_norms: bool = False) -> Tuple[TrainState, Metrics]:
+    """One optimizer step on ``batch``; ``rng`` feeds stochastic layers (dropout).
+    ``layer_norms`` adds each top-level layer's gradient norm to the metrics."""
 
     def loss_fn(params):
         outputs = state.apply_fn({"params": params}, batch["x"], rngs={"dropout": rng})
@@ -43,15 +44,18 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     lr = state.opt_state.hyperparams["learning_rate"] * schedule(state.step)
     state = state.apply_gradients(grads=grads)
-    layer_norms = {f"{LAYER_GRAD_NORM}{name}": optax.tree.norm(g) for name, g in grads.items()}
-    return state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": lr,
-                   **layer_norms}
+    metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": lr}
+    if layer_norms:
+        metrics.update({f"{LAYER_GRAD_NORM}{name}": optax.tree.norm(g)
+                        for name, g in grads.items()})
+    return state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("task", "schedule", "num_steps"),
+@functools.partial(jax.jit, static_argnames=("task", "schedule", "num_steps", "layer_norms"),
                    donate_argnames="state")
 def train_steps(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
-                schedule: LRSchedule, num_steps: int) -> Tuple[TrainState, Metrics]:
+                schedule: LRSchedule, num_steps: int,
+                layer_norms: bool = False) -> Tuple[TrainState, Metrics]:
     """``num_steps`` train steps fused into one dispatch with ``lax.scan``.
 
     Each step's randomness is ``fold_in(rng, step)``, so it depends on the seed and the step
@@ -61,7 +65,8 @@ def train_steps(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
     def body(state, _):
         batch_rng, step_rng = jax.random.split(jax.random.fold_in(rng, state.step))
         batch = task.train_batch(data, batch_rng)
-        return train_step(state, batch, step_rng, task=task, schedule=schedule)
+        return train_step(state, batch, step_rng, task=task, schedule=schedule,
+                          layer_norms=layer_norms)
 
     state, metrics = jax.lax.scan(body, state, length=num_steps)
     means = {k: jnp.mean(v) for k, v in metrics.items()}

@@ -146,7 +146,8 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, chec
                stop):
     """The host loop: dispatch fused steps; on cadence fetch metrics, log, evaluate, save.
 
-    Metrics come to the host only on log and eval steps (each fetch waits for the device).
+    Metrics come to the host only on log, eval and checkpoint steps (each fetch waits for the
+    device); the loss is checked for NaN/Inf there, before anything is saved.
     A stop request (SIGTERM/SIGINT) saves a checkpoint after the current dispatch and raises.
     """
     step, train_metrics, eval_metrics = int(state.step), {}, {}
@@ -156,7 +157,7 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, chec
     with bar or nullcontext():
         while step < trainer.steps:
             state, metrics = train_steps(state, data, rng, task=task, schedule=schedule,
-                                         num_steps=chunk)
+                                         num_steps=chunk, layer_norms=trainer.log_histograms)
             step, last = step + chunk, step + chunk == trainer.steps
             if compiled:
                 window_steps += chunk
@@ -217,7 +218,7 @@ def _log_train(state, metrics, step: int, trainer: DictConfig, logger) -> Dict[s
     layers = {k[len(LAYER_GRAD_NORM):]: values.pop(k) for k in list(values)
               if k.startswith(LAYER_GRAD_NORM)}
     logger.scalars(step, "train", values)
-    if trainer.log_histograms:
+    if trainer.log_histograms:  # the step computed the per-layer norms too
         logger.scalars(step, "opt/grad_norm", layers)
         logger.histograms(step, "params", state.params)
     return values

@@ -66,7 +66,7 @@ def test_cnn_run_restores_with_from_bytes(tmp_path):
     from runner.optim import make_optimizer
     from runner.steps import create_train_state
 
-    overrides = [*TINY, *TINY_CNN]
+    overrides = [*TINY, *TINY_CNN, "device=cpu"]
     run_cli([*overrides, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     run_dir = tmp_path / "run"
     acc = read_tb(run_dir)

@@ -52,6 +52,7 @@ def test_a_run_writes_scalars_images_text_and_its_own_hparams(tmp_path):
     text = acc.Tensors("model_summary/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "Total Parameters: 385" in text
     assert not tags["histograms"]  # off by default
+    assert not [t for t in tags["scalars"] if t.startswith("opt/")]  # layer norms: off too
 
     hp = hparams_data(acc)
     assert set(hp) == {"experiment", "session_start_info", "session_end_info"}
