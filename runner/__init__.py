@@ -1,5 +1,5 @@
-"""runner: a declarative YAML experiment runner for JAX."""
+"""runner: a declarative YAML experiment runner for JAX.
 
-from runner.schema import register_schemas
-
-register_schemas()
+The config schemas are registered by the ``conf`` package, when Hydra loads it; importing
+``runner`` itself stays light (no Hydra), e.g. for a task module in a figure worker.
+"""

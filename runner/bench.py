@@ -45,24 +45,25 @@ def _runner_parts(overrides: List[str]):
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    import runner  # noqa: F401
     from runner.optim import make_optimizer
-    from runner.steps import create_train_state, make_data
+    from runner.steps import create_train_state, make_data, seed_keys
 
     with initialize_config_module(config_module="conf", version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     task = instantiate(cfg.task, _convert_="all")
     optimizer = make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps)
-    init_rng, data_rng, rng = jax.random.split(jax.random.PRNGKey(0), 3)
+    init_rng, data_rng, rng = seed_keys(0)
     state = create_train_state(init_rng, instantiate(cfg.model, _convert_="all"), task,
                                optimizer)
     return cfg, task, optimizer, state, make_data(data_rng, task=task), rng
 
 
-def _loops(reference, runner_parts, *, steps: int, chunk: int) -> Dict[str, Callable]:
+def _loops(reference, runner_parts, *, steps: int, chunk: int, windows: int = 1,
+           unroll: int = 1) -> Dict[str, Callable]:
     """Two ways to train ``steps`` steps: the reference's Python loop over its jitted step,
-    and runner's ``train_steps`` fusing ``chunk`` steps per dispatch. Each call continues from
-    the state the previous one left (the state is donated)."""
+    and runner's ``train_steps`` fusing ``chunk`` steps per dispatch (returning the metrics of
+    ``windows`` log windows). Each call continues from the state the previous one left (the
+    state is donated)."""
     import jax
 
     from runner.steps import train_steps
@@ -81,7 +82,7 @@ def _loops(reference, runner_parts, *, steps: int, chunk: int) -> Dict[str, Call
         s = box["runner"]
         for _ in range(steps // chunk):
             s, _ = train_steps(s, data, rng, task=task, schedule=optimizer.schedule,
-                               num_steps=chunk)
+                               num_steps=chunk, windows=windows, unroll=unroll)
         box["runner"] = jax.block_until_ready(s)
 
     return {"reference": reference_loop, "runner": runner_loop}
@@ -90,12 +91,17 @@ def _loops(reference, runner_parts, *, steps: int, chunk: int) -> Dict[str, Call
 def bench_linear_fit(repeats: int, steps: int) -> dict:
     """Steps/s of the reference's per-step loop and of runner's fused loop, same work."""
     from runner.bench_cases import reference_linear_fit
-    from runner.train import steps_per_dispatch
+    from runner.train import log_windows, steps_per_dispatch
 
     cfg, *parts = _runner_parts([])
-    chunk = steps_per_dispatch(cfg.trainer)  # the default run's dispatch: 50 steps
-    t = _median_times(_loops(reference_linear_fit(), parts, steps=steps, chunk=chunk), repeats)
-    return {"steps": steps, "steps_per_dispatch": chunk,
+    # The default run's dispatch: 100 steps, the metrics of two 50-step log windows.
+    chunk = steps_per_dispatch(cfg.trainer)
+    windows = log_windows(cfg.trainer, chunk)
+    unroll = cfg.trainer.scan_unroll
+    t = _median_times(_loops(reference_linear_fit(), parts, steps=steps, chunk=chunk,
+                             windows=windows, unroll=unroll), repeats)
+    return {"steps": steps, "steps_per_dispatch": chunk, "log_windows_per_dispatch": windows,
+            "scan_unroll": unroll,
             "reference_steps_per_s": steps / t["reference"],
             "runner_steps_per_s": steps / t["runner"],
             "runner_over_reference": t["reference"] / t["runner"]}
@@ -154,12 +160,14 @@ def bench_overheads(repeats: int) -> dict:
         cfg, task, optimizer, state, data, rng = _runner_parts(overrides)
         before = compile_stats("train_steps")
         state, metrics = train_steps(state, data, rng, task=task, schedule=optimizer.schedule,
-                                     num_steps=chunk + 1)  # a length no earlier call compiled
+                                     num_steps=chunk + 1,  # a length no call compiled yet
+                                     unroll=cfg.trainer.scan_unroll)
         jax.block_until_ready(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             logger = TensorBoardLogger(Path(tmp) / "tb")
             t = _median_times({  # a log step: fetch the metrics, write the scalars
-                "log": lambda lg=logger, m=metrics: lg.scalars(0, "train", jax.device_get(m)),
+                "log": lambda lg=logger, m=metrics: lg.scalars(
+                    0, "train", {k: v[-1] for k, v in jax.device_get(m).items()}),
                 "checkpoint": lambda d=Path(tmp), s=state: save_checkpoint(d, s, step=0)},
                 repeats)
             logger.close()

@@ -23,7 +23,7 @@ def evaluate_run(run_dir: Path, which: str = "last") -> dict:
     from runner.optim import make_optimizer
     from runner.resume import load_run_config
     from runner.schema import validate
-    from runner.steps import create_train_state, evaluate, make_data
+    from runner.steps import create_train_state, evaluate, make_data, seed_keys
 
     cfg, _ = load_run_config(run_dir)
     validate(cfg)
@@ -41,7 +41,7 @@ def evaluate_run(run_dir: Path, which: str = "last") -> dict:
     else:
         raise RunnerError(f"--checkpoint {which}: use last, best or a step number")
     task = instantiate(cfg.task, _convert_="all")
-    init_rng, data_rng, _ = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
+    init_rng, data_rng, _ = seed_keys(cfg.seed)
     template = create_train_state(init_rng, instantiate(cfg.model, _convert_="all"), task,
                                   make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps))
     state = load_checkpoint(path, template)

@@ -48,11 +48,21 @@ class Optimizer:
     ``tx`` steps the state: equal-structured optimizers share it, so it keys one compiled step.
     ``init`` makes this run's initial optimizer state, holding this run's hyperparameter values.
     ``schedule`` gives the lr in use: ``opt_state.hyperparams["learning_rate"] * schedule(step)``.
+    ``hyperparams`` are this run's numeric hyperparameters (``opt_state.hyperparams``' keys).
     """
 
     tx: optax.GradientTransformation
     init: Callable[[Any], optax.OptState]
     schedule: LRSchedule
+    hyperparams: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def with_own_hyperparams(self, opt_state):
+        """``opt_state`` (made by the shared ``tx``, maybe for another run) holding this run's
+        hyperparameter values, in the dtypes ``opt_state`` has. Those not in the config are
+        the factory's defaults, the same for every optimizer sharing ``tx``."""
+        own = {k: jnp.asarray(self.hyperparams[k], dtype=v.dtype) if k in self.hyperparams
+               else v for k, v in opt_state.hyperparams.items()}
+        return opt_state._replace(hyperparams=own)
 
 
 # One transformation per optimizer structure (factory, schedule, static arguments) per process.
@@ -76,7 +86,8 @@ def make_optimizer(cfg: DictConfig, *, total_steps: int) -> Optimizer:
     structure = (cfg._target_, schedule,
                  tuple(sorted((k, v) for k, v in hparams.items() if not numeric(v))),
                  tuple(sorted(k for k, v in hparams.items() if numeric(v))))
-    return Optimizer(tx=_SHARED_TX.setdefault(structure, tx), init=tx.init, schedule=schedule)
+    return Optimizer(tx=_SHARED_TX.setdefault(structure, tx), init=tx.init, schedule=schedule,
+                     hyperparams={k: v for k, v in hparams.items() if numeric(v)})
 
 
 def _scheduled(factory: Callable[..., optax.GradientTransformation],

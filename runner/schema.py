@@ -158,6 +158,7 @@ class TrainerConf:
     eval_every: Optional[int] = bounded(100, gt=0)
     checkpoint_every: Optional[int] = bounded(100, gt=0)
     steps_per_dispatch: Optional[int] = bounded(None, gt=0)
+    scan_unroll: int = bounded(1, gt=0)
     progress_bar: bool = True
     log_images: bool = True
     log_histograms: bool = False

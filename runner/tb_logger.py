@@ -7,8 +7,30 @@ from typing import Any, Iterable, Mapping, Optional
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
-from tensorboardX.summary import hparams as hparams_summaries
+
+
+def _import_tensorboardx():
+    """tensorboardX's writer module imports torch when it is installed (to accept torch
+    tensors; ~1.3 s here). Runner passes numpy only, so hide torch during that import; torch
+    stays importable afterwards."""
+    import sys
+
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        import tensorboardX
+        import tensorboardX.summary
+        return tensorboardX
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        import tensorboardX
+        import tensorboardX.summary
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
+
+
+tensorboardX = _import_tensorboardx()
+SummaryWriter = tensorboardX.SummaryWriter
+hparams_summaries = tensorboardX.summary.hparams
 
 
 class TensorBoardLogger:
@@ -31,10 +53,11 @@ class TensorBoardLogger:
         # TensorBoard renders text as markdown: indent four spaces to keep it verbatim.
         self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()))
 
-    def figures(self, step: int, prefix: str, figures: Mapping[str, Any]) -> None:
-        """matplotlib figures as images (``<prefix>/<name>``); the figures are closed."""
-        for name, figure in figures.items():
-            self.writer.add_figure(f"{prefix}/{name}", figure, global_step=step, close=True)
+    def images(self, step: int, prefix: str, images: Mapping[str, np.ndarray]) -> None:
+        """(H, W, 3) uint8 images (``<prefix>/<name>``), e.g. the task's rendered figures."""
+        for name, image in images.items():
+            self.writer.add_image(f"{prefix}/{name}", image, global_step=step,
+                                  dataformats="HWC")
 
     def histograms(self, step: int, prefix: str, tree: Any) -> None:
         """One histogram per array of a pytree (``params/Dense_0/kernel``)."""

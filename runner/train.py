@@ -5,7 +5,7 @@ import logging
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -19,13 +19,14 @@ from runner.checkpoint import Checkpointer, restore_latest, write_atomic
 from runner.compiles import cache_hits, compile_stats
 from runner.device import configure_jax
 from runner.errors import RunnerError, describe_error
+from runner.figures import FigureRenderer
 from runner.hparams import run_hparams
 from runner.manifest import write_manifest
 from runner.optim import make_optimizer
 from runner.preemption import Interrupted, StopRequest, stop_on_signals
 from runner.schema import validate
 from runner.steps import (LAYER_GRAD_NORM, create_train_state, evaluate, make_data,
-                          train_steps)
+                          seed_keys, train_steps)
 from runner.tb_logger import TensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,35 @@ def is_time(step: int, every: Optional[int]) -> bool:
     return every is not None and step % every == 0
 
 
+# The automatic dispatch length stays at most this many steps (or log_every, if larger), so a
+# stop request (SIGTERM) and the progress bar are not held up by one very long dispatch.
+MAX_AUTO_DISPATCH = 1000
+
+
 def steps_per_dispatch(trainer: DictConfig, *, start_step: int = 0) -> int:
-    """Steps fused per dispatch: the configured count, or else the largest that lands on every
-    log, eval and checkpoint step, on the last step and on the step a resume starts from, so
-    all dispatches share one shape (one compilation)."""
+    """Steps fused per dispatch: the configured count, or else the largest count that lands on
+    every eval and checkpoint step, on the last step and on the step a resume starts from (so
+    all dispatches share one shape: one compilation), and that is a multiple of ``log_every``
+    (one dispatch then returns the metrics of several log windows) or divides it. Parameter
+    histograms need the state at each log step: with them a dispatch is at most ``log_every``.
+    """
     if trainer.steps_per_dispatch is not None:
         return trainer.steps_per_dispatch
-    cadences = [trainer.log_every, trainer.eval_every, trainer.checkpoint_every]
-    return math.gcd(trainer.steps, start_step, *[c for c in cadences if c is not None])
+    base = math.gcd(trainer.steps, start_step,
+                    *[c for c in (trainer.eval_every, trainer.checkpoint_every) if c is not None])
+    log_every = trainer.log_every
+    if trainer.log_histograms or base % log_every:
+        return math.gcd(base, log_every)
+    cap = max(MAX_AUTO_DISPATCH // log_every, 1) * log_every
+    return max(d for d in range(log_every, min(base, cap) + 1, log_every) if base % d == 0)
+
+
+def log_windows(trainer: DictConfig, chunk: int) -> int:
+    """Log windows per dispatch of ``chunk`` steps: ``chunk / log_every`` when a dispatch
+    spans several, else 1 (the dispatch's metrics are logged when it ends on a log step)."""
+    if chunk > trainer.log_every and chunk % trainer.log_every == 0:
+        return chunk // trainer.log_every
+    return 1
 
 
 def run(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str] = (),
@@ -61,9 +83,9 @@ def run(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str] = (),
                                            cache_hits())
     summary: Dict[str, Any] = {"status": "failed", "steps": 0, "overrides": list(overrides)}
     try:
-        with stop_on_signals() as stop:
+        with stop_on_signals() as stop, ExitStack() as cleanup:
             summary.update(_train(cfg, run_dir, overrides=overrides, resume=resume, stop=stop,
-                                  compiles_before=compiles_before))
+                                  cleanup=cleanup, compiles_before=compiles_before))
     except Exception as err:
         summary["reason"] = describe_error(err) or f"{type(err).__name__}: {err}"
         if isinstance(err, Interrupted):
@@ -80,14 +102,17 @@ def run(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str] = (),
 
 
 def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: bool,
-           stop: StopRequest, compiles_before) -> Dict[str, Any]:
+           stop: StopRequest, cleanup: ExitStack, compiles_before) -> Dict[str, Any]:
     validate(cfg)
     devices = configure_jax(cfg.device)
     trainer = cfg.trainer
     task = instantiate(cfg.task, _convert_="all")
+    # Started first: its process imports matplotlib while this one compiles and trains.
+    renderer = (cleanup.enter_context(FigureRenderer())
+                if trainer.log_images and hasattr(task, "figures") else None)
     model = build_model(cfg.model)
     optimizer = make_optimizer(cfg.optimizer, total_steps=trainer.steps)
-    init_rng, data_rng, train_rng = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
+    init_rng, data_rng, train_rng = seed_keys(cfg.seed)
     state = create_train_state(init_rng, model, task, optimizer)
     if resume:
         state = _restore(run_dir, state)
@@ -97,11 +122,15 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: 
                           f"nothing to do (resume with a larger trainer.steps to train longer)")
     chunk = steps_per_dispatch(trainer, start_step=start_step)
     if (trainer.steps - start_step) % chunk or any(
-            c is not None and c % chunk for c in (trainer.log_every, trainer.eval_every,
-                                                  trainer.checkpoint_every)):
-        raise RunnerError(f"trainer.steps_per_dispatch={chunk}: must divide trainer.steps and "
-                          f"every trainer.*_every cadence")
+            c is not None and c % chunk for c in (trainer.eval_every, trainer.checkpoint_every)
+    ) or (trainer.log_every % chunk and (chunk % trainer.log_every or trainer.log_histograms)):
+        raise RunnerError(
+            f"trainer.steps_per_dispatch={chunk}: must divide trainer.steps (less the step a "
+            f"resume starts from), trainer.eval_every and trainer.checkpoint_every, and divide "
+            f"trainer.log_every or (without trainer.log_histograms) be a multiple of it")
     data = make_data(data_rng, task=task)
+    if renderer:
+        renderer.set_data(task, jax.device_get(data))
     write_manifest(run_dir, devices=devices, overrides=overrides, start_step=start_step)
     log.info("devices: %s; steps %d..%d, %d per dispatch", devices, start_step, trainer.steps,
              chunk)
@@ -118,7 +147,8 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: 
         logger.text("model_summary", model_summary)
         state, summary = train_loop(state, data, train_rng, task=task,
                                     schedule=optimizer.schedule, trainer=trainer, chunk=chunk,
-                                    logger=logger, checkpointer=checkpointer, stop=stop)
+                                    logger=logger, checkpointer=checkpointer, stop=stop,
+                                    renderer=renderer)
         compile_s = compile_stats("train_steps")[1] - compiles_before[1]
         logger.scalars(summary["steps"], "perf", {"compile_s": compile_s})
         summary.update(best=checkpointer.best, resumed_from=start_step if resume else None)
@@ -143,22 +173,27 @@ def _restore(run_dir: Path, template):
 
 
 def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, checkpointer,
-               stop):
+               stop, renderer=None):
     """The host loop: dispatch fused steps; on cadence fetch metrics, log, evaluate, save.
 
-    Metrics come to the host only on log, eval and checkpoint steps (each fetch waits for the
-    device); the loss is checked for NaN/Inf there, before anything is saved.
+    Metrics come to the host only at the end of a dispatch that ends on a log, eval or
+    checkpoint step (each fetch waits for the device), with one entry per log window of the
+    dispatch; the loss is checked for NaN/Inf there, before anything is saved.
     A stop request (SIGTERM/SIGINT) saves a checkpoint after the current dispatch and raises.
+    ``renderer`` draws the task's figures of eval steps; they are logged as they come back.
     """
     step, train_metrics, eval_metrics = int(state.step), {}, {}
+    windows = log_windows(trainer, chunk)
     window_start, window_steps = time.perf_counter(), 0  # throughput, between host syncs
     compiled = False
     bar = _progress_bar(trainer, initial=step)
     with bar or nullcontext():
         while step < trainer.steps:
             state, metrics = train_steps(state, data, rng, task=task, schedule=schedule,
-                                         num_steps=chunk, layer_norms=trainer.log_histograms)
-            step, last = step + chunk, step + chunk == trainer.steps
+                                         num_steps=chunk, windows=windows,
+                                         layer_norms=trainer.log_histograms,
+                                         unroll=trainer.scan_unroll)
+            start, step, last = step, step + chunk, step + chunk == trainer.steps
             if compiled:
                 window_steps += chunk
             else:  # keep compilation out of steps/s: wait for it, start timing after
@@ -169,13 +204,17 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, chec
                 metrics = jax.device_get(metrics)  # waits for the device: ends the window
                 perf = {"steps_per_sec": window_steps / (time.perf_counter() - window_start)
                         } if window_steps else {}
-                _check_finite(metrics, step)  # before anything is saved
+                _check_finite(metrics, start, chunk // windows)  # before anything is saved
             if log_now or last:
                 logger.scalars(step, "perf", perf)
-                train_metrics = _log_train(state, metrics, step, trainer, logger)
+                for i in range(windows):  # the log windows that ended in this dispatch
+                    end = start + (i + 1) * chunk // windows
+                    if is_time(end, trainer.log_every) or end == trainer.steps:
+                        train_metrics = _log_train(state, {k: v[i] for k, v in metrics.items()},
+                                                   end, trainer, logger)
                 _report(bar, step, trainer.steps, train_metrics, perf)
             if eval_now or last:
-                eval_metrics = _log_eval(state, data, task, step, trainer, logger)
+                eval_metrics = _log_eval(state, data, task, step, logger, renderer)
                 checkpointer.consider(state, step, eval_metrics)
                 _report(bar, step, trainer.steps, eval_metrics, prefix="eval")
             if save_now or stop.requested:
@@ -186,8 +225,12 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, chec
                                   f"resume={checkpointer.dir.parent}", step)
             if not compiled or log_now or eval_now or save_now:  # host work ends the window
                 compiled, window_start, window_steps = True, time.perf_counter(), 0
+            if renderer:
+                _log_images(renderer.ready(), logger)
             if bar:
                 bar.update(chunk)
+    if renderer:
+        _log_images(renderer.ready(wait=True), logger)
     return state, {"status": "completed", "steps": step, "train": train_metrics,
                    "eval": eval_metrics, "checkpoint": str(checkpoint)}
 
@@ -204,12 +247,15 @@ def build_model(cfg: DictConfig) -> nn.Module:
 _MODELS: Dict[str, nn.Module] = {}
 
 
-def _check_finite(metrics, step: int) -> None:
-    """Stop the run at a non-finite loss or gradient norm (the last checkpoint stays good)."""
+def _check_finite(metrics, start: int, window: int) -> None:
+    """Stop the run at a non-finite loss or gradient norm (the last checkpoint stays good).
+    ``metrics`` are a dispatch's from step ``start`` on, one entry per ``window`` steps."""
     for key in ("loss", "grad_norm"):
-        if not np.isfinite(metrics[key]):
-            raise RunnerError(f"train/{key} is {float(metrics[key])} at step {step}: training "
-                              f"diverged (try a lower optimizer.lr)")
+        bad = np.flatnonzero(~np.isfinite(metrics[key]))
+        if bad.size:
+            raise RunnerError(f"train/{key} is {float(metrics[key][bad[0]])} at step "
+                              f"{start + (bad[0] + 1) * window}: training diverged (try a "
+                              f"lower optimizer.lr)")
 
 
 def _log_train(state, metrics, step: int, trainer: DictConfig, logger) -> Dict[str, float]:
@@ -224,14 +270,19 @@ def _log_train(state, metrics, step: int, trainer: DictConfig, logger) -> Dict[s
     return values
 
 
-def _log_eval(state, data, task, step: int, trainer: DictConfig, logger) -> Dict[str, float]:
-    """Evaluate, log the metrics and (with ``trainer.log_images``) the task's figures."""
+def _log_eval(state, data, task, step: int, logger, renderer) -> Dict[str, float]:
+    """Evaluate, log the metrics and hand the outputs to ``renderer`` (the task's figures)."""
     metrics, outputs = evaluate(state, data, task=task)
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     logger.scalars(step, "eval", values)
-    if trainer.log_images and hasattr(task, "figures"):
-        logger.figures(step, "eval", task.figures(data, outputs))
+    if renderer:
+        renderer.submit(step, jax.device_get(outputs))
     return values
+
+
+def _log_images(images: Dict[int, Dict[str, np.ndarray]], logger) -> None:
+    for step, named in images.items():
+        logger.images(step, "eval", named)
 
 
 def _progress_bar(trainer: DictConfig, *, initial: int):

@@ -11,7 +11,6 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-import runner  # noqa: F401  (registers the config schemas)
 
 REPO = Path(__file__).resolve().parents[1]
 # JAX's persistent compilation cache (device.compilation_cache_dir) of the test session's runs,

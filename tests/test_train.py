@@ -13,7 +13,7 @@ from conftest import TINY_CNN, compose_config
 from runner.errors import RunnerError
 from runner.optim import make_optimizer
 from runner.steps import create_train_state, train_steps
-from runner.train import run, steps_per_dispatch
+from runner.train import MAX_AUTO_DISPATCH, log_windows, run, steps_per_dispatch
 
 LINEAR_40 = ["trainer.steps=40", "trainer.log_every=10", "trainer.eval_every=20",
              "trainer.checkpoint_every=20"]
@@ -77,11 +77,45 @@ def test_scanned_steps_equal_single_steps():
 def test_steps_per_dispatch_lands_on_every_cadence():
     trainer = lambda **kw: OmegaConf.create({"steps": 200, "log_every": 50, "eval_every": 100,  # noqa
                                              "checkpoint_every": 100, "steps_per_dispatch": None,
-                                             **kw})
-    assert steps_per_dispatch(trainer()) == 50
+                                             "log_histograms": False, **kw})
+    assert steps_per_dispatch(trainer()) == 100  # two log windows per dispatch
+    assert steps_per_dispatch(trainer(log_histograms=True)) == 50  # params at each log step
     assert steps_per_dispatch(trainer(log_every=30, eval_every=None)) == 10
     assert steps_per_dispatch(trainer(steps=7, log_every=5)) == 1
     assert steps_per_dispatch(trainer(steps_per_dispatch=25)) == 25
+    assert steps_per_dispatch(trainer(steps=3000, eval_every=None, checkpoint_every=None)) \
+        == MAX_AUTO_DISPATCH
+    assert steps_per_dispatch(trainer(), start_step=150) == 50  # a resume from step 150
+    assert log_windows(trainer(), 100) == 2 and log_windows(trainer(), 50) == 1
+    assert log_windows(trainer(log_every=30), 10) == 1
+
+
+def test_a_dispatch_returns_the_mean_of_each_log_window():
+    cfg = compose_config(["task.batch_size=10"])
+    task, model = instantiate(cfg.task), instantiate(cfg.model)
+    optimizer = make_optimizer(cfg.optimizer, total_steps=8)
+    data, rng = task.make_data(jax.random.PRNGKey(1)), jax.random.PRNGKey(2)
+    fused = create_train_state(jax.random.PRNGKey(0), model, task, optimizer)
+    _, windows = train_steps(fused, data, rng, task=task, schedule=optimizer.schedule,
+                             num_steps=6, windows=3)
+    single = create_train_state(jax.random.PRNGKey(0), model, task, optimizer)
+    losses = []
+    for _ in range(6):
+        single, m = train_steps(single, data, rng, task=task, schedule=optimizer.schedule,
+                                num_steps=1)
+        losses.append(float(m["loss"][0]))
+    assert windows["loss"].shape == (3,)
+    np.testing.assert_allclose(windows["loss"], np.reshape(losses, (3, 2)).mean(1), rtol=1e-5)
+
+
+def test_every_log_step_is_logged_when_a_dispatch_spans_several(tmp_path):
+    run(compose_config(["trainer.steps=8", "trainer.log_every=2", "trainer.eval_every=4",
+                        "trainer.checkpoint_every=8"]), tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
+    assert [e.step for e in events.Scalars("perf/compile_s")] == [8]
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["train"]["loss"] == pytest.approx(events.Scalars("train/loss")[-1].value)
 
 
 def test_steps_per_dispatch_must_divide_the_cadences(tmp_path):
