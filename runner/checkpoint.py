@@ -115,14 +115,19 @@ class Checkpointer:
     """A run's ``checkpoints/``: step files (the newest ``keep`` kept) and ``best.msgpack``,
     the state with the best ``eval/<metric>`` so far (recorded in ``best.json``)."""
 
-    def __init__(self, ckpt_dir: Path, *, keep: Optional[int], metric: str, mode: str):
+    def __init__(self, ckpt_dir: Path, *, keep: Optional[int], metric: str, mode: str,
+                 write: bool = True):
+        """``write=False`` (processes other than 0) tracks the best but writes no file."""
         self.dir, self.keep, self.metric, self.mode = Path(ckpt_dir), keep, metric, mode
+        self.write = write
         try:  # a resumed run keeps comparing against its earlier best
             self.best = json.loads((self.dir / "best.json").read_text())
         except (OSError, ValueError):
             self.best = None
 
     def save(self, state, step: int) -> Path:
+        if not self.write:
+            return checkpoint_path(self.dir, step)
         path = save_checkpoint(self.dir, state, step=step)
         prune_checkpoints(self.dir, self.keep)
         return path
@@ -136,7 +141,9 @@ class Checkpointer:
         if self.best is not None and not (value < self.best["value"] if self.mode == "min"
                                           else value > self.best["value"]):
             return
-        save_checkpoint(self.dir, state, step=step, name="best")
         self.best = {"step": step, "metric": f"eval/{self.metric}", "value": value,
                      "path": str(self.dir / "best.msgpack")}
-        write_atomic(self.dir / "best.json", (json.dumps(self.best, indent=2) + "\n").encode())
+        if self.write:
+            save_checkpoint(self.dir, state, step=step, name="best")
+            write_atomic(self.dir / "best.json",
+                         (json.dumps(self.best, indent=2) + "\n").encode())

@@ -1,14 +1,19 @@
-"""The ``device`` group: where and how JAX runs, set before JAX initialises a backend."""
+"""The ``device`` group: where and how JAX runs, set before JAX initialises a backend; the
+mesh a run's arrays live on; the peak FLOP/s of known accelerators (for ``perf/mfu``)."""
 
 import os
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from omegaconf import DictConfig
 
 from runner.errors import RunnerError
-from runner.schema import Platform
+from runner.schema import Platform, Precision
+
+DATA_AXIS = "data"
 
 # JAX's platform names for the config's choices (``auto`` leaves JAX's own preference order:
 # an accelerator when one is present, else the CPU).
@@ -31,9 +36,13 @@ def configure_jax(cfg: DictConfig) -> List[jax.Device]:
         # Cache every compiled step, not only those over JAX's default 1 s of compile time:
         # sweep jobs in separate processes (joblib, SLURM) then compile each step once.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if cfg.matmul_precision is not None:
+        jax.config.update("jax_default_matmul_precision", str(cfg.matmul_precision.value))
     platform = Platform(cfg.platform)
     if platform != Platform.auto:
         jax.config.update("jax_platforms", _JAX_PLATFORMS[platform])
+    if cfg.distributed:
+        _initialize_distributed(cfg)
     try:
         devices = jax.devices()
     except Exception:  # noqa: BLE001 (JAX raises RuntimeError, or AssertionError for 'cuda')
@@ -46,3 +55,95 @@ def configure_jax(cfg: DictConfig) -> List[jax.Device]:
         raise RunnerError(f"device={platform.value}: JAX is already running on "
                           f"{devices[0].platform}; the platform is fixed once JAX has started")
     return devices
+
+
+def launch_process_index(cfg: DictConfig) -> int:
+    """This process's index in a multi-process run, known before JAX starts: the configured
+    ``device.process_id``, else SLURM's task rank (what JAX detects), else 0."""
+    if not cfg.distributed:
+        return 0
+    if cfg.process_id is not None:
+        return cfg.process_id
+    return int(os.environ.get("SLURM_PROCID", 0))
+
+
+def _initialize_distributed(cfg: DictConfig) -> None:
+    """``jax.distributed.initialize`` with the explicit settings given (the rest detected from
+    SLURM, Open MPI, Kubernetes... by JAX); once per process."""
+    if jax.distributed.is_initialized():
+        return
+    given = {key: cfg[key] for key in ("coordinator_address", "num_processes", "process_id")
+             if cfg[key] is not None}
+    try:
+        jax.distributed.initialize(**given)
+    except Exception as err:  # noqa: BLE001 (ValueError, RuntimeError, XlaRuntimeError)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunnerError(
+            f"device.distributed=true: jax.distributed.initialize failed ({reason}); outside "
+            f"SLURM (or another cluster JAX detects) set device.coordinator_address=<host:port>, "
+            f"device.num_processes and device.process_id") from None
+
+
+def make_mesh(cfg: DictConfig, devices: List[jax.Device]) -> Mesh:
+    """A 1-D mesh (axis ``data``) over ``device.num_devices`` devices (null: all of them)."""
+    wanted = cfg.num_devices
+    if wanted is None:
+        return Mesh(np.array(devices), (DATA_AXIS,))
+    if jax.process_count() > 1 and wanted != len(devices):
+        raise RunnerError(f"device.num_devices={wanted}: a run over {jax.process_count()} "
+                          f"processes uses all their {len(devices)} devices (leave "
+                          f"device.num_devices=null)")
+    if wanted > len(devices):
+        hint = (" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count="
+                f"{wanted} gives {wanted} devices)" if devices[0].platform == "cpu" else "")
+        raise RunnerError(f"device.num_devices={wanted}: only {len(devices)} "
+                          f"{devices[0].platform} device(s) visible{hint}")
+    return Mesh(np.array(devices[:wanted]), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the mesh's ``data`` axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def place(tree, sharding: NamedSharding):
+    """Host arrays (e.g. a restored checkpoint) as global arrays with ``sharding``; every
+    process passes the same values (``make_array_from_callback`` works across processes)."""
+    def put(leaf):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+# Dense peak FLOP/s per chip for (bf16, TF32, fp32) matmuls, by device_kind substring (first
+# match wins). TPUs run float32 matmuls as bf16 passes at default precision.
+PEAK_FLOPS = (
+    ("H100 PCIe", (756e12, 378e12, 51e12)),
+    ("H100", (989e12, 494e12, 67e12)),
+    ("H200", (989e12, 494e12, 67e12)),
+    ("A100", (312e12, 156e12, 19.5e12)),
+    ("L40S", (362e12, 183e12, 91.6e12)),
+    ("L4", (121e12, 60e12, 30e12)),
+    ("TPU v4", (275e12, 275e12, 275e12)),
+    ("TPU v5 lite", (197e12, 197e12, 197e12)),
+    ("TPU v5p", (459e12, 459e12, 459e12)),
+    ("TPU v5", (459e12, 459e12, 459e12)),
+    ("TPU v6 lite", (918e12, 918e12, 918e12)),
+)
+
+
+def peak_flops(device_kind: str, precision: Precision,
+               matmul_precision: Optional[str] = None) -> Optional[float]:
+    """The device's dense peak FLOP/s for this compute precision, or None when unknown (CPUs,
+    unlisted accelerators). float32 at default matmul precision counts as TF32 on GPUs."""
+    for name, (bf16, tf32, fp32) in PEAK_FLOPS:
+        if name in device_kind:
+            if Precision(precision) == Precision.bf16:
+                return bf16
+            return fp32 if matmul_precision == "highest" else tf32
+    return None

@@ -19,9 +19,10 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "hydra-core", "omegaconf", "tensor
 
 
 def write_manifest(run_dir: Path, *, devices: List[jax.Device], overrides: Sequence[str],
-                   start_step: int) -> None:
-    """Record versions, devices, XLA flags, the project's git commit and the command line;
-    a resume appends its own entry to ``attempts``."""
+                   start_step: int, placement: Optional[Dict[str, Any]] = None) -> None:
+    """Record versions, the devices used (and ``placement``: their count, processes,
+    precision, peak FLOP/s), XLA flags, the project's git commit and the command line; a
+    resume appends its own entry to ``attempts``."""
     path = run_dir / "manifest.json"
     try:
         attempts = json.loads(path.read_text()).get("attempts", [])
@@ -34,6 +35,7 @@ def write_manifest(run_dir: Path, *, devices: List[jax.Device], overrides: Seque
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
         "devices": [str(d) for d in devices],
         "device_kind": devices[0].device_kind if devices else None,
+        "placement": placement,
         "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS",
                                                "XLA_PYTHON_CLIENT_PREALLOCATE",
                                                "XLA_PYTHON_CLIENT_MEM_FRACTION")},

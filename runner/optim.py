@@ -56,14 +56,6 @@ class Optimizer:
     schedule: LRSchedule
     hyperparams: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def with_own_hyperparams(self, opt_state):
-        """``opt_state`` (made by the shared ``tx``, maybe for another run) holding this run's
-        hyperparameter values, in the dtypes ``opt_state`` has. Those not in the config are
-        the factory's defaults, the same for every optimizer sharing ``tx``."""
-        own = {k: jnp.asarray(self.hyperparams[k], dtype=v.dtype) if k in self.hyperparams
-               else v for k, v in opt_state.hyperparams.items()}
-        return opt_state._replace(hyperparams=own)
-
 
 # One transformation per optimizer structure (factory, schedule, static arguments) per process.
 _SHARED_TX: Dict[Tuple, optax.GradientTransformation] = {}

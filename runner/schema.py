@@ -49,6 +49,22 @@ class Platform(str, Enum):
     tpu = "tpu"
 
 
+class Precision(str, Enum):
+    """Compute dtype: ``bf16`` runs the model in bfloat16 on float32 params (mixed precision)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class MatmulPrecision(str, Enum):
+    """``jax_default_matmul_precision``: ``default`` lets GPUs use TF32 and TPUs bf16 passes
+    for float32 matmuls and convolutions; ``highest`` asks for full float32."""
+
+    default = "default"
+    high = "high"
+    highest = "highest"
+
+
 # ---- task ----------------------------------------------------------------------------------
 @dataclass
 class LinearFitConf:
@@ -149,6 +165,18 @@ class DeviceConf:
     mem_fraction: Optional[float] = bounded(None, gt=0, le=1)
     # JAX's persistent compilation cache, shared by every process (null = off).
     compilation_cache_dir: Optional[str] = "${oc.env:XDG_CACHE_HOME,'~/.cache'}/runner/jax"
+    # Data parallelism: the batch is split over this many devices (null = every device of the
+    # platform, over all processes); params and optimizer state are replicated.
+    num_devices: Optional[int] = bounded(None, gt=0)
+    # Several processes (hosts): jax.distributed.initialize, which detects SLURM (and other
+    # clusters) by itself; or give the coordinator's host:port, the process count and this
+    # process's index.
+    distributed: bool = False
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = bounded(None, gt=0)
+    process_id: Optional[int] = bounded(None, ge=0)
+    precision: Precision = Precision.fp32
+    matmul_precision: Optional[MatmulPrecision] = None
 
 
 @dataclass

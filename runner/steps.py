@@ -1,7 +1,7 @@
 """The pure, jitted layer: build the TrainState, one train step, many steps per dispatch, eval."""
 
 import functools
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training.train_state import TrainState
+from jax.sharding import Mesh
 
+from runner.device import batch_sharding, replicated
 from runner.optim import LRSchedule, Optimizer
 from tasks.base import Batch, Data, Task
 
@@ -17,33 +19,61 @@ Metrics = Dict[str, jax.Array]
 LAYER_GRAD_NORM = "grad_norm/"  # metric-name prefix of each top-level layer's gradient norm
 
 
-@jax.jit
-def seed_keys(seed: int) -> Tuple[jax.Array, jax.Array, jax.Array]:
+def _constrain(tree, mesh: Optional[Mesh], sharding_of=replicated):
+    """``tree`` laid out as ``sharding_of(mesh)`` inside a jitted function (as it is without a
+    mesh)."""
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, sharding_of(mesh))
+
+
+def _shard_batch(batch: Batch, mesh: Optional[Mesh]) -> Batch:
+    """Split the batch over the mesh's devices (data parallelism), when it divides evenly."""
+    if mesh is None or mesh.size == 1:
+        return batch
+    if any(np.shape(leaf)[0] % mesh.size for leaf in jax.tree.leaves(batch)):
+        return _constrain(batch, mesh)  # e.g. an eval set of 100 on 8 devices: replicated
+    return _constrain(batch, mesh, batch_sharding)
+
+
+@functools.partial(jax.jit, static_argnames="mesh")
+def seed_keys(seed: int, *, mesh: Optional[Mesh] = None) -> Tuple[jax.Array, jax.Array,
+                                                                   jax.Array]:
     """The run's three keys from its seed: model init, task data, training steps.
     (One compiled call: eager PRNG ops would each compile a tiny program.)"""
-    return tuple(jax.random.split(jax.random.PRNGKey(seed), 3))
+    return _constrain(tuple(jax.random.split(jax.random.PRNGKey(seed), 3)), mesh)
 
 
-def create_train_state(rng: jax.Array, model: nn.Module, task: Task,
-                       optimizer: Optimizer) -> TrainState:
-    """Initialise the model's params on the task's example input and the optimizer state."""
-    params, opt_state = _jitted_init(model, task, optimizer.tx)(rng)
-    # The step is a typed array (not TrainState.create's Python int), or the first call of the
-    # jitted step would compile a second time for the int32 step it gets back.
-    return TrainState(step=jnp.asarray(np.int32(0)), apply_fn=model.apply, params=params,
-                      tx=optimizer.tx, opt_state=optimizer.with_own_hyperparams(opt_state))
+def create_train_state(rng: jax.Array, model: nn.Module, task: Task, optimizer: Optimizer, *,
+                       mesh: Optional[Mesh] = None) -> TrainState:
+    """Initialise the model's params on the task's example input and the optimizer state
+    (replicated over ``mesh``'s devices)."""
+    step, params, opt_state = _jitted_init(model, task, optimizer.tx, mesh)(
+        rng, optimizer.hyperparams)
+    return TrainState(step=step, apply_fn=model.apply, params=params, tx=optimizer.tx,
+                      opt_state=opt_state)
 
 
-def _jitted_init(model: nn.Module, task: Task, tx: optax.GradientTransformation):
-    """Params and optimizer state in one compiled call (eagerly, each of init's many small ops
-    compiles on its own: ~0.3 s). ``tx`` is shared by the optimizers of one structure, so the
-    caller puts its own hyperparameter values in. One function per (model, task, tx) objects
-    (modules with list attributes cannot be hashed as static arguments)."""
-    key = (id(model), task, id(tx))
+def _jitted_init(model: nn.Module, task: Task, tx: optax.GradientTransformation,
+                 mesh: Optional[Mesh]):
+    """Step, params and optimizer state in one compiled call (eagerly, each of init's many
+    small ops compiles on its own: ~0.3 s). ``tx`` is shared by the optimizers of one
+    structure, so this run's hyperparameter values are arguments, put into the state. One
+    function per (model, task, tx, mesh) (modules with list attributes cannot be hashed as
+    static arguments)."""
+    key = (id(model), task, id(tx), mesh)
     if key not in _INITS:
-        def init(rng):
+        def init(rng, hyperparams):
             params = model.init(rng, task.example_input())["params"]
-            return params, tx.init(params)
+            opt_state = tx.init(params)
+            # Those not in the config are the factory's defaults, the same for every run
+            # sharing tx.
+            own = {k: hyperparams[k].astype(v.dtype) if k in hyperparams else v
+                   for k, v in opt_state.hyperparams.items()}
+            # The step is a typed array (not TrainState.create's Python int), or the first
+            # call of the jitted step would compile a second time for the int32 step it gets.
+            return _constrain((jnp.zeros((), jnp.int32), params,
+                               opt_state._replace(hyperparams=own)), mesh)
 
         _INITS[key] = (model, tx, jax.jit(init))  # holding model and tx keeps their ids
     return _INITS[key][2]
@@ -52,20 +82,32 @@ def _jitted_init(model: nn.Module, task: Task, tx: optax.GradientTransformation)
 _INITS: Dict = {}
 
 
-@functools.partial(jax.jit, static_argnames="task")
-def make_data(rng: jax.Array, *, task: Task) -> Data:
-    """The task's fixed arrays, made on device in one compiled call."""
-    return task.make_data(rng)
+@functools.partial(jax.jit, static_argnames=("task", "mesh"))
+def make_data(rng: jax.Array, *, task: Task, mesh: Optional[Mesh] = None) -> Data:
+    """The task's fixed arrays, made on device in one compiled call (replicated)."""
+    return _constrain(task.make_data(rng), mesh)
+
+
+def _compute(params, x, compute_dtype: Optional[str]):
+    """Params and inputs in the compute dtype (mixed precision: the params stay float32)."""
+    if compute_dtype is None:
+        return params, x
+    cast = lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    return jax.tree.map(cast, params), cast(x)
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,
-               schedule: LRSchedule, layer_norms: bool = False) -> Tuple[TrainState, Metrics]:
+               schedule: LRSchedule, layer_norms: bool = False,
+               compute_dtype: Optional[str] = None) -> Tuple[TrainState, Metrics]:
     """One optimizer step on ``batch``; ``rng`` feeds stochastic layers (dropout).
-    ``layer_norms`` adds each top-level layer's gradient norm to the metrics."""
+    ``layer_norms`` adds each top-level layer's gradient norm to the metrics.
+    ``compute_dtype`` (e.g. ``bfloat16``) runs the model in that dtype; the loss, gradients
+    and optimizer update stay in the params' float32."""
 
     def loss_fn(params):
-        outputs = state.apply_fn({"params": params}, batch["x"], rngs={"dropout": rng})
-        return task.loss(outputs, batch)
+        params, x = _compute(params, batch["x"], compute_dtype)
+        outputs = state.apply_fn({"params": params}, x, rngs={"dropout": rng})
+        return task.loss(outputs.astype(jnp.float32), batch)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     lr = state.opt_state.hyperparams["learning_rate"] * schedule(state.step)
@@ -78,39 +120,61 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,
 
 
 @functools.partial(jax.jit, static_argnames=("task", "schedule", "num_steps", "windows",
-                                             "layer_norms", "unroll"), donate_argnames="state")
+                                             "layer_norms", "unroll", "mesh", "compute_dtype"),
+                   donate_argnames="state")
 def train_steps(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
                 schedule: LRSchedule, num_steps: int, windows: int = 1,
-                layer_norms: bool = False, unroll: int = 1) -> Tuple[TrainState, Metrics]:
+                layer_norms: bool = False, unroll: int = 1, mesh: Optional[Mesh] = None,
+                compute_dtype: Optional[str] = None) -> Tuple[TrainState, Metrics]:
     """``num_steps`` train steps fused into one dispatch with ``lax.scan``.
 
     Each step's randomness is ``fold_in(rng, step)``, so it depends on the seed and the step
     alone. Returns the metrics of ``windows`` equal consecutive runs of steps (the log windows:
     each metric has shape ``(windows,)``), each averaged over its steps, except ``lr``: the
     value at the window's last step. ``unroll`` steps run per iteration of the loop.
+
+    With a ``mesh``, each batch is split over its devices (data parallelism: every device
+    computes the gradient of its part, XLA all-reduces them) and the state stays replicated.
     """
 
     def body(state, _):
         batch_rng, step_rng = jax.random.split(jax.random.fold_in(rng, state.step))
-        batch = task.train_batch(data, batch_rng)
-        return train_step(state, batch, step_rng, task=task, schedule=schedule,
-                          layer_norms=layer_norms)
+        batch = _shard_batch(task.train_batch(data, batch_rng), mesh)
+        state, metrics = train_step(state, batch, step_rng, task=task, schedule=schedule,
+                                    layer_norms=layer_norms, compute_dtype=compute_dtype)
+        return _constrain(state, mesh), metrics
 
     state, metrics = jax.lax.scan(body, state, length=num_steps, unroll=unroll)
     per_window = {k: v.reshape(windows, num_steps // windows) for k, v in metrics.items()}
     means = {k: jnp.mean(v, axis=1) for k, v in per_window.items()}
-    return state, {**means, "lr": per_window["lr"][:, -1]}
+    return state, _constrain({**means, "lr": per_window["lr"][:, -1]}, mesh)
 
 
-@functools.partial(jax.jit, static_argnames="task")
-def evaluate(state: TrainState, data: Data, *, task: Task) -> Tuple[Metrics, jax.Array]:
+def step_flops(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
+               schedule: LRSchedule, compute_dtype: Optional[str] = None) -> Optional[float]:
+    """FLOPs of one train step (batch included), by XLA's cost analysis of the lowered step
+    (no compilation)."""
+    def one(state, data, rng):
+        return train_step(state, task.train_batch(data, rng), rng, task=task, schedule=schedule,
+                          compute_dtype=compute_dtype)
+
+    cost = jax.jit(one).lower(state, data, rng).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)) if cost else None
+
+
+@functools.partial(jax.jit, static_argnames=("task", "mesh", "compute_dtype"))
+def evaluate(state: TrainState, data: Data, *, task: Task, mesh: Optional[Mesh] = None,
+             compute_dtype: Optional[str] = None) -> Tuple[Metrics, jax.Array]:
     """Loss and metrics on the task's held-out set, averaged over its equal-sized batches,
     and the model's outputs for those batches (stacked like ``task.eval_batches``)."""
 
     def batch_metrics(batch):
-        outputs = state.apply_fn({"params": state.params}, batch["x"])
+        batch = _shard_batch(batch, mesh)
+        params, x = _compute(state.params, batch["x"], compute_dtype)
+        outputs = state.apply_fn({"params": params}, x).astype(jnp.float32)
         loss, metrics = task.loss(outputs, batch)
         return {"loss": loss, **metrics}, outputs
 
     metrics, outputs = jax.lax.map(batch_metrics, task.eval_batches(data))
-    return jax.tree.map(jnp.mean, metrics), outputs
+    return _constrain((jax.tree.map(jnp.mean, metrics), outputs), mesh)

@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from runner.checkpoint import list_checkpoints, write_atomic
+from runner.device import launch_process_index
 from runner.errors import RunnerError
 from runner.preemption import Interrupted
 
@@ -58,7 +59,7 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
         resume = _interrupted_here(run_dir, overrides)
         if resume:
             log.info("%s was interrupted: resuming it from its newest checkpoint", run_dir)
-        else:
+        elif launch_process_index(cfg.device) == 0:  # one process of a multi-process job
             _set_aside_earlier_attempt(run_dir)
         return run(cfg, run_dir, overrides=overrides, resume=resume)
     except Interrupted as err:

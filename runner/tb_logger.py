@@ -84,3 +84,12 @@ class TensorBoardLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class NullLogger:
+    """What processes other than 0 of a multi-process run log: nothing."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None

@@ -7,27 +7,29 @@ import sys
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import numpy as np
 from hydra.utils import instantiate
+from jax.sharding import Mesh
 from omegaconf import DictConfig, OmegaConf
 
 from runner.checkpoint import Checkpointer, restore_latest, write_atomic
 from runner.compiles import cache_hits, compile_stats
-from runner.device import configure_jax
+from runner.device import (DATA_AXIS, configure_jax, make_mesh, peak_flops, place,
+                           replicated)
 from runner.errors import RunnerError, describe_error
 from runner.figures import FigureRenderer
 from runner.hparams import run_hparams
 from runner.manifest import write_manifest
 from runner.optim import make_optimizer
 from runner.preemption import Interrupted, StopRequest, stop_on_signals
-from runner.schema import validate
+from runner.schema import Precision, validate
 from runner.steps import (LAYER_GRAD_NORM, create_train_state, evaluate, make_data,
-                          seed_keys, train_steps)
-from runner.tb_logger import TensorBoardLogger
+                          seed_keys, step_flops, train_steps)
+from runner.tb_logger import NullLogger, TensorBoardLogger
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +98,9 @@ def run(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str] = (),
         summary.update(wall_time_s=time.perf_counter() - start, compile_s=float(compile_s),
                        train_step_compiles=int(compiles),
                        compile_cache_hits=cache_hits() - hits_before)
-        write_atomic(run_dir / "metrics.json",
-                     (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        if not jax.distributed.is_initialized() or jax.process_index() == 0:
+            write_atomic(run_dir / "metrics.json",
+                         (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     return summary["eval"]["loss"]
 
 
@@ -105,17 +108,27 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: 
            stop: StopRequest, cleanup: ExitStack, compiles_before) -> Dict[str, Any]:
     validate(cfg)
     devices = configure_jax(cfg.device)
+    mesh = make_mesh(cfg.device, devices)
+    # Every process computes; process 0 alone writes TensorBoard, checkpoints and run files.
+    writer = jax.process_index() == 0
+    if not writer:
+        _log_to_console_only()
     trainer = cfg.trainer
     task = instantiate(cfg.task, _convert_="all")
+    if task.batch_size % mesh.size:
+        raise RunnerError(f"task.batch_size={task.batch_size} is not divisible by the "
+                          f"{mesh.size} devices in use (device.num_devices="
+                          f"{_show(cfg.device.num_devices)}): use a multiple of {mesh.size}, or "
+                          f"set device.num_devices")
     # Started first: its process imports matplotlib while this one compiles and trains.
     renderer = (cleanup.enter_context(FigureRenderer())
-                if trainer.log_images and hasattr(task, "figures") else None)
+                if writer and trainer.log_images and hasattr(task, "figures") else None)
     model = build_model(cfg.model)
     optimizer = make_optimizer(cfg.optimizer, total_steps=trainer.steps)
-    init_rng, data_rng, train_rng = seed_keys(cfg.seed)
-    state = create_train_state(init_rng, model, task, optimizer)
+    init_rng, data_rng, train_rng = seed_keys(cfg.seed, mesh=mesh)
+    state = create_train_state(init_rng, model, task, optimizer, mesh=mesh)
     if resume:
-        state = _restore(run_dir, state)
+        state = _restore(run_dir, state, mesh)
     start_step = int(state.step)
     if start_step >= trainer.steps:
         raise RunnerError(f"{run_dir} is at step {start_step} of trainer.steps={trainer.steps}: "
@@ -128,19 +141,36 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: 
             f"trainer.steps_per_dispatch={chunk}: must divide trainer.steps (less the step a "
             f"resume starts from), trainer.eval_every and trainer.checkpoint_every, and divide "
             f"trainer.log_every or (without trainer.log_histograms) be a multiple of it")
-    data = make_data(data_rng, task=task)
+    data = make_data(data_rng, task=task, mesh=mesh)
     if renderer:
         renderer.set_data(task, jax.device_get(data))
-    write_manifest(run_dir, devices=devices, overrides=overrides, start_step=start_step)
-    log.info("devices: %s; steps %d..%d, %d per dispatch", devices, start_step, trainer.steps,
-             chunk)
+    step_options = StepOptions(mesh=mesh, compute_dtype=COMPUTE_DTYPES[Precision(
+        cfg.device.precision)], unroll=trainer.scan_unroll)
+    kind = mesh.devices.flat[0].device_kind
+    peak = peak_flops(kind, cfg.device.precision, jax.config.jax_default_matmul_precision)
+    flops = step_flops(state, data, train_rng, task=task, schedule=optimizer.schedule,
+                       compute_dtype=step_options.compute_dtype) if peak else None
+    placement = {"num_devices": mesh.size, "processes": jax.process_count(),
+                 "platform": mesh.devices.flat[0].platform, "device_kind": kind,
+                 "precision": Precision(cfg.device.precision).value,
+                 "matmul_precision": jax.config.jax_default_matmul_precision,
+                 "peak_flops_per_device": peak, "flops_per_step": flops}
+    log.info("devices: %d x %s (%s) in %d process(es), batch split over a '%s' mesh axis; "
+             "steps %d..%d, %d per dispatch", mesh.size, placement["platform"], kind,
+             jax.process_count(), DATA_AXIS, start_step, trainer.steps, chunk)
+    if writer:
+        write_manifest(run_dir, devices=list(mesh.devices.flat), overrides=overrides,
+                       start_step=start_step, placement=placement)
 
     model_summary = model.tabulate(init_rng, task.example_input(), console_kwargs={"width": 120})
-    (run_dir / "model_summary.txt").write_text(model_summary)
+    if writer:
+        (run_dir / "model_summary.txt").write_text(model_summary)
     # A resumed run drops what the interrupted attempt logged after its checkpoint.
-    logger = TensorBoardLogger(run_dir / "tb", purge_step=start_step + 1 if start_step else None)
+    logger = (TensorBoardLogger(run_dir / "tb", purge_step=start_step + 1 if start_step else None)
+              if writer else NullLogger())
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=trainer.keep_checkpoints,
-                                metric=trainer.best_metric, mode=trainer.best_mode)
+                                metric=trainer.best_metric, mode=trainer.best_mode,
+                                write=writer)
     summary: Dict[str, Any] = {}
     try:
         logger.text("config", OmegaConf.to_yaml(cfg, resolve=True))
@@ -148,10 +178,12 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: 
         state, summary = train_loop(state, data, train_rng, task=task,
                                     schedule=optimizer.schedule, trainer=trainer, chunk=chunk,
                                     logger=logger, checkpointer=checkpointer, stop=stop,
-                                    renderer=renderer)
+                                    renderer=renderer, options=step_options,
+                                    peak_flops=peak and flops and (peak * mesh.size, flops))
         compile_s = compile_stats("train_steps")[1] - compiles_before[1]
         logger.scalars(summary["steps"], "perf", {"compile_s": compile_s})
-        summary.update(best=checkpointer.best, resumed_from=start_step if resume else None)
+        summary.update(best=checkpointer.best, resumed_from=start_step if resume else None,
+                       devices=placement)
     finally:
         tags = ["eval/loss", *(f"eval/{k}" for k in summary.get("eval", {}) if k != "loss"),
                 "train/loss"]
@@ -160,20 +192,34 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: 
     return summary
 
 
-def _restore(run_dir: Path, template):
+def _show(value) -> str:
+    return "null" if value is None else str(value)
+
+
+def _log_to_console_only() -> None:
+    """A process other than 0 leaves the run dir's ``runner.log`` to process 0."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _restore(run_dir: Path, template, mesh):
     """The newest valid checkpoint of the run, with this config's optimizer hyperparameters
-    (so that e.g. ``optimizer.lr=...`` given with ``resume`` applies); else ``template``."""
+    (so that e.g. ``optimizer.lr=...`` given with ``resume`` applies), replicated over
+    ``mesh`` (whatever devices it was saved from); else ``template``."""
     restored, path = restore_latest(run_dir / "checkpoints", template)
     if restored is None:
         log.warning("no valid checkpoint in %s: starting from step 0", run_dir / "checkpoints")
         return template
     log.info("resuming from %s (step %d)", path, int(restored.step))
     opt_state = restored.opt_state._replace(hyperparams=template.opt_state.hyperparams)
-    return restored.replace(opt_state=opt_state)
+    return place(restored.replace(opt_state=opt_state), replicated(mesh))
 
 
 def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, checkpointer,
-               stop, renderer=None):
+               stop, renderer=None, options: Optional["StepOptions"] = None,
+               peak_flops: Optional[Tuple[float, float]] = None):
     """The host loop: dispatch fused steps; on cadence fetch metrics, log, evaluate, save.
 
     Metrics come to the host only at the end of a dispatch that ends on a log, eval or
@@ -181,7 +227,10 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, chec
     dispatch; the loss is checked for NaN/Inf there, before anything is saved.
     A stop request (SIGTERM/SIGINT) saves a checkpoint after the current dispatch and raises.
     ``renderer`` draws the task's figures of eval steps; they are logged as they come back.
+    ``options``: the mesh, compute dtype and unroll of the compiled steps. ``peak_flops``
+    ``(peak FLOP/s of all devices, FLOPs per step)`` adds ``perf/mfu``.
     """
+    options = options or StepOptions(unroll=trainer.scan_unroll)
     step, train_metrics, eval_metrics = int(state.step), {}, {}
     windows = log_windows(trainer, chunk)
     window_start, window_steps = time.perf_counter(), 0  # throughput, between host syncs
@@ -192,7 +241,7 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, chec
             state, metrics = train_steps(state, data, rng, task=task, schedule=schedule,
                                          num_steps=chunk, windows=windows,
                                          layer_norms=trainer.log_histograms,
-                                         unroll=trainer.scan_unroll)
+                                         **options._asdict())
             start, step, last = step, step + chunk, step + chunk == trainer.steps
             if compiled:
                 window_steps += chunk
@@ -204,6 +253,8 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, chec
                 metrics = jax.device_get(metrics)  # waits for the device: ends the window
                 perf = {"steps_per_sec": window_steps / (time.perf_counter() - window_start)
                         } if window_steps else {}
+                if perf and peak_flops:  # model FLOPs utilisation of the devices' peak
+                    perf["mfu"] = perf["steps_per_sec"] * peak_flops[1] / peak_flops[0]
                 _check_finite(metrics, start, chunk // windows)  # before anything is saved
             if log_now or last:
                 logger.scalars(step, "perf", perf)
@@ -214,7 +265,7 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, chec
                                                    end, trainer, logger)
                 _report(bar, step, trainer.steps, train_metrics, perf)
             if eval_now or last:
-                eval_metrics = _log_eval(state, data, task, step, logger, renderer)
+                eval_metrics = _log_eval(state, data, task, step, logger, renderer, options)
                 checkpointer.consider(state, step, eval_metrics)
                 _report(bar, step, trainer.steps, eval_metrics, prefix="eval")
             if save_now or stop.requested:
@@ -233,6 +284,17 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, chec
         _log_images(renderer.ready(wait=True), logger)
     return state, {"status": "completed", "steps": step, "train": train_metrics,
                    "eval": eval_metrics, "checkpoint": str(checkpoint)}
+
+
+class StepOptions(NamedTuple):
+    """Static options of the compiled train steps (``train_steps``' keyword arguments)."""
+
+    mesh: Optional[Mesh] = None
+    compute_dtype: Optional[str] = None
+    unroll: int = 1
+
+
+COMPUTE_DTYPES = {Precision.fp32: None, Precision.bf16: "bfloat16"}
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
@@ -270,9 +332,11 @@ def _log_train(state, metrics, step: int, trainer: DictConfig, logger) -> Dict[s
     return values
 
 
-def _log_eval(state, data, task, step: int, logger, renderer) -> Dict[str, float]:
+def _log_eval(state, data, task, step: int, logger, renderer,
+              options: "StepOptions") -> Dict[str, float]:
     """Evaluate, log the metrics and hand the outputs to ``renderer`` (the task's figures)."""
-    metrics, outputs = evaluate(state, data, task=task)
+    metrics, outputs = evaluate(state, data, task=task, mesh=options.mesh,
+                                compute_dtype=options.compute_dtype)
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     logger.scalars(step, "eval", values)
     if renderer:

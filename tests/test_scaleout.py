@@ -1,0 +1,127 @@
+"""Scale-out: data parallelism over a device mesh, multi-process runs, precision, MFU."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+from conftest import TINY, compose_config, run_cli
+from runner import train
+from runner.checkpoint import Checkpointer, list_checkpoints
+from runner.device import peak_flops
+from runner.errors import RunnerError
+from runner.schema import Precision
+from runner.tb_logger import NullLogger
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_more_devices_than_visible_is_a_clear_error(tmp_path):
+    with pytest.raises(RunnerError, match=r"device.num_devices=4: only 1 cpu device\(s\) "
+                                          r"visible \(on CPU, XLA_FLAGS=--xla_force_host"):
+        train.run(compose_config(["device.num_devices=4"]), tmp_path)
+
+
+def test_peak_flops_by_device_kind_and_precision():
+    assert peak_flops("NVIDIA H100 80GB HBM3", Precision.bf16) == 989e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", Precision.fp32) == 494e12  # TF32
+    assert peak_flops("NVIDIA H100 80GB HBM3", Precision.fp32, "highest") == 67e12
+    assert peak_flops("NVIDIA H100 PCIe", Precision.bf16) == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", Precision.bf16) == 312e12
+    assert peak_flops("TPU v5 lite", Precision.fp32) == 197e12
+    assert peak_flops("cpu", Precision.fp32) is None
+
+
+def test_mfu_and_flops_are_logged_where_the_peak_is_known(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "peak_flops", lambda *args: 1e12)  # pretend the CPU has a peak
+    train.run(compose_config(["trainer.steps=8", "trainer.log_every=2"]), tmp_path)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    devices = json.loads((tmp_path / "metrics.json").read_text())["devices"]
+    assert devices["peak_flops_per_device"] == 1e12 and devices["flops_per_step"] > 1e4
+    mfu = EventAccumulator(str(tmp_path / "tb")).Reload().Scalars("perf/mfu")
+    assert mfu and all(0 < e.value < 1 for e in mfu)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["placement"]["num_devices"] == 1
+
+
+def test_bf16_compute_keeps_float32_params(tmp_path):
+    fp32 = train.run(compose_config(["trainer.steps=8"]), tmp_path / "fp32")
+    bf16 = train.run(compose_config(["trainer.steps=8", "device.precision=bf16"]),
+                     tmp_path / "bf16")
+    assert bf16 == pytest.approx(fp32, rel=0.05) and bf16 != fp32
+    ckpt = serialization.msgpack_restore(
+        (tmp_path / "bf16" / "checkpoints" / "step_8.msgpack").read_bytes())
+    assert {np.asarray(x).dtype for x in jax.tree.leaves(ckpt["params"])} == {np.dtype("float32")}
+
+
+def test_processes_other_than_0_write_nothing(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=None, metric="loss", mode="min", write=False)
+    checkpointer.consider({"a": np.zeros(2)}, 1, {"loss": 1.0})
+    checkpointer.save({"a": np.zeros(2)}, 1)
+    assert checkpointer.best["step"] == 1 and not list(tmp_path.iterdir())
+    NullLogger().scalars(1, "train", {"loss": 1.0})  # accepts every logger call
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one_device():
+    """Same loss curves on 8 simulated CPU devices and on 1, both tasks; checkpoints move
+    between device counts; an indivisible batch names both numbers."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, str(HERE / "eight_devices.py")], env=env, cwd=HERE,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    for name in ("linear_fit", "cnn_random_images"):
+        r = out[name]
+        assert (r["devices_1"], r["devices_8"]) == (1, 8)
+        assert len(r["curve_8"]) == len(r["curve_1"]) == 4
+        assert r["curve_max_rel"] <= 1e-5, r
+        assert r["eval_loss_8"] == pytest.approx(r["eval_loss_1"], rel=1e-5)
+        assert r["resumed_8_to_1_max_rel"] <= 1e-4 and r["resumed_1_to_8_max_rel"] <= 1e-4, r
+    assert out["indivisible_error"].startswith(
+        "task.batch_size=100 is not divisible by the 8 devices in use (device.num_devices=8)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """jax.distributed over 2 local CPU processes (one device each): the same result as one
+    process; only process 0 writes."""
+    common = [*TINY, "trainer.steps=8", "trainer.checkpoint_every=4", "device=cpu"]
+    run_cli([*common, f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
+    port, shared = _free_port(), tmp_path / "two"
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "XLA_FLAGS")}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "runner", *common, f"hydra.run.dir={shared}",
+         "device.distributed=true", f"device.coordinator_address=127.0.0.1:{port}",
+         "device.num_processes=2", f"device.process_id={i}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    single = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    two = json.loads((shared / "metrics.json").read_text())
+    assert two["devices"]["processes"] == 2 and two["devices"]["num_devices"] == 2
+    assert two["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=1e-5)
+    for a, b in zip(*(jax.tree.leaves(serialization.msgpack_restore(
+            (d / "checkpoints" / "step_8.msgpack").read_bytes()))
+            for d in (shared, tmp_path / "single"))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    # Process 0 alone wrote the run's files: one event file, one manifest attempt.
+    assert len(list((shared / "tb").glob("events.out.tfevents.*"))) == 1
+    assert len(json.loads((shared / "manifest.json").read_text())["attempts"]) == 1
+    assert [s for s, _ in list_checkpoints(shared / "checkpoints")] == [4, 8]
