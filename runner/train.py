@@ -192,6 +192,25 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: 
     return summary
 
 
+def _agreed(stop: StopRequest, dispatch: int) -> bool:
+    """Whether to stop after this dispatch. The processes of a multi-process run must stop
+    after the same one, or the others would wait forever in the next one's collectives:
+    SIGTERM there reaches JAX's preemption service (``jax.distributed`` takes the signal),
+    which agrees on a dispatch (``reached_preemption_sync_point``, called with the same
+    consecutive ids everywhere); a signal runner's own handler took (SIGINT) is all-gathered."""
+    if jax.process_count() == 1:
+        return stop.requested
+    from jax.experimental import multihost_utils
+
+    if multihost_utils.reached_preemption_sync_point(dispatch):
+        stop.signal_name = stop.signal_name or "SIGTERM (preemption notice)"
+        return True
+    if np.any(multihost_utils.process_allgather(np.array(stop.requested))):
+        stop.signal_name = stop.signal_name or "a signal to another process"
+        return True
+    return False
+
+
 def _show(value) -> str:
     return "null" if value is None else str(value)
 
@@ -234,6 +253,7 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, chec
     step, train_metrics, eval_metrics = int(state.step), {}, {}
     windows = log_windows(trainer, chunk)
     window_start, window_steps = time.perf_counter(), 0  # throughput, between host syncs
+    dispatches = 0
     compiled = False
     bar = _progress_bar(trainer, initial=step)
     with bar or nullcontext():
@@ -249,7 +269,9 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, chec
                 jax.block_until_ready(metrics)
             log_now, eval_now = is_time(step, trainer.log_every), is_time(step, trainer.eval_every)
             save_now = is_time(step, trainer.checkpoint_every) or last
-            if log_now or last or save_now or stop.requested:
+            stopping = _agreed(stop, dispatches)
+            dispatches += 1
+            if log_now or last or save_now or stopping:
                 metrics = jax.device_get(metrics)  # waits for the device: ends the window
                 perf = {"steps_per_sec": window_steps / (time.perf_counter() - window_start)
                         } if window_steps else {}
@@ -268,9 +290,9 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, chec
                 eval_metrics = _log_eval(state, data, task, step, logger, renderer, options)
                 checkpointer.consider(state, step, eval_metrics)
                 _report(bar, step, trainer.steps, eval_metrics, prefix="eval")
-            if save_now or stop.requested:
+            if save_now or stopping:
                 checkpoint = checkpointer.save(state, step)
-            if stop.requested and not last:
+            if stopping and not last:
                 raise Interrupted(f"stopped by {stop.signal_name} at step {step}, checkpoint "
                                   f"{checkpoint}; continue with: python -m runner "
                                   f"resume={checkpointer.dir.parent}", step)

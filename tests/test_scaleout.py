@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -125,3 +128,35 @@ def test_two_processes_match_one(tmp_path):
     assert len(list((shared / "tb").glob("events.out.tfevents.*"))) == 1
     assert len(json.loads((shared / "manifest.json").read_text())["attempts"]) == 1
     assert [s for s, _ in list_checkpoints(shared / "checkpoints")] == [4, 8]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM reaches one process of two (as a preemption notice may): JAX's preemption
+    service makes both stop after the same dispatch; process 0 saves the checkpoint."""
+    port, shared = _free_port(), tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "XLA_FLAGS")}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "runner", "trainer.steps=10000000", "trainer.log_every=10",
+         "trainer.steps_per_dispatch=10", "trainer.eval_every=null",
+         "trainer.checkpoint_every=null", "trainer.log_images=false",
+         "trainer.progress_bar=false", "device=cpu", f"hydra.run.dir={shared}",
+         "device.distributed=true", f"device.coordinator_address=127.0.0.1:{port}",
+         "device.num_processes=2", f"device.process_id={i}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    log = shared / "runner.log"
+    deadline = time.time() + 120
+    while "step 100/" not in (log.read_text() if log.exists() else ""):
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], errors
+    stopped = [re.search(r"stopped by SIGTERM \(preemption notice\) at step (\d+)", e)
+               for e in errors]
+    assert all(stopped), errors
+    assert stopped[0].group(1) == stopped[1].group(1)
+    metrics = json.loads((shared / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["steps"] == int(stopped[0].group(1))
+    assert [s for s, _ in list_checkpoints(shared / "checkpoints")] == [metrics["steps"]]
