@@ -8,8 +8,17 @@ from pathlib import Path
 NOT_A_SINGLE_RUN = {"-m", "--multirun", "-h", "--help", "--hydra-help", "-c", "--cfg",
                     "--info", "-i", "-sc", "--shell-completion"}
 
-if __name__ == "__main__" and not NOT_A_SINGLE_RUN & set(sys.argv[1:]) and \
-        "trainer.log_images=false" not in map(str.lower, sys.argv[1:]):
+
+def _draws_figures(args) -> bool:
+    """Whether this process may draw figures: a single run with images on, and not a process
+    other than 0 of a multi-process run (which writes nothing)."""
+    ranks = [os.environ.get(v, "0") for v in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")]
+    ranks += [a.split("=", 1)[1] for a in args if a.startswith("device.process_id=")]
+    return (not NOT_A_SINGLE_RUN & set(args) and "trainer.log_images=false" not in
+            map(str.lower, args) and all(r.strip() in ("0", "", "null") for r in ranks))
+
+
+if __name__ == "__main__" and _draws_figures(sys.argv[1:]):
     # Start the figure worker before anything else: its imports overlap this process's.
     from runner.figures import prestart
 
@@ -92,6 +101,7 @@ if __name__ == "__main__":
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
-    if {"-m", "--multirun"} & set(sys.argv[1:]) or sys.getprofile() or sys.gettrace():
+    multirun = {"-m", "--multirun"} & set(sys.argv[1:]) or "hydra.mode=MULTIRUN" in sys.argv
+    if multirun or sys.getprofile() or sys.gettrace():
         sys.exit(code)  # a profiler or coverage tool writes its results at teardown
     exit_now(code)

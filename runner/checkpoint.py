@@ -22,7 +22,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash at any instant leaves either the old file or
     the complete new one: a temporary file, fsynced, renamed over ``path``, the rename fsynced."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique per writing process
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

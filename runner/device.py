@@ -2,6 +2,7 @@
 mesh a run's arrays live on; the peak FLOP/s of known accelerators (for ``perf/mfu``)."""
 
 import os
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -59,12 +60,15 @@ def configure_jax(cfg: DictConfig) -> List[jax.Device]:
 
 def launch_process_index(cfg: DictConfig) -> int:
     """This process's index in a multi-process run, known before JAX starts: the configured
-    ``device.process_id``, else SLURM's task rank (what JAX detects), else 0."""
+    ``device.process_id``, else the launcher's rank (SLURM, Open MPI, PMI), else 0."""
     if not cfg.distributed:
         return 0
     if cfg.process_id is not None:
         return cfg.process_id
-    return int(os.environ.get("SLURM_PROCID", 0))
+    for rank in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if rank in os.environ:
+            return int(os.environ[rank])
+    return 0
 
 
 def _initialize_distributed(cfg: DictConfig) -> None:
@@ -142,7 +146,7 @@ def peak_flops(device_kind: str, precision: Precision,
     """The device's dense peak FLOP/s for this compute precision, or None when unknown (CPUs,
     unlisted accelerators). float32 at default matmul precision counts as TF32 on GPUs."""
     for name, (bf16, tf32, fp32) in PEAK_FLOPS:
-        if name in device_kind:
+        if re.search(rf"\b{name}\b", device_kind):
             if Precision(precision) == Precision.bf16:
                 return bf16
             return fp32 if matmul_precision == "highest" else tf32

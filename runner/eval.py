@@ -22,11 +22,13 @@ def evaluate_run(run_dir: Path, which: str = "last") -> dict:
     from runner.device import configure_jax
     from runner.optim import make_optimizer
     from runner.resume import load_run_config
-    from runner.schema import validate
+    from runner.schema import Precision, validate
+    from runner.train import COMPUTE_DTYPES
     from runner.steps import create_train_state, evaluate, make_data, seed_keys
 
     cfg, _ = load_run_config(run_dir)
     validate(cfg)
+    cfg.device.distributed = False  # one process evaluates, whatever the run was
     configure_jax(cfg.device)
     ckpt_dir = run_dir / "checkpoints"
     if which == "best":
@@ -45,7 +47,8 @@ def evaluate_run(run_dir: Path, which: str = "last") -> dict:
     template = create_train_state(init_rng, instantiate(cfg.model, _convert_="all"), task,
                                   make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps))
     state = load_checkpoint(path, template)
-    metrics, _ = evaluate(state, make_data(data_rng, task=task), task=task)
+    metrics, _ = evaluate(state, make_data(data_rng, task=task), task=task,
+                          compute_dtype=COMPUTE_DTYPES[Precision(cfg.device.precision)])
     return {"run_dir": str(run_dir), "checkpoint": str(path), "step": int(state.step),
             "eval": {k: float(v) for k, v in jax.device_get(metrics).items()}}
 

@@ -61,7 +61,10 @@ class _Worker:
         pickle.dump(message, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
         self.proc.stdin.flush()
 
-    def stop(self) -> None:
+    def stop(self, *, kill: bool = False) -> None:
+        """End the worker: at the end of its input (after what it is drawing), or at once."""
+        if kill:
+            self.proc.kill()
         try:
             self.proc.stdin.close()  # the worker exits at the end of its input
         except OSError:
@@ -88,8 +91,8 @@ def prestart() -> None:
 
 @atexit.register
 def _stop_idle() -> None:
-    while _IDLE:
-        _IDLE.pop().stop()
+    while _IDLE:  # an idle worker owes nothing: no need to wait for its imports to finish
+        _IDLE.pop().stop(kill=True)
 
 
 class FigureRenderer:
@@ -118,7 +121,9 @@ class FigureRenderer:
 
     def submit(self, step: int, outputs) -> None:
         self._waiting[step] = outputs
-        if not self._to_worker(("draw", step, outputs)):
+        had_worker = self._worker is not None
+        if not self._to_worker(("draw", step, outputs)) and not had_worker:
+            # (a worker lost while sending drew every waiting step, this one included)
             self._drawn.put((step, draw(self.task, self.data, outputs)))
 
     def _to_worker(self, message) -> bool:

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
 from runner.checkpoint import write_atomic
+from runner.device import launch_process_index
 from runner.errors import RunnerError
 from runner.schema import validate
 
@@ -49,10 +50,12 @@ def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> float:
     cfg, all_overrides = load_run_config(run_dir, overrides)
     validate(cfg)
     _log_to(run_dir / "runner.log")
-    # The run dir's config is the run's as it now stands (for later resumes and runner.eval).
-    write_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg).encode())
-    write_atomic(run_dir / ".hydra" / "overrides.yaml",
-                 OmegaConf.to_yaml(OmegaConf.create(all_overrides)).encode())
+    # The run dir's config is the run's as it now stands (for later resumes and runner.eval);
+    # written by one process of a multi-process run.
+    if launch_process_index(cfg.device) == 0:
+        write_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+        write_atomic(run_dir / ".hydra" / "overrides.yaml",
+                     OmegaConf.to_yaml(OmegaConf.create(all_overrides)).encode())
     return run(cfg, run_dir, overrides=all_overrides, resume=True)
 
 

@@ -197,7 +197,7 @@ class TrainerConf:
 
 @dataclass
 class RunConf:
-    seed: int = bounded(0, ge=0)
+    seed: int = bounded(0, ge=0, le=2**31 - 1)  # a jitted int32 argument
     resume: Optional[str] = None
     task: Any = MISSING
     model: Any = MISSING

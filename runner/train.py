@@ -130,17 +130,25 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: 
     if resume:
         state = _restore(run_dir, state, mesh)
     start_step = int(state.step)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        starts = multihost_utils.process_allgather(np.array(start_step))
+        if np.any(starts != start_step):
+            raise RunnerError(f"the processes resumed from different steps ({starts.tolist()}): "
+                              f"each must see the same {run_dir / 'checkpoints'} (a shared "
+                              f"filesystem)")
     if start_step >= trainer.steps:
         raise RunnerError(f"{run_dir} is at step {start_step} of trainer.steps={trainer.steps}: "
                           f"nothing to do (resume with a larger trainer.steps to train longer)")
     chunk = steps_per_dispatch(trainer, start_step=start_step)
-    if (trainer.steps - start_step) % chunk or any(
+    if start_step % chunk or (trainer.steps - start_step) % chunk or any(
             c is not None and c % chunk for c in (trainer.eval_every, trainer.checkpoint_every)
     ) or (trainer.log_every % chunk and (chunk % trainer.log_every or trainer.log_histograms)):
         raise RunnerError(
-            f"trainer.steps_per_dispatch={chunk}: must divide trainer.steps (less the step a "
-            f"resume starts from), trainer.eval_every and trainer.checkpoint_every, and divide "
-            f"trainer.log_every or (without trainer.log_histograms) be a multiple of it")
+            f"trainer.steps_per_dispatch={chunk}: must divide trainer.steps, the step a resume "
+            f"starts from ({start_step}), trainer.eval_every and trainer.checkpoint_every, and "
+            f"divide trainer.log_every or (without trainer.log_histograms) be a multiple of it")
     data = make_data(data_rng, task=task, mesh=mesh)
     if renderer:
         renderer.set_data(task, jax.device_get(data))
@@ -198,13 +206,15 @@ def _agreed(stop: StopRequest, dispatch: int) -> bool:
     SIGTERM there reaches JAX's preemption service (``jax.distributed`` takes the signal),
     which agrees on a dispatch (``reached_preemption_sync_point``, called with the same
     consecutive ids everywhere); a signal runner's own handler took (SIGINT) is all-gathered."""
-    if jax.process_count() == 1:
+    if not jax.distributed.is_initialized():
         return stop.requested
     from jax.experimental import multihost_utils
 
     if multihost_utils.reached_preemption_sync_point(dispatch):
         stop.signal_name = stop.signal_name or "SIGTERM (preemption notice)"
         return True
+    if jax.process_count() == 1:
+        return stop.requested
     if np.any(multihost_utils.process_allgather(np.array(stop.requested))):
         stop.signal_name = stop.signal_name or "a signal to another process"
         return True
@@ -271,7 +281,7 @@ def train_loop(state, data, rng, *, task, schedule, trainer, chunk, logger, chec
             save_now = is_time(step, trainer.checkpoint_every) or last
             stopping = _agreed(stop, dispatches)
             dispatches += 1
-            if log_now or last or save_now or stopping:
+            if log_now or eval_now or last or save_now or stopping:
                 metrics = jax.device_get(metrics)  # waits for the device: ends the window
                 perf = {"steps_per_sec": window_steps / (time.perf_counter() - window_start)
                         } if window_steps else {}

@@ -51,6 +51,28 @@ def max_rel(a, b):
                      max(np.linalg.norm(np.ravel(y)), 1e-12)) for x, y in zip(a, b))
 
 
+def compiled_step_facts():
+    """What XLA made of the 8-device step: an all-reduce (of the gradients), and per-device
+    batch shapes (64 samples / 8 devices = 8 rows each)."""
+    from hydra.utils import instantiate
+
+    from runner.device import make_mesh
+    from runner.optim import make_optimizer
+    from runner.steps import create_train_state, make_data, seed_keys, train_steps
+
+    cfg = config(*TASKS["linear_fit"], "device.num_devices=8")
+    mesh = make_mesh(cfg.device, jax.devices())
+    task, model = instantiate(cfg.task, _convert_="all"), instantiate(cfg.model, _convert_="all")
+    optimizer = make_optimizer(cfg.optimizer, total_steps=8)
+    init_rng, data_rng, rng = seed_keys(0, mesh=mesh)
+    state = create_train_state(init_rng, model, task, optimizer, mesh=mesh)
+    hlo = train_steps.lower(state, make_data(data_rng, task=task, mesh=mesh), rng, task=task,
+                            schedule=optimizer.schedule, num_steps=2,
+                            mesh=mesh).compile().as_text()
+    return {"all_reduce": "all-reduce" in hlo, "per_device_batch": "f32[8,1]" in hlo,
+            "whole_batch": "f32[64,1]" in hlo}
+
+
 def main():
     assert jax.device_count() == 8, jax.devices()
     out = {"devices": jax.device_count()}
@@ -74,6 +96,7 @@ def main():
         result["curve_max_rel"] = max(abs(x - y) / abs(y) for x, y in
                                       zip(result["curve_8"], result["curve_1"]))
         out[name] = result
+    out["compiled_step"] = compiled_step_facts()
     try:
         run(config("device.num_devices=8"), tmp / "indivisible")  # batch 100 on 8 devices
     except RunnerError as err:

@@ -73,6 +73,7 @@ def test_initializer_options_take_their_arguments():
     ("model.features=[0]", "model.features=[0]: must be > 0"),
     ("optimizer.b1=2", "optimizer.b1=2.0: must be <= 1"),
     ("task.noise_std=-0.1", "task.noise_std=-0.1: must be >= 0"),
+    ("seed=2147483648", "seed=2147483648: must be <= 2147483647"),
 ])
 def test_out_of_range_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -66,4 +66,6 @@ def test_a_dead_worker_leaves_the_figures_to_the_run(fit):
         renderer.submit(4, outputs)
         images = renderer.ready(wait=True)
         assert sorted(images) == [3, 4] and renderer._worker is None
+        renderer.submit(5, outputs)  # each step drawn once: nothing stale comes back
+        assert sorted(renderer.ready(wait=True)) == [5]
     assert not figures._IDLE or figures._IDLE[0].proc.poll() is None

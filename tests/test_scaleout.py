@@ -89,6 +89,8 @@ def test_eight_devices_match_one_device():
         assert r["curve_max_rel"] <= 1e-5, r
         assert r["eval_loss_8"] == pytest.approx(r["eval_loss_1"], rel=1e-5)
         assert r["resumed_8_to_1_max_rel"] <= 1e-4 and r["resumed_1_to_8_max_rel"] <= 1e-4, r
+    # The batch is really split: XLA all-reduces, and each device holds 8 of the 64 rows.
+    assert out["compiled_step"]["all_reduce"] and out["compiled_step"]["per_device_batch"], out
     assert out["indivisible_error"].startswith(
         "task.batch_size=100 is not divisible by the 8 devices in use (device.num_devices=8)")
 

@@ -129,3 +129,12 @@ def test_divergence_stops_the_run_with_status_failed(tmp_path):
             tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "diverged" in metrics["reason"]
+
+
+def test_a_resume_step_off_the_dispatch_grid_is_refused(tmp_path):
+    run(compose_config(["trainer.steps=6"]), tmp_path)  # checkpoints at 2, 4, 6
+    longer = compose_config(["trainer.steps=14", "trainer.steps_per_dispatch=4",
+                             "trainer.log_every=4", "trainer.eval_every=4",
+                             "trainer.checkpoint_every=4"])
+    with pytest.raises(RunnerError, match="trainer.steps_per_dispatch=4: must divide"):
+        run(longer, tmp_path, resume=True)  # dispatches from 6 would end at 10, not 8, 12
