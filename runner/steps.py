@@ -92,7 +92,10 @@ def _compute(params, x, compute_dtype: Optional[str]):
     """Params and inputs in the compute dtype (mixed precision: the params stay float32)."""
     if compute_dtype is None:
         return params, x
-    cast = lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+
+    def cast(a):
+        return a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
     return jax.tree.map(cast, params), cast(x)
 
 
