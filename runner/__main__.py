@@ -12,7 +12,9 @@ NOT_A_SINGLE_RUN = {"-m", "--multirun", "-h", "--help", "--hydra-help", "-c", "-
 def _draws_figures(args) -> bool:
     """Whether this process may draw figures: a single run with images on, and not a process
     other than 0 of a multi-process run (which writes nothing)."""
-    ranks = [os.environ.get(v, "0") for v in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")]
+    from runner.launch import launcher_rank
+
+    ranks = [str(launcher_rank() or 0)]
     ranks += [a.split("=", 1)[1] for a in args if a.startswith("device.process_id=")]
     return (not NOT_A_SINGLE_RUN & set(args) and "trainer.log_images=false" not in
             map(str.lower, args) and all(r.strip() in ("0", "", "null") for r in ranks))

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from omegaconf import DictConfig
 
 from runner.errors import RunnerError
+from runner.launch import launcher_rank
 from runner.schema import Platform, Precision
 
 DATA_AXIS = "data"
@@ -65,10 +66,7 @@ def launch_process_index(cfg: DictConfig) -> int:
         return 0
     if cfg.process_id is not None:
         return cfg.process_id
-    for rank in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if rank in os.environ:
-            return int(os.environ[rank])
-    return 0
+    return launcher_rank() or 0
 
 
 def _initialize_distributed(cfg: DictConfig) -> None:
