@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import jax
 import numpy as np
+from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from omegaconf import DictConfig
 
@@ -18,8 +19,12 @@ from runner.schema import Platform, Precision
 DATA_AXIS = "data"
 
 # JAX's platform names for the config's choices (``auto`` leaves JAX's own preference order:
-# an accelerator when one is present, else the CPU).
-_JAX_PLATFORMS = {Platform.cpu: "cpu", Platform.gpu: "cuda", Platform.tpu: "tpu"}
+# an accelerator when one is present, else the CPU). The CPU comes second on accelerators: XLA's
+# cost analysis of the step (for perf/mfu) runs there.
+_JAX_PLATFORMS = {Platform.cpu: "cpu", Platform.gpu: "cuda,cpu", Platform.tpu: "tpu,cpu"}
+# What ``jax.Device.platform`` says for each (a CUDA or ROCm device reports "gpu").
+_DEVICE_PLATFORMS = {Platform.cpu: {"cpu"}, Platform.gpu: {"gpu", "cuda", "rocm"},
+                     Platform.tpu: {"tpu"}}
 
 
 def configure_jax(cfg: DictConfig) -> List[jax.Device]:
@@ -41,19 +46,23 @@ def configure_jax(cfg: DictConfig) -> List[jax.Device]:
     if cfg.matmul_precision is not None:
         jax.config.update("jax_default_matmul_precision", str(cfg.matmul_precision.value))
     platform = Platform(cfg.platform)
+    started = xla_bridge.backends_are_initialized()
     if platform != Platform.auto:
         jax.config.update("jax_platforms", _JAX_PLATFORMS[platform])
     if cfg.distributed:
         _initialize_distributed(cfg)
+    name = platform.value.upper()
+    missing = RunnerError(
+        f"device={platform.value}: JAX has no usable {name} here (no {name} is visible, or "
+        f"jaxlib's {name} support is not installed); use device=cpu, or device=auto to take "
+        f"whatever is present")
     try:
         devices = jax.devices()
     except Exception:  # noqa: BLE001 (JAX raises RuntimeError, or AssertionError for 'cuda')
-        name = platform.value.upper()
-        raise RunnerError(
-            f"device={platform.value}: JAX has no usable {name} here (no {name} is visible, or "
-            f"jaxlib's {name} support is not installed); use device=cpu, or device=auto to "
-            f"take whatever is present") from None
-    if platform != Platform.auto and devices[0].platform not in _JAX_PLATFORMS[platform]:
+        raise missing from None
+    if platform != Platform.auto and devices[0].platform not in _DEVICE_PLATFORMS[platform]:
+        if not started:  # JAX skipped the missing accelerator and took the CPU listed after it
+            raise missing
         raise RunnerError(f"device={platform.value}: JAX is already running on "
                           f"{devices[0].platform}; the platform is fixed once JAX has started")
     return devices

@@ -156,14 +156,21 @@ def train_steps(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
 def step_flops(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
                schedule: LRSchedule, compute_dtype: Optional[str] = None) -> Optional[float]:
     """FLOPs of one train step (batch included), by XLA's cost analysis of the lowered step
-    (no compilation)."""
+    (no compilation). GPU and TPU plugins do not analyse lowered programs (and the compiled
+    analysis on GPU counts no FLOPs in cuDNN's convolutions): there the same step is lowered
+    for the CPU, from the arrays' shapes, and analysed."""
     def one(state, data, rng):
         return train_step(state, task.train_batch(data, rng), rng, task=task, schedule=schedule,
                           compute_dtype=compute_dtype)
 
     cost = jax.jit(one).lower(state, data, rng).cost_analysis()
+    if not cost and jax.devices()[0].platform != "cpu":
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                              (state, data, rng))
+        with jax.default_device(jax.devices("cpu")[0]):
+            cost = jax.jit(one).lower(*shapes).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", 0.0)) if cost else None
+    return float(cost["flops"]) if cost and cost.get("flops") else None
 
 
 @functools.partial(jax.jit, static_argnames=("task", "mesh", "compute_dtype"))

@@ -55,6 +55,54 @@ def test_mfu_and_flops_are_logged_where_the_peak_is_known(tmp_path, monkeypatch)
     assert manifest["placement"]["num_devices"] == 1
 
 
+class _FakeDevice:
+    def __init__(self, platform):
+        self.platform, self.device_kind = platform, "fake"
+
+
+@pytest.mark.parametrize("platform", ["gpu", "cuda"])
+def test_device_gpu_accepts_what_jax_calls_a_cuda_device(monkeypatch, platform):
+    """A CUDA device says platform "gpu" (jaxlib 0.11 on an H100): device=gpu must take it, and
+    list the CPU after it (the step's FLOPs are analysed there)."""
+    from runner import device
+
+    updates = {}
+    monkeypatch.setattr(device.jax.config, "update", lambda k, v: updates.__setitem__(k, v))
+    monkeypatch.setattr(device.xla_bridge, "backends_are_initialized", lambda: False)
+    gpus = [_FakeDevice(platform)]
+    monkeypatch.setattr(device.jax, "devices", lambda *a: gpus)
+    cfg = compose_config(["device=gpu", "device.compilation_cache_dir=null"])
+    assert device.configure_jax(cfg.device) is gpus
+    assert updates["jax_platforms"] == "cuda,cpu"
+    monkeypatch.setattr(device.jax, "devices", lambda *a: [_FakeDevice("cpu")])  # CUDA skipped
+    with pytest.raises(RunnerError, match="device=gpu: JAX has no usable GPU here"):
+        device.configure_jax(cfg.device)
+
+
+def test_step_flops_where_lowered_programs_are_not_analysed(monkeypatch):
+    """GPU plugins answer no cost analysis of a lowered program (and their compiled analysis
+    counts no cuDNN convolution FLOPs): the step is then lowered for the CPU and analysed."""
+    from runner import steps
+    from runner.bench import _runner_parts
+
+    cfg, task, optimizer, state, data, rng = _runner_parts(
+        ["task=cnn_random_images", "task.image_size=8", "task.batch_size=4", "task.num_eval=8"])
+    on_cpu = steps.step_flops(state, data, rng, task=task, schedule=optimizer.schedule)
+    real_analysis, real_devices = jax.stages.Lowered.cost_analysis, jax.devices
+    platforms = []
+
+    def analysis(lowered):  # the accelerator's lowering answers None, the CPU's its figures
+        platforms.append(jax.config.jax_default_device)
+        return real_analysis(lowered) if len(platforms) > 1 else None
+
+    monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", analysis)
+    monkeypatch.setattr(steps.jax, "devices",
+                        lambda *a: real_devices(*a) if a else [_FakeDevice("gpu")])
+    fallback = steps.step_flops(state, data, rng, task=task, schedule=optimizer.schedule)
+    assert on_cpu > 1e6 and fallback == on_cpu
+    assert platforms[0] is None and platforms[1].platform == "cpu"
+
+
 def test_bf16_compute_keeps_float32_params(tmp_path):
     fp32 = train.run(compose_config(["trainer.steps=8"]), tmp_path / "fp32")
     bf16 = train.run(compose_config(["trainer.steps=8", "device.precision=bf16"]),
