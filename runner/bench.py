@@ -39,17 +39,22 @@ def _median_times(fns: Dict[str, Callable[[], None]], repeats: int, *,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _compose(overrides: List[str]):
+    """The config of ``python -m runner <overrides>``."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="conf", version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
 def _runner_parts(overrides: List[str]):
     """task, optimizer, state, data and rng of ``python -m runner <overrides>``."""
-    import jax
-    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
     from runner.optim import make_optimizer
     from runner.steps import create_train_state, make_data, seed_keys
 
-    with initialize_config_module(config_module="conf", version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = _compose(overrides)
     task = instantiate(cfg.task, _convert_="all")
     optimizer = make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps)
     init_rng, data_rng, rng = seed_keys(0)
@@ -89,7 +94,28 @@ def _loops(reference, runner_parts, *, steps: int, chunk: int, windows: int = 1,
 
 
 def bench_linear_fit(repeats: int, steps: int) -> dict:
-    """Steps/s of the reference's per-step loop and of runner's fused loop, same work."""
+    """Steps/s of the reference's per-step loop and of runner's fused loop, same work.
+
+    Both run in a process with the task config's ``device.xla_flags`` in XLA_FLAGS, as
+    ``python -m runner`` runs it (XLA reads its flags once per process): a fresh one when this
+    process lacks them."""
+    from runner.device import xla_flag_args
+
+    flags = xla_flag_args(_compose([]).device.xla_flags)
+    env = os.environ.get("XLA_FLAGS", "")
+    if any(flag not in env.split() for flag in flags):
+        proc = subprocess.run(
+            [sys.executable, "-c", "import json, sys; from runner.bench import bench_linear_fit;"
+             f" print(json.dumps(bench_linear_fit({repeats}, {steps})))"],
+            env={**os.environ, "XLA_FLAGS": " ".join([env, *flags]).strip()},
+            capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"bench_linear_fit failed:\n{proc.stderr[-3000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**_bench_linear_fit(repeats, steps), "xla_flags": env}
+
+
+def _bench_linear_fit(repeats: int, steps: int) -> dict:
     from runner.bench_cases import reference_linear_fit
     from runner.train import log_windows, steps_per_dispatch
 

@@ -1,6 +1,7 @@
 """The ``device`` group: where and how JAX runs, set before JAX initialises a backend; the
 mesh a run's arrays live on; the peak FLOP/s of known accelerators (for ``perf/mfu``)."""
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -12,11 +13,12 @@ from jax._src import xla_bridge  # backends_are_initialized: no public equivalen
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from omegaconf import DictConfig
 
-from runner.errors import RunnerError
+from runner.errors import ConfigError, RunnerError
 from runner.launch import launcher_rank
 from runner.schema import Platform, Precision
 
 DATA_AXIS = "data"
+log = logging.getLogger(__name__)
 
 # JAX's platform names for the config's choices (``auto`` leaves JAX's own preference order:
 # an accelerator when one is present, else the CPU). The CPU comes second on accelerators: XLA's
@@ -47,6 +49,7 @@ def configure_jax(cfg: DictConfig) -> List[jax.Device]:
         jax.config.update("jax_default_matmul_precision", str(cfg.matmul_precision.value))
     platform = Platform(cfg.platform)
     started = xla_bridge.backends_are_initialized()
+    _add_xla_flags(cfg.get("xla_flags") or {}, started=started)
     if platform != Platform.auto:
         jax.config.update("jax_platforms", _JAX_PLATFORMS[platform])
     if cfg.distributed:
@@ -66,6 +69,42 @@ def configure_jax(cfg: DictConfig) -> List[jax.Device]:
         raise RunnerError(f"device={platform.value}: JAX is already running on "
                           f"{devices[0].platform}; the platform is fixed once JAX has started")
     return devices
+
+
+_XLA_FLAG_NAME = re.compile(r"xla_[a-z0-9_]+")
+
+
+def xla_flag_args(flags) -> List[str]:
+    """``device.xla_flags`` as XLA_FLAGS arguments (``--name=value``)."""
+    args = []
+    for name, value in flags.items():
+        if not _XLA_FLAG_NAME.fullmatch(str(name)):
+            raise ConfigError(f"device.xla_flags.{name}: not an XLA flag name (xla_..., as "
+                              f"in XLA_FLAGS)")
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif not isinstance(value, (int, float, str)) or re.search(r"\s", str(value)):
+            raise ConfigError(f"device.xla_flags.{name}={value!r}: must be a bool, a number "
+                              f"or a string without spaces")
+        args.append(f"--{name}={value}")
+    return args
+
+
+def _add_xla_flags(flags, *, started: bool) -> None:
+    """Add ``flags`` to XLA_FLAGS, except those it sets already (the environment's win). XLA
+    reads XLA_FLAGS once, when JAX starts its backend: a later job of a multirun in this
+    process keeps the first job's flags (warned). XLA itself rejects an unknown name."""
+    env = os.environ.get("XLA_FLAGS", "")
+    given = {arg.split("=", 1)[0].lstrip("-") for arg in env.split()}
+    args = [arg for arg in xla_flag_args(flags) if arg.split("=", 1)[0][2:] not in given]
+    if not args:
+        return
+    if started:
+        log.warning("device.xla_flags not applied (%s): XLA reads its flags once per process, "
+                    "when JAX starts; this process runs with XLA_FLAGS=%r", " ".join(args), env)
+        return
+    log.info("XLA_FLAGS += %s (device.xla_flags)", " ".join(args))
+    os.environ["XLA_FLAGS"] = " ".join([env, *args]).strip()
 
 
 def launch_process_index(cfg: DictConfig) -> int:

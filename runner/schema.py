@@ -8,7 +8,7 @@ while composing; ``validate`` then checks the value ranges declared next to each
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -177,6 +177,9 @@ class DeviceConf:
     process_id: Optional[int] = bounded(None, ge=0)
     precision: Precision = Precision.fp32
     matmul_precision: Optional[MatmulPrecision] = None
+    # XLA flags (name: value) added to XLA_FLAGS before JAX starts its backend; a flag the
+    # environment's XLA_FLAGS already sets is left as it is. XLA reads them once per process.
+    xla_flags: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

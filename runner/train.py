@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import os
 import sys
 import time
 from contextlib import ExitStack, nullcontext
@@ -162,6 +163,7 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: 
                  "platform": mesh.devices.flat[0].platform, "device_kind": kind,
                  "precision": Precision(cfg.device.precision).value,
                  "matmul_precision": jax.config.jax_default_matmul_precision,
+                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
                  "peak_flops_per_device": peak, "flops_per_step": flops}
     log.info("devices: %d x %s (%s) in %d process(es), batch split over a '%s' mesh axis; "
              "steps %d..%d, %d per dispatch", mesh.size, placement["platform"], kind,

@@ -38,6 +38,9 @@ def test_default_run_from_another_directory_fits_the_line(tmp_path):
     assert metrics["status"] == "completed" and metrics["steps"] == 200
     assert metrics["eval"]["mse"] <= 0.06 and metrics["train_step_compiles"] == 1
     assert metrics["wall_time_s"] > 0
+    # linear_fit's XLA flag reached XLA_FLAGS before JAX started (recorded with the devices)
+    assert ("--xla_cpu_enable_concurrency_optimized_scheduler=false"
+            in metrics["devices"]["xla_flags"].split())
 
     acc = read_tb(run_dir)
     assert SCALARS | {"eval/mse", "train/mse"} <= set(acc.Tags()["scalars"])
@@ -105,6 +108,7 @@ def test_multirun_2x2_gives_four_complete_job_dirs(tmp_path):
     ("optimizer.lrr=1", "optimizer.lrr: unknown key; valid keys: lr"),
     ("device=gpu", "device=gpu: JAX has no usable GPU here"),
     ("optimizer.lr=1e6", "training diverged"),
+    ("+device.xla_flags.cpu_fast=1", "device.xla_flags.cpu_fast: not an XLA flag name"),
 ])
 def test_bad_input_is_one_line_naming_the_key(tmp_path, override, key):
     proc = run_cli([override, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, check=False)

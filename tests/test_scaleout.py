@@ -103,6 +103,23 @@ def test_step_flops_where_lowered_programs_are_not_analysed(monkeypatch):
     assert platforms[0] is None and platforms[1].platform == "cpu"
 
 
+def test_xla_flags_join_xla_flags_before_jax_starts(monkeypatch, caplog):
+    from runner import device
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_cpu_a=1")
+    device._add_xla_flags({"xla_cpu_a": 2, "xla_cpu_b": False, "xla_c": "x"}, started=False)
+    assert os.environ["XLA_FLAGS"].split() == [  # the environment's own setting wins
+        "--xla_force_host_platform_device_count=2", "--xla_cpu_a=1", "--xla_cpu_b=false",
+        "--xla_c=x"]
+    monkeypatch.setenv("XLA_FLAGS", "")
+    device._add_xla_flags({"xla_cpu_b": True}, started=True)  # too late: warned, not set
+    assert os.environ["XLA_FLAGS"] == "" and "not applied (--xla_cpu_b=true)" in caplog.text
+    with pytest.raises(RunnerError, match=r"device.xla_flags.xla_d=\[1\]: must be a bool"):
+        device.xla_flag_args({"xla_d": [1]})
+    with pytest.raises(RunnerError, match=r"device.xla_flags.xla_e='a b': must be a bool"):
+        device.xla_flag_args({"xla_e": "a b"})  # XLA_FLAGS is split at spaces
+
+
 def test_bf16_compute_keeps_float32_params(tmp_path):
     fp32 = train.run(compose_config(["trainer.steps=8"]), tmp_path / "fp32")
     bf16 = train.run(compose_config(["trainer.steps=8", "device.precision=bf16"]),
