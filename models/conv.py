@@ -56,11 +56,14 @@ def _conv_fwd(x, w, padding):
 
 def _conv_bwd(padding, residuals, g):
     x, w = residuals
-    kh, kw = w.shape[:2]
-    # dW[i, j, c, o] = sum_{n, h, w} x_pad[n, h + i, w + j, c] * g[n, h, w, o]: a conv with
-    # channels as the batch, examples as the features and g as a (Ho x Wo) kernel.
-    dw = _nhwc_conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), padding)
-    dw = dw.transpose(1, 2, 0, 3)
+    kh, kw, cin, cout = w.shape
+    # dW[i, j, c, o] = sum_{n, h, w} x_pad[n, h + i, w + j, c] * g[n, h, w, o]: one matmul of
+    # the input's patches, laid out channel-major (kh*kw*cin, n*ho*wo), with g as (n*ho*wo,
+    # cout). (As a convolution with g for kernel, XLA:CPU ran it at ~28 GFLOP/s.)
+    _, ho, wo, _ = g.shape
+    xc = jnp.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), *padding))  # c n h w
+    patches = jnp.stack([xc[:, :, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)])
+    dw = (patches.reshape(kh * kw * cin, -1) @ g.reshape(-1, cout)).reshape(kh, kw, cin, cout)
     # dX = g convolved with the spatially flipped kernel, in and out channels swapped.
     flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
     (pt, pb), (pl, pr) = padding
