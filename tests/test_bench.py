@@ -26,3 +26,20 @@ def test_quick_benchmark_writes_the_results_schema(tmp_path):
     assert results["compiles"] == {"per_run": 1, "per_sweep": 1, "sweep_jobs": 3}
     assert results["sweep"]["jobs"] == 2
     assert "linear_fit: runner / reference" in proc.stdout
+    # linear_fit ran in a process with the task config's XLA flag, as `python -m runner` runs
+    assert ("--xla_cpu_enable_concurrency_optimized_scheduler=false"
+            in results["linear_fit"]["xla_flags"].split())
+
+
+def test_gpu_check_reads_step_time_back_from_a_run(tmp_path):
+    """`python -m runner.gpu_check`'s reading of one CLI run (here on the CPU: same path)."""
+    from runner.gpu_check import run_case
+
+    case = run_case("linear fit (cpu)", ["trainer.steps=40", "trainer.log_every=10",
+                                         "trainer.eval_every=20", "trainer.checkpoint_every=20",
+                                         "trainer.progress_bar=false"], tmp_path, 120,
+                    device="cpu")
+    assert case["steps_per_s"] > 0 and case["ms_per_step"] == pytest.approx(
+        1e3 / case["steps_per_s"])
+    assert case["mfu"] is None and case["devices"] == ["cpu:0"]  # no known CPU peak
+    assert case["placement"]["platform"] == "cpu" and case["eval_loss"] > 0
