@@ -38,7 +38,8 @@ def run_case(name: str, overrides: List[str], tmp: Path, timeout: float,
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp / name.replace(" ", "_").replace("(", "").replace(")", "")
-    cmd = [sys.executable, "-m", "runner", f"device={device}", *overrides, f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "runner", f"device={device}", *overrides,
+           f"hydra.run.dir={run_dir}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - start

@@ -165,9 +165,13 @@ def step_flops(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
 
     cost = jax.jit(one).lower(state, data, rng).cost_analysis()
     if not cost and jax.devices()[0].platform != "cpu":
+        try:
+            cpu = jax.devices("cpu")[0]
+        except RuntimeError:  # JAX_PLATFORMS without the CPU: no FLOPs, no perf/mfu
+            return None
         shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                               (state, data, rng))
-        with jax.default_device(jax.devices("cpu")[0]):
+        with jax.default_device(cpu):
             cost = jax.jit(one).lower(*shapes).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["flops"]) if cost and cost.get("flops") else None

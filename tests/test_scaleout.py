@@ -102,6 +102,15 @@ def test_step_flops_where_lowered_programs_are_not_analysed(monkeypatch):
     assert on_cpu > 1e6 and fallback == on_cpu
     assert platforms[0] is None and platforms[1].platform == "cpu"
 
+    def no_cpu(*a):  # JAX_PLATFORMS=cuda: no CPU backend to analyse on, so no MFU
+        if a:
+            raise RuntimeError("Backend 'cpu' failed to initialize")
+        return [_FakeDevice("gpu")]
+
+    platforms.clear()
+    monkeypatch.setattr(steps.jax, "devices", no_cpu)
+    assert steps.step_flops(state, data, rng, task=task, schedule=optimizer.schedule) is None
+
 
 def test_xla_flags_join_xla_flags_before_jax_starts(monkeypatch, caplog):
     from runner import device
