@@ -6,8 +6,10 @@ the gradient convolutions JAX emits (weight gradient: f01b_i01o->01bf; input gra
 kernel in OI order) stay in other layouts and run in XLA's naive emitter: a reference-CNN
 step measured ~20 s inside a scan against ~0.7 s outside. Here the two gradients are written
 as explicit transposes around NHWC x HWIO -> NHWC convolutions, so every convolution of the
-step is in the fast layout wherever it runs. Other cases (strides, dilation, groups, other
-layouts) fall through to ``lax.conv_general_dilated``.
+step is in the fast layout wherever it runs. The weight gradient is one matmul of the input's
+patches instead (as a convolution XLA:CPU ran it at ~28 GFLOP/s). This is a CPU workaround:
+on accelerators (cuDNN), and for other cases (strides, dilation, groups, other layouts), the
+convolution is ``lax.conv_general_dilated`` with JAX's own gradients.
 """
 
 import functools
@@ -24,9 +26,10 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
-    """``lax.conv_general_dilated``, with a scan-friendly gradient for stride-1 NHWC convs."""
+    """``lax.conv_general_dilated``, with a scan-friendly gradient for stride-1 NHWC convs on
+    the CPU."""
     ones = (1,) * (lhs.ndim - 2)
-    simple = (lhs.ndim == 4 and tuple(window_strides) == ones
+    simple = (jax.default_backend() == "cpu" and lhs.ndim == 4 and tuple(window_strides) == ones
               and tuple(lhs_dilation or ones) == ones and tuple(rhs_dilation or ones) == ones
               and feature_group_count == 1 and batch_group_count == 1 and precision is None
               and preferred_element_type is None

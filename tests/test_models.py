@@ -108,6 +108,22 @@ def test_conv_keeps_scan_gradients_in_the_fast_layout():
     assert conv_layouts(lax.conv_general_dilated) != {"b01f_01io->b01f"}  # XLA's slow case
 
 
+def test_conv_takes_lax_gradients_on_accelerators(monkeypatch):
+    """The custom gradient is a CPU workaround: on a GPU the convolution is lax's (cuDNN's)."""
+    import models.conv
+
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+
+    def grad_jaxpr():  # a new function each time: JAX caches traces per function
+        return str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))))(w))
+
+    assert "dot_general" in grad_jaxpr()  # the patch matmul
+    monkeypatch.setattr(models.conv.jax, "default_backend", lambda: "gpu")
+    jaxpr = grad_jaxpr()
+    assert "dot_general" not in jaxpr and "conv_general_dilated" in jaxpr
+
+
 def test_conv_falls_back_to_lax_for_strides():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4))
