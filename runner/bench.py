@@ -96,26 +96,52 @@ def _loops(reference, runner_parts, *, steps: int, chunk: int, windows: int = 1,
 def bench_linear_fit(repeats: int, steps: int) -> dict:
     """Steps/s of the reference's per-step loop and of runner's fused loop, same work.
 
-    Both run in a process with the task config's ``device.xla_flags`` in XLA_FLAGS, as
-    ``python -m runner`` runs it (XLA reads its flags once per process): a fresh one when this
-    process lacks them."""
-    from runner.device import xla_flag_args
+    Each loop runs in a process of its own, as its user runs it: the reference with this
+    process's XLA_FLAGS, runner's with the task config's ``device.xla_flags`` added the way
+    ``python -m runner`` adds them (XLA reads its flags once per process). The two processes
+    take turns, one round each, ``repeats`` times after a warm-up round."""
+    from runner.device import with_xla_flags
 
-    flags = xla_flag_args(_compose([]).device.xla_flags)
     env = os.environ.get("XLA_FLAGS", "")
-    if any(flag not in env.split() for flag in flags):
-        proc = subprocess.run(
-            [sys.executable, "-c", "import json, sys; from runner.bench import bench_linear_fit;"
-             f" print(json.dumps(bench_linear_fit({repeats}, {steps})))"],
-            env={**os.environ, "XLA_FLAGS": " ".join([env, *flags]).strip()},
-            capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"bench_linear_fit failed:\n{proc.stderr[-3000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**_bench_linear_fit(repeats, steps), "xla_flags": env}
+    flags = {"reference": env, "runner": with_xla_flags(_compose([]).device.xla_flags, env)}
+    workers, times, info = {}, {name: [] for name in flags}, {}
+    with tempfile.TemporaryFile("w+") as errors:
+        try:
+            for name, xla_flags in flags.items():
+                workers[name] = subprocess.Popen(
+                    [sys.executable, "-m", "runner.bench", "--linear-fit-worker", name,
+                     "--steps", str(steps)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=errors, text=True, env={**os.environ, "XLA_FLAGS": xla_flags})
+            for name, worker in workers.items():
+                info = json.loads(_worker_line(worker, errors))  # ready, after its warm-up
+            for _ in range(repeats):
+                for name, worker in workers.items():
+                    worker.stdin.write("run\n")
+                    worker.stdin.flush()
+                    times[name].append(float(_worker_line(worker, errors)))
+        finally:
+            for worker in workers.values():
+                worker.stdin.close()
+                worker.wait()
+    t = {name: statistics.median(v) for name, v in times.items()}
+    return {"steps": steps, **info,
+            "reference_steps_per_s": steps / t["reference"],
+            "runner_steps_per_s": steps / t["runner"],
+            "runner_over_reference": t["reference"] / t["runner"],
+            "xla_flags": flags["runner"], "reference_xla_flags": flags["reference"]}
 
 
-def _bench_linear_fit(repeats: int, steps: int) -> dict:
+def _worker_line(worker, errors) -> str:
+    line = worker.stdout.readline()
+    if not line:
+        errors.seek(0)
+        raise SystemExit(f"bench_linear_fit: a worker failed:\n{errors.read()[-3000:]}")
+    return line
+
+
+def _linear_fit_worker(name: str, steps: int) -> None:
+    """One side of ``bench_linear_fit``: warm up, say ``ready`` (with the dispatch layout), then
+    time one round of ``steps`` steps per ``run`` line on stdin."""
     from runner.bench_cases import reference_linear_fit
     from runner.train import log_windows, steps_per_dispatch
 
@@ -123,14 +149,15 @@ def _bench_linear_fit(repeats: int, steps: int) -> dict:
     # The default run's dispatch: 100 steps, the metrics of two 50-step log windows.
     chunk = steps_per_dispatch(cfg.trainer)
     windows = log_windows(cfg.trainer, chunk)
-    unroll = cfg.trainer.scan_unroll
-    t = _median_times(_loops(reference_linear_fit(), parts, steps=steps, chunk=chunk,
-                             windows=windows, unroll=unroll), repeats)
-    return {"steps": steps, "steps_per_dispatch": chunk, "log_windows_per_dispatch": windows,
-            "scan_unroll": unroll,
-            "reference_steps_per_s": steps / t["reference"],
-            "runner_steps_per_s": steps / t["runner"],
-            "runner_over_reference": t["reference"] / t["runner"]}
+    loop = _loops(reference_linear_fit(), parts, steps=steps, chunk=chunk, windows=windows,
+                  unroll=cfg.trainer.scan_unroll)[name]
+    loop()
+    print(json.dumps({"steps_per_dispatch": chunk, "log_windows_per_dispatch": windows,
+                      "scan_unroll": cfg.trainer.scan_unroll}), flush=True)
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        loop()
+        print(time.perf_counter() - start, flush=True)
 
 
 def bench_cnn(repeats: int, steps: int) -> dict:
@@ -320,7 +347,12 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke mode: 1 round, few steps (figures are not meaningful)")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    parser.add_argument("--linear-fit-worker", choices=["reference", "runner"],
+                        help=argparse.SUPPRESS)  # one side of the linear_fit comparison
+    parser.add_argument("--steps", type=int, default=2000, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.linear_fit_worker:
+        return _linear_fit_worker(args.linear_fit_worker, args.steps)
     repeats = 1 if args.quick else args.repeats
     results = {"machine": machine_info(), "repeats": repeats, "quick": args.quick}
     results["linear_fit"] = bench_linear_fit(repeats, steps=200 if args.quick else 2000)

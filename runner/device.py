@@ -9,13 +9,18 @@ from typing import List, Optional
 
 import jax
 import numpy as np
-from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from omegaconf import DictConfig
 
 from runner.errors import ConfigError, RunnerError
 from runner.launch import launcher_rank
 from runner.schema import Platform, Precision
+
+try:  # no public equivalent
+    from jax._src.xla_bridge import backends_are_initialized as _backends_started
+except ImportError:  # moved in a later JAX: take the backend as not started yet
+    def _backends_started() -> bool:
+        return False
 
 DATA_AXIS = "data"
 log = logging.getLogger(__name__)
@@ -24,9 +29,8 @@ log = logging.getLogger(__name__)
 # an accelerator when one is present, else the CPU). The CPU comes second on accelerators: XLA's
 # cost analysis of the step (for perf/mfu) runs there.
 _JAX_PLATFORMS = {Platform.cpu: "cpu", Platform.gpu: "cuda,cpu", Platform.tpu: "tpu,cpu"}
-# What ``jax.Device.platform`` says for each (a CUDA or ROCm device reports "gpu").
-_DEVICE_PLATFORMS = {Platform.cpu: {"cpu"}, Platform.gpu: {"gpu", "cuda", "rocm"},
-                     Platform.tpu: {"tpu"}}
+# What ``jax.Device.platform`` says for each (a CUDA device reports "gpu").
+_DEVICE_PLATFORMS = {Platform.cpu: {"cpu"}, Platform.gpu: {"gpu", "cuda"}, Platform.tpu: {"tpu"}}
 
 
 def configure_jax(cfg: DictConfig) -> List[jax.Device]:
@@ -48,7 +52,7 @@ def configure_jax(cfg: DictConfig) -> List[jax.Device]:
     if cfg.matmul_precision is not None:
         jax.config.update("jax_default_matmul_precision", str(cfg.matmul_precision.value))
     platform = Platform(cfg.platform)
-    started = xla_bridge.backends_are_initialized()
+    started = _backends_started()
     _add_xla_flags(cfg.get("xla_flags") or {}, started=started)
     if platform != Platform.auto:
         jax.config.update("jax_platforms", _JAX_PLATFORMS[platform])
@@ -90,21 +94,35 @@ def xla_flag_args(flags) -> List[str]:
     return args
 
 
-def _add_xla_flags(flags, *, started: bool) -> None:
-    """Add ``flags`` to XLA_FLAGS, except those it sets already (the environment's win). XLA
-    reads XLA_FLAGS once, when JAX starts its backend: a later job of a multirun in this
-    process keeps the first job's flags (warned). XLA itself rejects an unknown name."""
-    env = os.environ.get("XLA_FLAGS", "")
+def with_xla_flags(flags, env: str) -> str:
+    """``env`` (an XLA_FLAGS value) with ``flags`` added, except those it sets already (the
+    environment's own settings win)."""
     given = {arg.split("=", 1)[0].lstrip("-") for arg in env.split()}
     args = [arg for arg in xla_flag_args(flags) if arg.split("=", 1)[0][2:] not in given]
-    if not args:
+    return " ".join([env, *args]).strip()
+
+
+def _add_xla_flags(flags, *, started: bool) -> None:
+    """Set XLA_FLAGS to the environment's own (as this process found it) plus ``flags``. XLA
+    reads XLA_FLAGS once, when JAX starts its backend: a later job of a multirun in this
+    process that asks for other flags runs with the first job's (warned). XLA itself rejects
+    an unknown name."""
+    global _ENV_XLA_FLAGS
+    if _ENV_XLA_FLAGS is None:
+        _ENV_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+    wanted, current = with_xla_flags(flags, _ENV_XLA_FLAGS), os.environ.get("XLA_FLAGS", "")
+    if wanted == current:
         return
     if started:
-        log.warning("device.xla_flags not applied (%s): XLA reads its flags once per process, "
-                    "when JAX starts; this process runs with XLA_FLAGS=%r", " ".join(args), env)
+        log.warning("device.xla_flags ask for XLA_FLAGS=%r, but XLA read %r when JAX started in "
+                    "this process (once per process): this job runs with the latter", wanted,
+                    current)
         return
-    log.info("XLA_FLAGS += %s (device.xla_flags)", " ".join(args))
-    os.environ["XLA_FLAGS"] = " ".join([env, *args]).strip()
+    log.info("XLA_FLAGS=%s (device.xla_flags added)", wanted)
+    os.environ["XLA_FLAGS"] = wanted
+
+
+_ENV_XLA_FLAGS = None  # XLA_FLAGS as the environment set it, before any device.xla_flags
 
 
 def launch_process_index(cfg: DictConfig) -> int:

@@ -91,10 +91,18 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=180, help="seconds per CLI case")
     parser.add_argument("--cli-only", action="store_true", help="skip the in-process loops")
     args = parser.parse_args(argv)
+    import os
+
     import jax
 
+    # This process only looks at the GPU: leave its memory to the runs (they start after).
+    preallocate = os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     results = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
                "device_kind": jax.devices()[0].device_kind, "cases": {}}
+    os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE")
+    if preallocate is not None:
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = preallocate
     print(f"jax {results['jax']}: {results['device_kind']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in CASES.items():
@@ -103,7 +111,7 @@ def main(argv=None) -> None:
             except subprocess.TimeoutExpired:
                 results["cases"][name] = r = {"error": f"timed out after {args.timeout} s"}
             print(f"{name}: " + (f"error: {r['error']}" if "error" in r else
-                                 f"{r['ms_per_step']:.3f} ms/step, mfu {r['mfu']}, "
+                                 f"{r['ms_per_step']} ms/step, mfu {r['mfu']}, "
                                  f"GFLOP/step {_gflops(r):.3g}, "
                                  f"eval loss {r['eval_loss']:.5g}, wall {r['wall_s']:.1f} s"),
                   flush=True)

@@ -33,9 +33,14 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictC
     with initialize_config_module(config_module="conf", version_base=None):
         typed = compose(config_name="config", overrides=[
             o for o in stored_overrides if not o.startswith(("resume=", "hydra"))])
-    # The stored values win over today's defaults; the new overrides win over both.
-    cfg = OmegaConf.merge(typed, OmegaConf.load(stored_path),
-                          OmegaConf.from_dotlist(list(overrides)))
+    # The stored values win over today's defaults; the new overrides win over both
+    # (``+key=value`` adds a key, as it does for a new run).
+    cfg = OmegaConf.merge(typed, OmegaConf.load(stored_path), OmegaConf.from_dotlist(
+        [o for o in overrides if not o.startswith("+")]))
+    for override in (o[1:] for o in overrides if o.startswith("+")):
+        key = override.split("=", 1)[0]
+        OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.from_dotlist([override]), key),
+                         force_add=True)
     cfg.resume = None
     return cfg, [*stored_overrides, *overrides]
 

@@ -70,7 +70,7 @@ def test_max_pool_equals_nn_max_pool_forward_and_gradient(shape):
     np.testing.assert_array_equal(grad(ours), grad(ref))
 
 
-@pytest.mark.parametrize("padding", ["SAME", "VALID", ((2, 0), (1, 1))])
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((2, 0), (1, 1)), ((-1, 0), (0, -1))])
 def test_conv_gradients_equal_lax(padding):
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 10, 12, 4))
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 5))

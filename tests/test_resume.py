@@ -228,3 +228,21 @@ def test_resume_of_a_missing_dir_is_one_line(tmp_path):
     proc = run_cli([f"resume={tmp_path}/nope"], cwd=tmp_path, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: resume={tmp_path}/nope: no such directory"
+
+
+def test_resume_overrides_can_add_keys_with_plus(tmp_path):
+    """`resume=<dir> +device.xla_flags.<name>=<value>` adds a key, as for a new run; a plain
+    override of a key the run does not have stays an error."""
+    from omegaconf import OmegaConf
+
+    from runner.resume import load_run_config
+
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(compose_config([]), tmp_path / ".hydra" / "config.yaml")
+    cfg, overrides = load_run_config(tmp_path, ["+device.xla_flags.xla_cpu_use_xnnpack=true",
+                                                "trainer.steps=400"])
+    assert cfg.device.xla_flags.xla_cpu_use_xnnpack is True and cfg.trainer.steps == 400
+    assert cfg.device.xla_flags.xla_cpu_enable_concurrency_optimized_scheduler is False
+    assert overrides[-2] == "+device.xla_flags.xla_cpu_use_xnnpack=true"
+    with pytest.raises(Exception, match="xla_cpu_use_onednn"):
+        load_run_config(tmp_path, ["device.xla_flags.xla_cpu_use_onednn=true"])

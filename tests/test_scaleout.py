@@ -68,7 +68,9 @@ def test_device_gpu_accepts_what_jax_calls_a_cuda_device(monkeypatch, platform):
 
     updates = {}
     monkeypatch.setattr(device.jax.config, "update", lambda k, v: updates.__setitem__(k, v))
-    monkeypatch.setattr(device.xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setattr(device, "_backends_started", lambda: False)
+    monkeypatch.setattr(device, "_ENV_XLA_FLAGS", None)
+    monkeypatch.setenv("XLA_FLAGS", "")  # linear_fit's flag lands here, not in later tests
     gpus = [_FakeDevice(platform)]
     monkeypatch.setattr(device.jax, "devices", lambda *a: gpus)
     cfg = compose_config(["device=gpu", "device.compilation_cache_dir=null"])
@@ -115,18 +117,36 @@ def test_step_flops_where_lowered_programs_are_not_analysed(monkeypatch):
 def test_xla_flags_join_xla_flags_before_jax_starts(monkeypatch, caplog):
     from runner import device
 
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_cpu_a=1")
+    env = "--xla_force_host_platform_device_count=2 --xla_cpu_a=1"
+    monkeypatch.setenv("XLA_FLAGS", env)
+    monkeypatch.setattr(device, "_ENV_XLA_FLAGS", None)
     device._add_xla_flags({"xla_cpu_a": 2, "xla_cpu_b": False, "xla_c": "x"}, started=False)
-    assert os.environ["XLA_FLAGS"].split() == [  # the environment's own setting wins
+    first = os.environ["XLA_FLAGS"]
+    assert first.split() == [  # the environment's own setting wins
         "--xla_force_host_platform_device_count=2", "--xla_cpu_a=1", "--xla_cpu_b=false",
         "--xla_c=x"]
-    monkeypatch.setenv("XLA_FLAGS", "")
-    device._add_xla_flags({"xla_cpu_b": True}, started=True)  # too late: warned, not set
-    assert os.environ["XLA_FLAGS"] == "" and "not applied (--xla_cpu_b=true)" in caplog.text
+    # Later jobs of a multirun in this process: XLA read the first job's flags.
+    device._add_xla_flags({"xla_cpu_a": 2, "xla_cpu_b": False, "xla_c": "x"}, started=True)
+    assert not caplog.text  # the same flags: nothing to say
+    device._add_xla_flags({"xla_cpu_b": True}, started=True)  # another value: warned
+    assert os.environ["XLA_FLAGS"] == first and "--xla_cpu_b=true" in caplog.text
+    caplog.clear()
+    device._add_xla_flags({}, started=True)  # none: warned that the first job's hold
+    assert os.environ["XLA_FLAGS"] == first and "this job runs with the latter" in caplog.text
     with pytest.raises(RunnerError, match=r"device.xla_flags.xla_d=\[1\]: must be a bool"):
         device.xla_flag_args({"xla_d": [1]})
     with pytest.raises(RunnerError, match=r"device.xla_flags.xla_e='a b': must be a bool"):
         device.xla_flag_args({"xla_e": "a b"})  # XLA_FLAGS is split at spaces
+
+
+def test_xla_flags_reach_xla(tmp_path):
+    """A flag in device.xla_flags is read by XLA: two CPU devices, so the batch is split."""
+    run_cli(["+device.xla_flags.xla_force_host_platform_device_count=2", "trainer.steps=4",
+             "trainer.log_every=2", "trainer.progress_bar=false",
+             f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    devices = json.loads((tmp_path / "run/metrics.json").read_text())["devices"]
+    assert devices["num_devices"] == 2
+    assert "--xla_force_host_platform_device_count=2" in devices["xla_flags"].split()
 
 
 def test_bf16_compute_keeps_float32_params(tmp_path):
