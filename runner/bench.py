@@ -112,8 +112,8 @@ def bench_linear_fit(repeats: int, steps: int) -> dict:
                     [sys.executable, "-m", "runner.bench", "--linear-fit-worker", name,
                      "--steps", str(steps)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                     stderr=errors, text=True, env={**os.environ, "XLA_FLAGS": xla_flags})
-            for name, worker in workers.items():
-                info = json.loads(_worker_line(worker, errors))  # ready, after its warm-up
+            for worker in workers.values():  # each says ready (its dispatch layout) when warm
+                info = json.loads(_worker_line(worker, errors))
             for _ in range(repeats):
                 for name, worker in workers.items():
                     worker.stdin.write("run\n")

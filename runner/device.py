@@ -111,7 +111,7 @@ def _add_xla_flags(flags, *, started: bool) -> None:
     if _ENV_XLA_FLAGS is None:
         _ENV_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
     wanted, current = with_xla_flags(flags, _ENV_XLA_FLAGS), os.environ.get("XLA_FLAGS", "")
-    if wanted == current:
+    if wanted.split() == current.split():
         return
     if started:
         log.warning("device.xla_flags ask for XLA_FLAGS=%r, but XLA read %r when JAX started in "

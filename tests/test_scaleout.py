@@ -133,6 +133,11 @@ def test_xla_flags_join_xla_flags_before_jax_starts(monkeypatch, caplog):
     caplog.clear()
     device._add_xla_flags({}, started=True)  # none: warned that the first job's hold
     assert os.environ["XLA_FLAGS"] == first and "this job runs with the latter" in caplog.text
+    caplog.clear()  # the environment's own flags, spaced differently, are the same flags
+    monkeypatch.setattr(device, "_ENV_XLA_FLAGS", None)
+    monkeypatch.setenv("XLA_FLAGS", "  --xla_cpu_a=1  ")
+    device._add_xla_flags({}, started=True)
+    assert not caplog.text
     with pytest.raises(RunnerError, match=r"device.xla_flags.xla_d=\[1\]: must be a bool"):
         device.xla_flag_args({"xla_d": [1]})
     with pytest.raises(RunnerError, match=r"device.xla_flags.xla_e='a b': must be a bool"):
