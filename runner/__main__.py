@@ -33,6 +33,16 @@ from omegaconf import DictConfig  # noqa: E402
 
 from runner.errors import RunnerError, describe_error  # noqa: E402
 
+if __name__ == "__main__" and not NOT_A_SINGLE_RUN - {"-m", "--multirun"} & set(sys.argv[1:]):
+    # A run imports these anyway; now, so that the objects of every module loaded so far can
+    # be frozen: Python's garbage collector then skips them (~140k objects) in each later
+    # collection. Unfrozen, collections during the run's first lowering made it ~0.1 s slower.
+    import gc
+
+    import runner.train  # noqa: F401
+
+    gc.freeze()
+
 
 @hydra.main(version_base=None, config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> float:

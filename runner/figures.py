@@ -9,6 +9,7 @@ in-process as before; an error in the task's ``figures`` fails the run either wa
 """
 
 import atexit
+import io
 import os
 import pickle
 import queue
@@ -16,13 +17,25 @@ import subprocess
 import sys
 import threading
 import traceback
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from runner.errors import RunnerError
 
-Images = Dict[str, np.ndarray]  # name -> (H, W, 3) uint8
+class EncodedImage(NamedTuple):
+    """An image as TensorBoard stores it: PNG bytes, and the (H, W, C) shape of the pixels."""
+
+    png: bytes
+    shape: Tuple[int, int, int]
+
+    def pixels(self) -> np.ndarray:
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(self.png)))
+
+
+Images = Dict[str, EncodedImage]  # name -> image
 
 
 def render(figure) -> np.ndarray:
@@ -35,8 +48,31 @@ def render(figure) -> np.ndarray:
     return image
 
 
+def encode(image: np.ndarray) -> EncodedImage:
+    """(H, W, C) uint8 pixels as PNG (what tensorboardX's ``add_image`` writes for them)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return EncodedImage(buffer.getvalue(), image.shape)
+
+
 def draw(task, data, outputs) -> Images:
-    return {name: render(fig) for name, fig in task.figures(data, outputs).items()}
+    """The task's figures, rendered and PNG-encoded (in the worker: off the run's thread)."""
+    return {name: encode(render(fig)) for name, fig in task.figures(data, outputs).items()}
+
+
+def _warm_up() -> None:
+    """Draw and encode a throwaway figure: the first figure of a process loads fonts and
+    more (~40 ms), which would otherwise delay the run's first figure."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(2, 2), dpi=40)
+    axes.scatter([0, 1], [0, 1], s=4, label="a")
+    axes.plot([0, 1], [1, 0], "r--", label="b")
+    axes.set_xlabel("x")
+    axes.legend()
+    encode(render(figure))
 
 
 class _Worker:
@@ -185,8 +221,13 @@ def worker() -> None:
 
     matplotlib.use("Agg")
     # Import now, while the run starts up: matplotlib, and what task modules import (jax).
+    import gc
+
     import matplotlib.pyplot  # noqa: F401
     import jax  # noqa: F401
+
+    _warm_up()
+    gc.freeze()  # the garbage collector skips the imported modules' objects: ~25% per figure
 
     # The answers get the real stdout to themselves; anything printed goes to stderr.
     stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
@@ -212,4 +253,8 @@ def worker() -> None:
 
 
 if __name__ == "__main__":
-    worker()
+    # Run as the module runner.figures (not __main__): the images it pickles back name their
+    # class by that module, which the run can import.
+    from runner.figures import worker as run_worker
+
+    run_worker()

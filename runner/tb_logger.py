@@ -31,6 +31,7 @@ def _import_tensorboardx():
 tensorboardX = _import_tensorboardx()
 SummaryWriter = tensorboardX.SummaryWriter
 hparams_summaries = tensorboardX.summary.hparams
+Summary = tensorboardX.summary.Summary
 
 
 class TensorBoardLogger:
@@ -53,11 +54,19 @@ class TensorBoardLogger:
         # TensorBoard renders text as markdown: indent four spaces to keep it verbatim.
         self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()))
 
-    def images(self, step: int, prefix: str, images: Mapping[str, np.ndarray]) -> None:
-        """(H, W, 3) uint8 images (``<prefix>/<name>``), e.g. the task's rendered figures."""
+    def images(self, step: int, prefix: str, images: Mapping[str, Any]) -> None:
+        """Images (``<prefix>/<name>``): (H, W, 3) uint8 arrays, or already PNG-encoded
+        (``runner.figures.EncodedImage``: the task's figures, encoded by the figure worker)."""
         for name, image in images.items():
-            self.writer.add_image(f"{prefix}/{name}", image, global_step=step,
-                                  dataformats="HWC")
+            if isinstance(image, np.ndarray):
+                self.writer.add_image(f"{prefix}/{name}", image, global_step=step,
+                                      dataformats="HWC")
+                continue
+            height, width, channels = image.shape
+            encoded = Summary.Image(height=height, width=width, colorspace=channels,
+                                    encoded_image_string=image.png)
+            self.writer._get_file_writer().add_summary(
+                Summary(value=[Summary.Value(tag=f"{prefix}/{name}", image=encoded)]), step)
 
     def histograms(self, step: int, prefix: str, tree: Any) -> None:
         """One histogram per array of a pytree (``params/Dense_0/kernel``)."""

@@ -69,5 +69,6 @@ class LinearFit:
         ax.set_xlabel("x")
         ax.set_ylabel("y")
         ax.legend(loc="upper left")
-        fig.tight_layout()
+        # Fixed margins: tight_layout would lay the figure out twice (a third of its time).
+        fig.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.97)
         return {"fit": fig}
