@@ -52,15 +52,13 @@ def _runner_parts(overrides: List[str]):
     from hydra.utils import instantiate
 
     from runner.optim import make_optimizer
-    from runner.steps import create_train_state, make_data, seed_keys
+    from runner.steps import setup
 
     cfg = _compose(overrides)
     task = instantiate(cfg.task, _convert_="all")
     optimizer = make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps)
-    init_rng, data_rng, rng = seed_keys(0)
-    state = create_train_state(init_rng, instantiate(cfg.model, _convert_="all"), task,
-                               optimizer)
-    return cfg, task, optimizer, state, make_data(data_rng, task=task), rng
+    state, data, _, rng = setup(0, instantiate(cfg.model, _convert_="all"), task, optimizer)
+    return cfg, task, optimizer, state, data, rng
 
 
 def _loops(reference, runner_parts, *, steps: int, chunk: int, windows: int = 1,

@@ -24,7 +24,7 @@ def evaluate_run(run_dir: Path, which: str = "last") -> dict:
     from runner.resume import load_run_config
     from runner.schema import Precision, validate
     from runner.train import COMPUTE_DTYPES
-    from runner.steps import create_train_state, evaluate, make_data, seed_keys
+    from runner.steps import evaluate, setup
 
     cfg, _ = load_run_config(run_dir)
     validate(cfg)
@@ -43,11 +43,10 @@ def evaluate_run(run_dir: Path, which: str = "last") -> dict:
     else:
         raise RunnerError(f"--checkpoint {which}: use last, best or a step number")
     task = instantiate(cfg.task, _convert_="all")
-    init_rng, data_rng, _ = seed_keys(cfg.seed)
-    template = create_train_state(init_rng, instantiate(cfg.model, _convert_="all"), task,
-                                  make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps))
+    template, data, _, _ = setup(cfg.seed, instantiate(cfg.model, _convert_="all"), task,
+                                 make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps))
     state = load_checkpoint(path, template)
-    metrics, _ = evaluate(state, make_data(data_rng, task=task), task=task,
+    metrics, _ = evaluate(state, data, task=task,
                           compute_dtype=COMPUTE_DTYPES[Precision(cfg.device.precision)])
     return {"run_dir": str(run_dir), "checkpoint": str(path), "step": int(state.step),
             "eval": {k: float(v) for k, v in jax.device_get(metrics).items()}}

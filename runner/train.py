@@ -22,14 +22,13 @@ from runner.compiles import cache_hits, compile_stats
 from runner.device import (DATA_AXIS, configure_jax, make_mesh, peak_flops, place,
                            replicated)
 from runner.errors import RunnerError, describe_error
-from runner.figures import FigureRenderer
+from runner.figures import FigureRenderer, Images
 from runner.hparams import run_hparams
 from runner.manifest import write_manifest
 from runner.optim import make_optimizer
 from runner.preemption import Interrupted, StopRequest, stop_on_signals
 from runner.schema import Precision, validate
-from runner.steps import (LAYER_GRAD_NORM, create_train_state, evaluate, make_data,
-                          seed_keys, step_flops, train_steps)
+from runner.steps import LAYER_GRAD_NORM, evaluate, setup, step_flops, train_steps
 from runner.tb_logger import NullLogger, TensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -126,8 +125,7 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: 
                 if writer and trainer.log_images and hasattr(task, "figures") else None)
     model = build_model(cfg.model)
     optimizer = make_optimizer(cfg.optimizer, total_steps=trainer.steps)
-    init_rng, data_rng, train_rng = seed_keys(cfg.seed, mesh=mesh)
-    state = create_train_state(init_rng, model, task, optimizer, mesh=mesh)
+    state, data, init_rng, train_rng = setup(cfg.seed, model, task, optimizer, mesh=mesh)
     if resume:
         state = _restore(run_dir, state, mesh)
     start_step = int(state.step)
@@ -150,7 +148,6 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: 
             f"trainer.steps_per_dispatch={chunk}: must divide trainer.steps, the step a resume "
             f"starts from ({start_step}), trainer.eval_every and trainer.checkpoint_every, and "
             f"divide trainer.log_every or (without trainer.log_histograms) be a multiple of it")
-    data = make_data(data_rng, task=task, mesh=mesh)
     if renderer:
         renderer.set_data(task, jax.device_get(data))
     step_options = StepOptions(mesh=mesh, compute_dtype=COMPUTE_DTYPES[Precision(
@@ -172,7 +169,11 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: 
         write_manifest(run_dir, devices=list(mesh.devices.flat), overrides=overrides,
                        start_step=start_step, placement=placement)
 
-    model_summary = model.tabulate(init_rng, task.example_input(), console_kwargs={"width": 120})
+    # The table needs only the input's shape: zeros on the host, where jnp.zeros would compile
+    # and run two small programs.
+    example = jax.eval_shape(task.example_input)
+    model_summary = model.tabulate(init_rng, np.zeros(example.shape, example.dtype),
+                                   console_kwargs={"width": 120})
     if writer:
         (run_dir / "model_summary.txt").write_text(model_summary)
     # A resumed run drops what the interrupted attempt logged after its checkpoint.
@@ -378,7 +379,7 @@ def _log_eval(state, data, task, step: int, logger, renderer,
     return values
 
 
-def _log_images(images: Dict[int, Dict[str, np.ndarray]], logger) -> None:
+def _log_images(images: Dict[int, Images], logger) -> None:
     for step, named in images.items():
         logger.images(step, "eval", named)
 

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import TINY_CNN, compose_config
 from runner.errors import RunnerError
 from runner.optim import make_optimizer
-from runner.steps import create_train_state, train_steps
+from runner.steps import create_train_state, make_data, seed_keys, setup, train_steps
 from runner.train import MAX_AUTO_DISPATCH, log_windows, run, steps_per_dispatch
 
 LINEAR_40 = ["trainer.steps=40", "trainer.log_every=10", "trainer.eval_every=20",
@@ -23,6 +23,26 @@ def scalars(run_dir, tag):
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+@pytest.mark.parametrize("overrides", [[], TINY_CNN])
+def test_setup_is_seed_keys_then_init_then_data_in_one_call(overrides):
+    """The run's start (one compiled call) is bit for bit what the separate calls give, which
+    ``runner.eval`` and older runs used."""
+    cfg = compose_config(overrides)
+    task, model = instantiate(cfg.task, _convert_="all"), instantiate(cfg.model, _convert_="all")
+    optimizer = make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps)
+    for seed in (0, 7):
+        state, data, init_rng, train_rng = setup(seed, model, task, optimizer)
+        init_key, data_key, train_key = seed_keys(seed)
+        separate = create_train_state(init_key, model, task, optimizer)
+        fused = (state.step, state.params, state.opt_state, data, init_rng, train_rng)
+        expected = (separate.step, separate.params, separate.opt_state,
+                    make_data(data_key, task=task), init_key, train_key)
+        assert jax.tree.structure(fused) == jax.tree.structure(expected)
+        for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(expected)):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
 
 
 def test_run_trains_logs_checkpoints_and_compiles_the_step_once(tmp_path):
