@@ -78,8 +78,13 @@ def cli() -> None:
             from runner.resume import resume_run
 
             resume_run(resume[0].split("=", 1)[1], [a for a in args if a not in resume])
-        else:
+        elif NOT_A_SINGLE_RUN & set(args):
             main()
+        else:
+            from runner.compose_once import compose_once
+
+            with compose_once():
+                main()
     except Exception as err:
         message = describe_error(err)
         if show_traceback or message is None:
