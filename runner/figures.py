@@ -226,13 +226,16 @@ def worker() -> None:
     import matplotlib.pyplot  # noqa: F401
     import jax  # noqa: F401
 
-    _warm_up()
-    gc.freeze()  # the garbage collector skips the imported modules' objects: ~25% per figure
-
     # The answers get the real stdout to themselves; anything printed goes to stderr.
     stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    try:
+        _warm_up()
+    except Exception:  # noqa: BLE001 (only a head start: the real figures report their errors)
+        pass
+    gc.collect()
+    gc.freeze()  # the garbage collector skips the imported modules' objects: ~25% per figure
     task = data = None
     while True:
         try:

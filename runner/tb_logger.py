@@ -8,6 +8,8 @@ from typing import Any, Iterable, Mapping, Optional
 import jax
 import numpy as np
 
+from runner.figures import EncodedImage
+
 
 def _import_tensorboardx():
     """tensorboardX's writer module imports torch when it is installed (to accept torch
@@ -32,6 +34,7 @@ tensorboardX = _import_tensorboardx()
 SummaryWriter = tensorboardX.SummaryWriter
 hparams_summaries = tensorboardX.summary.hparams
 Summary = tensorboardX.summary.Summary
+clean_tag = tensorboardX.summary._clean_tag
 
 
 class TensorBoardLogger:
@@ -58,15 +61,16 @@ class TensorBoardLogger:
         """Images (``<prefix>/<name>``): (H, W, 3) uint8 arrays, or already PNG-encoded
         (``runner.figures.EncodedImage``: the task's figures, encoded by the figure worker)."""
         for name, image in images.items():
-            if isinstance(image, np.ndarray):
+            if not isinstance(image, EncodedImage):
                 self.writer.add_image(f"{prefix}/{name}", image, global_step=step,
                                       dataformats="HWC")
                 continue
             height, width, channels = image.shape
             encoded = Summary.Image(height=height, width=width, colorspace=channels,
                                     encoded_image_string=image.png)
+            tag = clean_tag(f"{prefix}/{name}")  # as add_image names it
             self.writer._get_file_writer().add_summary(
-                Summary(value=[Summary.Value(tag=f"{prefix}/{name}", image=encoded)]), step)
+                Summary(value=[Summary.Value(tag=tag, image=encoded)]), step)
 
     def histograms(self, step: int, prefix: str, tree: Any) -> None:
         """One histogram per array of a pytree (``params/Dense_0/kernel``)."""

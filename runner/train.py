@@ -171,9 +171,9 @@ def _train(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str], resume: 
 
     # The table needs only the input's shape: zeros on the host, where jnp.zeros would compile
     # and run two small programs.
-    example = jax.eval_shape(task.example_input)
-    model_summary = model.tabulate(init_rng, np.zeros(example.shape, example.dtype),
-                                   console_kwargs={"width": 120})
+    example = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                           jax.eval_shape(task.example_input))
+    model_summary = model.tabulate(init_rng, example, console_kwargs={"width": 120})
     if writer:
         (run_dir / "model_summary.txt").write_text(model_summary)
     # A resumed run drops what the interrupted attempt logged after its checkpoint.

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY_CNN, compose_config
+from runner.device import make_mesh
 from runner.errors import RunnerError
 from runner.optim import make_optimizer
 from runner.steps import create_train_state, make_data, seed_keys, setup, train_steps
@@ -25,20 +26,21 @@ def scalars(run_dir, tag):
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-@pytest.mark.parametrize("overrides", [[], TINY_CNN])
-def test_setup_is_seed_keys_then_init_then_data_in_one_call(overrides):
+@pytest.mark.parametrize("overrides, with_mesh", [([], False), ([], True), (TINY_CNN, True)])
+def test_setup_is_seed_keys_then_init_then_data_in_one_call(overrides, with_mesh):
     """The run's start (one compiled call) is bit for bit what the separate calls give, which
-    ``runner.eval`` and older runs used."""
+    older runs started from (a resumed run makes its data again from the seed)."""
     cfg = compose_config(overrides)
     task, model = instantiate(cfg.task, _convert_="all"), instantiate(cfg.model, _convert_="all")
     optimizer = make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps)
+    mesh = make_mesh(cfg.device, jax.devices()) if with_mesh else None  # as a run has one
     for seed in (0, 7):
-        state, data, init_rng, train_rng = setup(seed, model, task, optimizer)
-        init_key, data_key, train_key = seed_keys(seed)
-        separate = create_train_state(init_key, model, task, optimizer)
+        state, data, init_rng, train_rng = setup(seed, model, task, optimizer, mesh=mesh)
+        init_key, data_key, train_key = seed_keys(seed, mesh=mesh)
+        separate = create_train_state(init_key, model, task, optimizer, mesh=mesh)
         fused = (state.step, state.params, state.opt_state, data, init_rng, train_rng)
         expected = (separate.step, separate.params, separate.opt_state,
-                    make_data(data_key, task=task), init_key, train_key)
+                    make_data(data_key, task=task, mesh=mesh), init_key, train_key)
         assert jax.tree.structure(fused) == jax.tree.structure(expected)
         for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(expected)):
             assert got.dtype == want.dtype
