@@ -23,6 +23,7 @@ import numpy as np
 
 from runner.errors import RunnerError
 
+
 class EncodedImage(NamedTuple):
     """An image as TensorBoard stores it: PNG bytes, and the (H, W, C) shape of the pixels."""
 
@@ -217,12 +218,12 @@ def worker() -> None:
     """Answer messages from stdin: ``("data", task, data)`` sets what to draw from;
     ``("draw", step, outputs)`` is answered with ``(step, images)``, or ``(step, traceback
     text)`` when the task's figures raise. Exits at the end of its input."""
+    import gc
+
     import matplotlib
 
     matplotlib.use("Agg")
     # Import now, while the run starts up: matplotlib, and what task modules import (jax).
-    import gc
-
     import matplotlib.pyplot  # noqa: F401
     import jax  # noqa: F401
 
