@@ -83,6 +83,11 @@ def _gflops(case: dict) -> float:
     return ((case.get("placement") or {}).get("flops_per_step") or 0) / 1e9
 
 
+def _g(value) -> str:
+    """A figure to 4 significant digits; ``-`` where a run logged none."""
+    return "-" if value is None else f"{value:.4g}"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m runner.gpu_check",
                                      description=__doc__.splitlines()[0])
@@ -111,7 +116,7 @@ def main(argv=None) -> None:
             except subprocess.TimeoutExpired:
                 results["cases"][name] = r = {"error": f"timed out after {args.timeout} s"}
             print(f"{name}: " + (f"error: {r['error']}" if "error" in r else
-                                 f"{r['ms_per_step']} ms/step, mfu {r['mfu']}, "
+                                 f"{_g(r['ms_per_step'])} ms/step, mfu {_g(r['mfu'])}, "
                                  f"GFLOP/step {_gflops(r):.3g}, "
                                  f"eval loss {r['eval_loss']:.5g}, wall {r['wall_s']:.1f} s"),
                   flush=True)
