@@ -1,6 +1,34 @@
-"""runner's config groups. Importing this package (Hydra does, to read ``pkg://conf``)
-registers the dataclass schemas the YAML files extend (``- /schema/optimizer/adam@_here_``)."""
+"""runner's config groups. Importing this package (Hydra does, to read ``pkg://runner.conf``)
+registers the schemas the YAML files extend: ``run_schema`` (runner's own keys,
+``runner.schema``) and, for each built-in option below, ``schema/<group>/<name>``: every
+parameter of its class or optax factory, with the code's defaults (``runner.targets``). So
+``--cfg job`` lists every key, and ``task.num_train=500`` needs no ``+``."""
 
-from runner.schema import register_schemas
+from hydra.core.config_store import ConfigStore
+
+from runner.schema import OptimizerConf, RunConf
+from runner.targets import load_target, signature_schema
+
+BUILT_IN = {
+    "task": {"linear_fit": "runner.tasks.linear_fit.LinearFit",
+             "cnn_random_images": "runner.tasks.cnn_random_images.CNNRandomImages"},
+    "model": {"mlp": "runner.models.mlp.MLP", "cnn": "runner.models.cnn.CNN"},
+    "optimizer": {"adam": "optax.adam", "adamw": "optax.adamw", "sgd": "optax.sgd",
+                  "rmsprop": "optax.rmsprop"},
+}
+# What the optimizer group adds to a factory's own parameters (the lr is runner's: it is
+# scaled by the schedule), see runner.optim.
+OPTIMIZER_SCHEMA = {"skip": ("learning_rate",), "base": OptimizerConf}
+
+
+def register_schemas() -> None:
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConf)
+    for group, options in BUILT_IN.items():
+        extra = OPTIMIZER_SCHEMA if group == "optimizer" else {}
+        for name, path in options.items():
+            schema = signature_schema(load_target(path, group), path=path, **extra)
+            store.store(group=f"schema/{group}", name=name, node=schema)
+
 
 register_schemas()

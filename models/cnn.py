@@ -1,38 +1,44 @@
 """The reference's CNN: (Conv -> relu -> max pool) per conv layer, flatten, Dense -> relu, Dense."""
 
-from typing import Callable, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 
-from models.conv import conv_general_dilated
-from models.pooling import max_pool
-from runner.errors import ConfigError
-
-Initializer = Callable[..., jax.Array]
+from runner.errors import ConfigError, check_range
+from runner.models.conv import conv_general_dilated
+from runner.models.init import Init
+from runner.models.pooling import max_pool
 
 
 class CNN(nn.Module):
     """Conv stack over NHWC images with a dense head; defaults give 3,689,034 parameters on
-    84x84x3 inputs. The first conv uses ``first_kernel_init`` (the reference: orthogonal(sqrt 2)).
+    84x84x3 inputs and 10 outputs. The first conv uses ``first_kernel_init`` (the reference:
+    orthogonal(sqrt 2)). ``out_features`` null: the task's output size (runner fills it in).
     """
 
     conv_features: Sequence[int] = (64, 128)
     kernel_sizes: Sequence[int] = (3, 3)
     pool_size: int = 2
     dense_features: Sequence[int] = (64,)
-    num_classes: int = 10
-    first_kernel_init: Initializer = nn.initializers.orthogonal(2**0.5)
+    out_features: Optional[int] = None
+    first_kernel_init: Init = Init("orthogonal", scale=2**0.5)
+
+    def __post_init__(self):
+        for key in ("conv_features", "kernel_sizes", "pool_size", "dense_features",
+                    "out_features"):
+            check_range(f"model.{key}", getattr(self, key), gt=0)
+        if len(self.kernel_sizes) != len(self.conv_features):
+            raise ConfigError(
+                f"model.kernel_sizes has {len(self.kernel_sizes)} entries but "
+                f"model.conv_features has {len(self.conv_features)}; give one size per conv layer")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 4:
             raise ConfigError(f"model=cnn needs images [batch, height, width, channels]; the "
                               f"task gives inputs of shape {tuple(x.shape)}")
-        if len(self.kernel_sizes) != len(self.conv_features):
-            raise ConfigError(
-                f"model.kernel_sizes has {len(self.kernel_sizes)} entries but "
-                f"model.conv_features has {len(self.conv_features)}; give one size per conv layer")
         for i, (features, size) in enumerate(zip(self.conv_features, self.kernel_sizes)):
             init = {"kernel_init": self.first_kernel_init} if i == 0 else {}
             conv = nn.Conv(features, kernel_size=(size, size), **init,
@@ -42,4 +48,4 @@ class CNN(nn.Module):
         x = x.reshape(x.shape[0], -1)
         for features in self.dense_features:
             x = nn.relu(nn.Dense(features)(x))
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.out_features)(x)

@@ -1,27 +1,34 @@
 """A multilayer perceptron; the default is the reference's Dense(128) -> Dense(1)."""
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.activations import get_activation
-
-Initializer = Callable[..., jax.Array]
+from runner.errors import check_range
+from runner.models.activations import get_activation
+from runner.models.init import Init
 
 
 class MLP(nn.Module):
     """Dense layers of ``features`` (each followed by ``activation``), then Dense(out_features).
 
-    Inputs with more than one feature axis (images) are flattened first.
+    Inputs with more than one feature axis (images) are flattened first. ``out_features``
+    null: the task's output size (runner fills it in).
     """
 
     features: Sequence[int] = (128,)
-    out_features: int = 1
+    out_features: Optional[int] = None
     activation: Optional[str] = None
-    kernel_init: Initializer = nn.initializers.lecun_normal()
-    bias_init: Initializer = nn.initializers.zeros_init()
+    kernel_init: Init = Init("lecun_normal")
+    bias_init: Init = Init("zeros_init")
+
+    def __post_init__(self):
+        check_range("model.features", self.features, gt=0)
+        check_range("model.out_features", self.out_features, gt=0)
+        get_activation(self.activation)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -43,21 +43,18 @@ def _compose(overrides: List[str]):
     """The config of ``python -m runner <overrides>``."""
     from hydra import compose, initialize_config_module
 
-    with initialize_config_module(config_module="conf", version_base=None):
+    with initialize_config_module(config_module="runner.conf", version_base=None):
         return compose(config_name="config", overrides=overrides)
 
 
 def _runner_parts(overrides: List[str]):
     """task, optimizer, state, data and rng of ``python -m runner <overrides>``."""
-    from hydra.utils import instantiate
-
-    from runner.optim import make_optimizer
+    from runner.build import build_parts
     from runner.steps import setup
 
     cfg = _compose(overrides)
-    task = instantiate(cfg.task, _convert_="all")
-    optimizer = make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps)
-    state, data, _, rng = setup(0, instantiate(cfg.model, _convert_="all"), task, optimizer)
+    task, model, optimizer = build_parts(cfg)
+    state, data, _, rng = setup(0, task, model, optimizer)
     return cfg, task, optimizer, state, data, rng
 
 
@@ -141,7 +138,8 @@ def _linear_fit_worker(name: str, steps: int) -> None:
     """One side of ``bench_linear_fit``: warm up, say ``ready`` (with the dispatch layout), then
     time one round of ``steps`` steps per ``run`` line on stdin."""
     from runner.bench_cases import reference_linear_fit
-    from runner.train import log_windows, steps_per_dispatch
+    from runner.build import steps_per_dispatch
+    from runner.loop import log_windows
 
     cfg, *parts = _runner_parts([])
     # The default run's dispatch: 100 steps, the metrics of two 50-step log windows.

@@ -9,6 +9,26 @@ class ConfigError(RunnerError):
     """A config value that composes but is not valid (out of range, inconsistent)."""
 
 
+def check_range(key: str, value, *, gt=None, ge=None, le=None) -> None:
+    """Raise ConfigError naming ``key`` when ``value`` (or any item of a list or tuple) lies
+    outside the range; None passes. For tasks' and models' ``__post_init__`` checks."""
+    if value is None:
+        return
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, (list, tuple)) and not items:
+        raise ConfigError(f"{key}=[]: must list at least one value")
+    shown = list(value) if isinstance(value, (list, tuple)) else value
+    for item in items:
+        for bound, ok, word in ((gt, lambda b: item > b, ">"), (ge, lambda b: item >= b, ">="),
+                                (le, lambda b: item <= b, "<=")):
+            if bound is not None and not ok(bound):
+                raise ConfigError(f"{key}={shown}: must be {word} {bound}")
+
+
+# Config options that an optional extra of the distribution installs: (group, name) -> extra.
+EXTRAS = {("hydra/sweeper", "optuna"): "optuna"}
+
+
 def describe_error(err: BaseException) -> "str | None":
     """One line for an error the user can fix (a RunnerError, or a Hydra/OmegaConf config
     error anywhere in the exception's chain); None for anything else (a bug: show it all)."""
@@ -26,25 +46,28 @@ def describe_error(err: BaseException) -> "str | None":
     for e in chain:
         if isinstance(e, MissingConfigException):
             group, _, name = (e.missing_cfg_file or "").rpartition("/")
+            if (group, name) in EXTRAS:
+                return (f"{group}={name}: not installed; it comes with an extra: pip install "
+                        f"'jax-yaml-runner[{EXTRAS[group, name]}]'")
             if group and e.options:
                 return f"{group}={name}: no such option; available: {', '.join(e.options)}"
-            return _first_line(e)
+            return first_line(e)
         if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and getattr(e, "full_key", None):
             valid = _valid_keys(e)
             return (f"{e.full_key}: unknown key" + (f"; valid keys: {valid}" if valid else "")
                     + " (use +key=value to add a new one)")
         if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
-            return f"{e.full_key}: {_first_line(e)}"
+            return f"{e.full_key}: {first_line(e)}"
     for e in chain:
         if isinstance(e, OverrideParseException):
-            return f"cannot parse override '{e.override}': {_first_line(e)}"
+            return f"cannot parse override '{e.override}': {first_line(e)}"
         if isinstance(e, (ConfigCompositionException,
                           InstantiationException, OmegaConfBaseException)):
-            return _first_line(e)
+            return first_line(e)
     return None
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = getattr(err, "msg", None) or str(err)
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__

@@ -10,24 +10,22 @@ import json
 import sys
 from pathlib import Path
 
-from runner.errors import RunnerError
+from runner.errors import RunnerError, describe_error
 
 
 def evaluate_run(run_dir: Path, which: str = "last") -> dict:
     """Eval metrics of checkpoint ``which`` (``last``, ``best`` or a step) of ``run_dir``."""
     import jax
-    from hydra.utils import instantiate
 
+    from runner.build import COMPUTE_DTYPES, build_parts
     from runner.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
     from runner.device import configure_jax
-    from runner.optim import make_optimizer
     from runner.resume import load_run_config
-    from runner.schema import Precision, validate
-    from runner.train import COMPUTE_DTYPES
+    from runner.schema import Precision
     from runner.steps import evaluate, setup
 
     cfg, _ = load_run_config(run_dir)
-    validate(cfg)
+    parts = build_parts(cfg)
     cfg.device.distributed = False  # one process evaluates, whatever the run was
     configure_jax(cfg.device)
     ckpt_dir = run_dir / "checkpoints"
@@ -42,11 +40,9 @@ def evaluate_run(run_dir: Path, which: str = "last") -> dict:
         path = checkpoint_path(ckpt_dir, int(which))
     else:
         raise RunnerError(f"--checkpoint {which}: use last, best or a step number")
-    task = instantiate(cfg.task, _convert_="all")
-    template, data, _, _ = setup(cfg.seed, instantiate(cfg.model, _convert_="all"), task,
-                                 make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps))
+    template, data, _, _ = setup(cfg.seed, *parts)
     state = load_checkpoint(path, template)
-    metrics, _ = evaluate(state, data, task=task,
+    metrics, _ = evaluate(state, data, task=parts.task,
                           compute_dtype=COMPUTE_DTYPES[Precision(cfg.device.precision)])
     return {"run_dir": str(run_dir), "checkpoint": str(path), "step": int(state.step),
             "eval": {k: float(v) for k, v in jax.device_get(metrics).items()}}
@@ -61,8 +57,11 @@ def main(argv=None) -> None:
     try:
         print(json.dumps(evaluate_run(args.run_dir.expanduser().resolve(), args.checkpoint),
                          indent=2))
-    except RunnerError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 (a user's error is one line; a bug shows all)
+        message = describe_error(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -4,7 +4,8 @@ hyperparameter injected into the optimizer state.
 Because ``lr``, ``b1``, ``weight_decay``, ``clip_norm``... live in ``opt_state.hyperparams`` as
 arrays rather than as constants of the compiled program, runs that differ only in them share
 one compiled train step: the transformation a TrainState carries (part of the jit cache key)
-is one object per optimizer *structure* in this process. The schedule only scales the peak lr.
+is a ``Transformation``, equal for every optimizer of one *structure* (factory, schedule,
+non-numeric arguments). The schedule only scales the peak lr.
 """
 
 import dataclasses
@@ -14,14 +15,19 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import optax
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from runner.errors import ConfigError
-from runner.schema import Schedule
+from runner.errors import ConfigError, check_range
+from runner.schema import OptimizerConf, Schedule
+from runner.targets import check, load_target
 
-# Keys every optimizer config has; all other keys are the optax factory's own arguments.
-COMMON_KEYS = ("_target_", "lr", "schedule", "warmup_steps", "clip_norm")
+# Keys every optimizer config has (runner.schema.OptimizerConf); all other keys are the optax
+# factory's own arguments.
+COMMON_KEYS = tuple(f.name for f in dataclasses.fields(OptimizerConf))
+# Ranges of optax's usual argument names (optax checks none of them).
+RANGES = {"b1": dict(ge=0, le=1), "b2": dict(ge=0, le=1), "decay": dict(ge=0, le=1),
+          "momentum": dict(ge=0, le=1), "eps": dict(ge=0), "eps_root": dict(ge=0),
+          "weight_decay": dict(ge=0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,44 +48,73 @@ class LRSchedule:
 
 
 @dataclasses.dataclass(frozen=True)
+class Transformation:
+    """An optax transformation (``init``, ``update``) equal for equal structures: ``factory``
+    wrapped by ``inject_hyperparams``, with the ``static`` (non-numeric) arguments baked in and
+    the ``numeric`` ones read from ``opt_state.hyperparams``. (optax's own objects compare by
+    identity, so two jobs' transformations would key two compilations.)"""
+
+    factory: str
+    schedule: LRSchedule
+    static: Tuple[Tuple[str, Any], ...]
+    numeric: Tuple[Tuple[str, type], ...]
+
+    def _optax(self, values: Optional[Dict[str, Any]] = None) -> optax.GradientTransformation:
+        build = _scheduled(load_target(self.factory, "optimizer"), self.schedule)
+        numeric = {name: (values or {}).get(name, kind(1)) for name, kind in self.numeric}
+        return optax.inject_hyperparams(build)(**dict(self.static), **numeric)
+
+    def init(self, params) -> optax.OptState:
+        return self._optax().init(params)
+
+    def update(self, updates, state, params=None):
+        return self._optax().update(updates, state, params)
+
+
+@dataclasses.dataclass(frozen=True)
 class Optimizer:
     """What a run needs of its optimizer.
 
-    ``tx`` steps the state: equal-structured optimizers share it, so it keys one compiled step.
-    ``init`` makes this run's initial optimizer state, holding this run's hyperparameter values.
+    ``tx`` steps the state: equal-structured optimizers have equal ones (one compiled step).
     ``schedule`` gives the lr in use: ``opt_state.hyperparams["learning_rate"] * schedule(step)``.
     ``hyperparams`` are this run's numeric hyperparameters (``opt_state.hyperparams``' keys).
     """
 
-    tx: optax.GradientTransformation
-    init: Callable[[Any], optax.OptState]
+    tx: Transformation
     schedule: LRSchedule
     hyperparams: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
-
-# One transformation per optimizer structure (factory, schedule, static arguments) per process.
-_SHARED_TX: Dict[Tuple, optax.GradientTransformation] = {}
+    def init(self, params) -> optax.OptState:
+        """This run's initial optimizer state, holding its hyperparameter values."""
+        return self.tx._optax(self.hyperparams).init(params)
 
 
 def make_optimizer(cfg: DictConfig, *, total_steps: int) -> Optimizer:
     """Build ``clip_by_global_norm(clip_norm)`` (when set) then the optax optimizer."""
+    cfg = check(cfg, "optimizer", skip=("learning_rate",), base=OptimizerConf)
     schedule = LRSchedule(Schedule(cfg.schedule), total_steps, cfg.warmup_steps)
     if schedule.kind == Schedule.warmup_cosine and not 0 < cfg.warmup_steps < total_steps:
         raise ConfigError(f"optimizer.warmup_steps={cfg.warmup_steps}: warmup_cosine needs "
                           f"0 < warmup_steps < trainer.steps={total_steps}")
-    own = {k: v for k, v in cfg.items() if k not in COMMON_KEYS}
-    factory = instantiate({"_target_": cfg._target_}, _partial_=True).func
-    build = _scheduled(factory, schedule)
+    own = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+           if k not in COMMON_KEYS}
+    for name, bounds in RANGES.items():
+        if isinstance(own.get(name), (int, float)):
+            check_range(f"optimizer.{name}", own[name], **bounds)
     hparams: Dict[str, Any] = dict(learning_rate=cfg.lr, max_grad_norm=cfg.clip_norm, **own)
-    tx = optax.inject_hyperparams(build)(**hparams)
     # As inject_hyperparams sorts them: numbers become state, anything else (None, bools) is
     # baked into the transformation and so belongs to its structure.
-    numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    structure = (cfg._target_, schedule,
-                 tuple(sorted((k, v) for k, v in hparams.items() if not numeric(v))),
-                 tuple(sorted(k for k, v in hparams.items() if numeric(v))))
-    return Optimizer(tx=_SHARED_TX.setdefault(structure, tx), init=tx.init, schedule=schedule,
-                     hyperparams={k: v for k, v in hparams.items() if numeric(v)})
+    numeric = {k: v for k, v in hparams.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tx = Transformation(cfg._target_, schedule,
+                        tuple(sorted((k, _hashable(v)) for k, v in hparams.items()
+                                     if k not in numeric)),
+                        tuple(sorted((k, type(v)) for k, v in numeric.items())))
+    return Optimizer(tx=tx, schedule=schedule, hyperparams=numeric)
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(map(_hashable, value)) if isinstance(value, list) else value
 
 
 def _scheduled(factory: Callable[..., optax.GradientTransformation],
@@ -100,4 +135,3 @@ def _scheduled(factory: Callable[..., optax.GradientTransformation],
     clip = inspect.Parameter("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None)
     build.__signature__ = inspect.Signature([*params, clip])
     return build
-

@@ -3,15 +3,14 @@
 import logging
 import sys
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
-from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
 from runner.checkpoint import write_atomic
 from runner.device import launch_process_index
 from runner.errors import RunnerError
-from runner.schema import validate
+from runner.schema import RunConf
 
 GROUPS = ("task", "model", "optimizer", "device", "hparams_search")
 
@@ -30,12 +29,12 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictC
     overrides_path = run_dir / ".hydra" / "overrides.yaml"
     stored_overrides = (OmegaConf.to_container(OmegaConf.load(overrides_path))
                         if overrides_path.is_file() else [])
-    with initialize_config_module(config_module="conf", version_base=None):
-        typed = compose(config_name="config", overrides=[
-            o for o in stored_overrides if not o.startswith(("resume=", "hydra"))])
-    # The stored values win over today's defaults; the new overrides win over both
-    # (``+key=value`` adds a key, as it does for a new run).
-    cfg = OmegaConf.merge(typed, OmegaConf.load(stored_path), OmegaConf.from_dotlist(
+    # Typed by runner's own schema (keys added since the run was made get their defaults;
+    # task, model and optimizer are checked against their targets when built). The new
+    # overrides win over the stored values (``+key=value`` adds a key, as for a new run).
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConf), OmegaConf.load(stored_path))
+    OmegaConf.set_struct(cfg, True)  # as Hydra composes: a new key needs +key=value
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(
         [o for o in overrides if not o.startswith("+")]))
     for override in (o[1:] for o in overrides if o.startswith("+")):
         key = override.split("=", 1)[0]
@@ -45,15 +44,17 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictC
     return cfg, [*stored_overrides, *overrides]
 
 
-def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> float:
-    """Continue the run in ``run_dir_arg`` from its newest valid checkpoint, in place."""
+def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> Tuple[Path, Dict[str, Any]]:
+    """Continue the run in ``run_dir_arg`` from its newest valid checkpoint, in place; the run
+    dir and the run's summary."""
+    from runner.build import build_parts
     from runner.train import run
 
     run_dir = Path(run_dir_arg).expanduser().resolve()
     if not run_dir.is_dir():
         raise RunnerError(f"resume={run_dir_arg}: no such directory")
     cfg, all_overrides = load_run_config(run_dir, overrides)
-    validate(cfg)
+    build_parts(cfg)  # every value checked before the run dir's config is rewritten
     _log_to(run_dir / "runner.log")
     # The run dir's config is the run's as it now stands (for later resumes and runner.eval);
     # written by one process of a multi-process run.
@@ -61,7 +62,7 @@ def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> float:
         write_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg).encode())
         write_atomic(run_dir / ".hydra" / "overrides.yaml",
                      OmegaConf.to_yaml(OmegaConf.create(all_overrides)).encode())
-    return run(cfg, run_dir, overrides=all_overrides, resume=True)
+    return run_dir, run(cfg, run_dir, overrides=all_overrides, resume=True)
 
 
 def _log_to(log_file: Path) -> None:

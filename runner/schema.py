@@ -1,8 +1,10 @@
-"""Typed schemas for every config group, registered with Hydra's ConfigStore.
+"""runner's own config keys as typed dataclasses: the run (``seed``, ``trainer``, ``device``)
+and the keys every optimizer has. Each default and range is declared here, once.
 
-Hydra checks types (``optimizer.lr=abc``) and unknown keys (``optimizer.lrr=1``) against these
-while composing; ``validate`` then checks the value ranges declared next to each field
-(``optimizer.lr=-1``, ``trainer.steps=0``, ``model.features=[0]``).
+Hydra checks types (``trainer.steps=abc``) and unknown keys (``trainer.stepz=1``) against these
+while composing (``conf/config.yaml`` extends ``run_schema``); ``validate`` then checks the
+ranges declared next to each field (``trainer.steps=0``). Task, model and optimizer-factory keys
+come from their classes' signatures (``runner.targets``).
 """
 
 import dataclasses
@@ -10,10 +12,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from runner.errors import ConfigError
+from runner.errors import check_range
 
 
 def bounded(default: Any, *, gt: Optional[float] = None, ge: Optional[float] = None,
@@ -65,94 +66,17 @@ class MatmulPrecision(str, Enum):
     highest = "highest"
 
 
-# ---- task ----------------------------------------------------------------------------------
-@dataclass
-class LinearFitConf:
-    _target_: str = "tasks.linear_fit.LinearFit"
-    output_dim: int = bounded(1, ge=1, le=1)
-    num_train: int = bounded(100, gt=0)
-    num_eval: int = bounded(100, gt=0)
-    batch_size: int = bounded(100, gt=0)
-    slope: float = 2.0
-    intercept: float = 1.0
-    noise_std: float = bounded(0.2, ge=0)
-
-
-@dataclass
-class CNNRandomImagesConf:
-    _target_: str = "tasks.cnn_random_images.CNNRandomImages"
-    batch_size: int = bounded(32, gt=0)
-    num_eval: int = bounded(320, gt=0)
-    image_size: int = bounded(84, gt=0)
-    channels: int = bounded(3, gt=0)
-    num_classes: int = bounded(10, gt=1)
-    output_dim: int = bounded(10, gt=1)
-    prototype_size: int = bounded(7, gt=0)
-    noise_std: float = bounded(3.0, ge=0)
-
-
-# ---- model ---------------------------------------------------------------------------------
-@dataclass
-class MLPConf:
-    _target_: str = "models.mlp.MLP"
-    features: List[int] = bounded([128], gt=0)
-    out_features: int = bounded(1, gt=0)
-    activation: Optional[str] = None
-    kernel_init: Any = MISSING
-    bias_init: Any = MISSING
-
-
-@dataclass
-class CNNConf:
-    _target_: str = "models.cnn.CNN"
-    conv_features: List[int] = bounded([64, 128], gt=0)
-    kernel_sizes: List[int] = bounded([3, 3], gt=0)
-    pool_size: int = bounded(2, gt=0)
-    dense_features: List[int] = bounded([64], gt=0)
-    num_classes: int = bounded(10, gt=0)
-    first_kernel_init: Any = MISSING
-
-
 # ---- optimizer -----------------------------------------------------------------------------
 @dataclass
 class OptimizerConf:
-    """Keys every optimizer has; ``_target_`` names the optax factory, the rest are its own."""
+    """Keys every optimizer has; ``_target_`` names the optax factory, whose own arguments
+    (``b1``, ``momentum``...) join these with the factory's defaults (``runner.targets``)."""
 
     _target_: str = MISSING
     lr: float = bounded(1e-3, gt=0)
     schedule: Schedule = Schedule.constant
     warmup_steps: int = bounded(0, ge=0)
     clip_norm: Optional[float] = bounded(None, gt=0)
-
-
-@dataclass
-class AdamConf(OptimizerConf):
-    _target_: str = "optax.adam"
-    b1: float = bounded(0.9, ge=0, le=1)
-    b2: float = bounded(0.999, ge=0, le=1)
-    eps: float = bounded(1e-8, ge=0)
-
-
-@dataclass
-class AdamWConf(AdamConf):
-    _target_: str = "optax.adamw"
-    weight_decay: float = bounded(1e-4, ge=0)
-
-
-@dataclass
-class SGDConf(OptimizerConf):
-    _target_: str = "optax.sgd"
-    momentum: Optional[float] = bounded(0.9, ge=0, le=1)
-    nesterov: bool = False
-
-
-@dataclass
-class RMSPropConf(OptimizerConf):
-    _target_: str = "optax.rmsprop"
-    decay: float = bounded(0.9, ge=0, le=1)
-    eps: float = bounded(1e-8, ge=0)
-    momentum: Optional[float] = bounded(None, ge=0, le=1)
-    centered: bool = False
 
 
 # ---- device, trainer, run ------------------------------------------------------------------
@@ -209,54 +133,20 @@ class RunConf:
     trainer: TrainerConf = field(default_factory=TrainerConf)
 
 
-SCHEMAS = {
-    "task": {"linear_fit": LinearFitConf, "cnn_random_images": CNNRandomImagesConf},
-    "model": {"mlp": MLPConf, "cnn": CNNConf},
-    "optimizer": {"adam": AdamConf, "adamw": AdamWConf, "sgd": SGDConf, "rmsprop": RMSPropConf},
-    "device": {"device": DeviceConf},
-}
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first value of runner's own keys (``seed``, ``trainer``,
+    ``device``, the optimizer's common keys) outside the range its field declares. The task's,
+    model's and optimizer factory's own values are checked by ``runner.targets``."""
+    _check_fields(RunConf, cfg, "")
+    _check_fields(OptimizerConf, cfg.optimizer, "optimizer.")
 
 
-def register_schemas() -> None:
-    """Store the schemas so that configs can extend them (``- /schema/optimizer/adam@_here_``)."""
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConf)
-    for group, options in SCHEMAS.items():
-        for name, node in options.items():
-            cs.store(group=f"schema/{group}", name=name, node=node)
-
-
-def validate(cfg: DictConfig, path: str = "") -> None:
-    """Raise ConfigError for the first value outside the range its schema field declares."""
-    schema = OmegaConf.get_type(cfg)
-    if not dataclasses.is_dataclass(schema):
-        schema = None
-    for f in dataclasses.fields(schema) if schema else ():
-        key = f"{path}{f.name}"
-        value = cfg[f.name] if f.name in cfg else None
-        _check_range(key, value, f.metadata)
-    for name in cfg:
-        node = cfg._get_node(name)
-        if isinstance(node, DictConfig) and not node._is_none():
-            validate(node, f"{path}{name}.")
-
-
-def _check_range(key: str, value: Any, bounds: Any) -> None:
-    if value is None or not bounds:
-        return
-    items = list(value) if isinstance(value, (list, ListConfig)) else [value]
-    if isinstance(value, (list, ListConfig)) and not items:
-        raise ConfigError(f"{key}=[]: must list at least one value")
-    for item in items:
-        if bounds.get("gt") is not None and not item > bounds["gt"]:
-            raise ConfigError(f"{key}={_show(value)}: must be > {bounds['gt']}")
-        if bounds.get("ge") is not None and not item >= bounds["ge"]:
-            raise ConfigError(f"{key}={_show(value)}: must be >= {bounds['ge']}")
-        if bounds.get("le") is not None and not item <= bounds["le"]:
-            raise ConfigError(f"{key}={_show(value)}: must be <= {bounds['le']}")
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, ListConfig):
-        return str(OmegaConf.to_container(value))
-    return str(value)
+def _check_fields(schema: type, cfg: DictConfig, path: str) -> None:
+    for f in dataclasses.fields(schema):
+        value = cfg.get(f.name)
+        if dataclasses.is_dataclass(f.type) and isinstance(value, DictConfig):
+            _check_fields(f.type, value, f"{path}{f.name}.")
+        elif f.metadata and value is not None:
+            if isinstance(value, ListConfig):
+                value = OmegaConf.to_container(value)
+            check_range(f"{path}{f.name}", value, **f.metadata)

@@ -1,5 +1,6 @@
 """The pure, jitted layer: build the TrainState, one train step, many steps per dispatch, eval."""
 
+import dataclasses
 import functools
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -13,7 +14,7 @@ from jax.sharding import Mesh
 
 from runner.device import batch_sharding, replicated
 from runner.optim import LRSchedule, Optimizer
-from tasks.base import Batch, Data, Task
+from runner.tasks.base import Batch, Data, Task
 
 Metrics = Dict[str, jax.Array]
 LAYER_GRAD_NORM = "grad_norm/"  # metric-name prefix of each top-level layer's gradient norm
@@ -36,30 +37,15 @@ def _shard_batch(batch: Batch, mesh: Optional[Mesh]) -> Batch:
     return _constrain(batch, mesh, batch_sharding)
 
 
-def _keys(seed, mesh: Optional[Mesh]) -> Tuple[jax.Array, jax.Array, jax.Array]:
-    return _constrain(tuple(jax.random.split(jax.random.PRNGKey(seed), 3)), mesh)
+@dataclasses.dataclass(frozen=True)
+class ModelApply:
+    """``model.apply`` as a value: equal for equal models. ``TrainState.apply_fn`` is part of
+    the jit cache key, and a bound method is equal only for the very same model object."""
 
+    model: nn.Module
 
-@functools.partial(jax.jit, static_argnames="mesh")
-def seed_keys(seed: int, *, mesh: Optional[Mesh] = None) -> Tuple[jax.Array, jax.Array,
-                                                                   jax.Array]:
-    """The run's three keys from its seed: model init, task data, training steps.
-    (One compiled call: eager PRNG ops would each compile a tiny program.)"""
-    return _keys(seed, mesh)
-
-
-def create_train_state(rng: jax.Array, model: nn.Module, task: Task, optimizer: Optimizer, *,
-                       mesh: Optional[Mesh] = None) -> TrainState:
-    """Initialise the model's params on the task's example input and the optimizer state
-    (replicated over ``mesh``'s devices)."""
-    init = _jitted("init", model, task, optimizer.tx, mesh, _init_fn)
-    return _train_state(model, optimizer, *init(rng, optimizer.hyperparams))
-
-
-@functools.partial(jax.jit, static_argnames=("task", "mesh"))
-def make_data(rng: jax.Array, *, task: Task, mesh: Optional[Mesh] = None) -> Data:
-    """The task's fixed arrays, made on device in one compiled call (replicated)."""
-    return _constrain(task.make_data(rng), mesh)
+    def __call__(self, *args, **kwargs):
+        return self.model.apply(*args, **kwargs)
 
 
 class Setup(NamedTuple):
@@ -71,61 +57,34 @@ class Setup(NamedTuple):
     train_rng: jax.Array
 
 
-def setup(seed: int, model: nn.Module, task: Task, optimizer: Optimizer, *,
+def setup(seed: int, task: Task, model: nn.Module, optimizer: Optimizer, *,
           mesh: Optional[Mesh] = None) -> Setup:
-    """A run's start from its seed in one compiled call: the same values as ``seed_keys``,
-    then ``create_train_state`` with the init key and ``make_data`` with the data key (the three
-    calls took ~60 ms more of a default run's start-up: a trace, lowering and cache read each)."""
-    def build(model, task, tx, mesh):
-        init = _init_fn(model, task, tx, mesh)
-
-        def start(seed, hyperparams):
-            init_rng, data_rng, train_rng = _keys(seed, mesh)
-            return (init(init_rng, hyperparams), _constrain(task.make_data(data_rng), mesh),
-                    init_rng, train_rng)
-        return start
-
-    initial, data, init_rng, train_rng = _jitted("setup", model, task, optimizer.tx, mesh,
-                                                 build)(seed, optimizer.hyperparams)
-    return Setup(_train_state(model, optimizer, *initial), data, init_rng, train_rng)
+    """A run's start from its seed, in one compiled call: the three keys (model init, task
+    data, training steps), the TrainState (params and optimizer state, replicated over
+    ``mesh``) and the task's data. (Eagerly, each of init's many small ops would compile a
+    program of its own.) Runs whose model, task and optimizer structure are equal share it:
+    this run's hyperparameter values are arguments."""
+    step, params, opt_state, data, init_rng, train_rng = _setup(
+        seed, optimizer.hyperparams, model=model, task=task, tx=optimizer.tx, mesh=mesh)
+    state = TrainState(step=step, apply_fn=ModelApply(model), params=params, tx=optimizer.tx,
+                       opt_state=opt_state)
+    return Setup(state, data, init_rng, train_rng)
 
 
-def _train_state(model: nn.Module, optimizer: Optimizer, step, params, opt_state) -> TrainState:
-    return TrainState(step=step, apply_fn=model.apply, params=params, tx=optimizer.tx,
-                      opt_state=opt_state)
-
-
-def _init_fn(model: nn.Module, task: Task, tx: optax.GradientTransformation,
-             mesh: Optional[Mesh]):
-    """``init(rng, hyperparams)``: step, params and optimizer state (eagerly, each of init's
-    many small ops would compile on its own: ~0.3 s). ``tx`` is shared by the optimizers of
-    one structure, so this run's hyperparameter values are arguments, put into the state."""
-    def init(rng, hyperparams):
-        params = model.init(rng, task.example_input())["params"]
-        opt_state = tx.init(params)
-        # Those not in the config are the factory's defaults, the same for every run sharing tx.
-        own = {k: hyperparams[k].astype(v.dtype) if k in hyperparams else v
-               for k, v in opt_state.hyperparams.items()}
-        # The step is a typed array (not TrainState.create's Python int), or the first call
-        # of the jitted step would compile a second time for the int32 step it gets.
-        return _constrain((jnp.zeros((), jnp.int32), params,
-                           opt_state._replace(hyperparams=own)), mesh)
-    return init
-
-
-def _jitted(kind: str, model: nn.Module, task: Task, tx: optax.GradientTransformation,
-            mesh: Optional[Mesh], build):
-    """``jax.jit(build(model, task, tx, mesh))``, one per (kind, model, task, tx, mesh) in this
-    process, so that sweep jobs sharing them share the compiled call (modules with list
-    attributes cannot be hashed as static arguments)."""
-    key = (kind, id(model), task, id(tx), mesh)
-    if key not in _JITTED:
-        # holding model and tx keeps their ids
-        _JITTED[key] = (model, tx, jax.jit(build(model, task, tx, mesh)))
-    return _JITTED[key][2]
-
-
-_JITTED: Dict = {}
+@functools.partial(jax.jit, static_argnames=("model", "task", "tx", "mesh"))
+def _setup(seed, hyperparams, *, model, task, tx, mesh):
+    init_rng, data_rng, train_rng = _constrain(
+        tuple(jax.random.split(jax.random.PRNGKey(seed), 3)), mesh)
+    params = model.init(init_rng, task.example_input())["params"]
+    opt_state = tx.init(params)
+    # Those not in the config are the factory's defaults, the same for every run sharing tx.
+    own = {k: hyperparams[k].astype(v.dtype) if k in hyperparams else v
+           for k, v in opt_state.hyperparams.items()}
+    # The step is a typed array (not TrainState.create's Python int), or the first call
+    # of the jitted step would compile a second time for the int32 step it gets.
+    state = _constrain((jnp.zeros((), jnp.int32), params, opt_state._replace(hyperparams=own)),
+                       mesh)
+    return (*state, _constrain(task.make_data(data_rng), mesh), init_rng, train_rng)
 
 
 def _compute(params, x, compute_dtype: Optional[str]):

@@ -61,7 +61,7 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
             log.info("%s was interrupted: resuming it from its newest checkpoint", run_dir)
         elif launch_process_index(cfg.device) == 0:  # one process of a multi-process job
             _set_aside_earlier_attempt(run_dir)
-        return run(cfg, run_dir, overrides=overrides, resume=resume)
+        return run(cfg, run_dir, overrides=overrides, resume=resume)["eval"]["loss"]
     except Interrupted as err:
         # SIGTERM/SIGINT is meant for the whole sweep (preemption, Ctrl-C): stop it here;
         # rerunning the command resumes this job and runs the rest.

@@ -8,8 +8,6 @@ from typing import Any, Iterable, Mapping, Optional
 import jax
 import numpy as np
 
-from runner.figures import EncodedImage
-
 
 def _import_tensorboardx():
     """tensorboardX's writer module imports torch when it is installed (to accept torch
@@ -33,8 +31,6 @@ def _import_tensorboardx():
 tensorboardX = _import_tensorboardx()
 SummaryWriter = tensorboardX.SummaryWriter
 hparams_summaries = tensorboardX.summary.hparams
-Summary = tensorboardX.summary.Summary
-clean_tag = tensorboardX.summary._clean_tag
 
 
 class TensorBoardLogger:
@@ -57,20 +53,11 @@ class TensorBoardLogger:
         # TensorBoard renders text as markdown: indent four spaces to keep it verbatim.
         self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()))
 
-    def images(self, step: int, prefix: str, images: Mapping[str, Any]) -> None:
-        """Images (``<prefix>/<name>``): (H, W, 3) uint8 arrays, or already PNG-encoded
-        (``runner.figures.EncodedImage``: the task's figures, encoded by the figure worker)."""
+    def images(self, step: int, prefix: str, images: Mapping[str, np.ndarray]) -> None:
+        """Images (``<prefix>/<name>``): (H, W, 3) uint8 arrays."""
         for name, image in images.items():
-            if not isinstance(image, EncodedImage):
-                self.writer.add_image(f"{prefix}/{name}", image, global_step=step,
-                                      dataformats="HWC")
-                continue
-            height, width, channels = image.shape
-            encoded = Summary.Image(height=height, width=width, colorspace=channels,
-                                    encoded_image_string=image.png)
-            tag = clean_tag(f"{prefix}/{name}")  # as add_image names it
-            self.writer._get_file_writer().add_summary(
-                Summary(value=[Summary.Value(tag=tag, image=encoded)]), step)
+            self.writer.add_image(f"{prefix}/{name}", image, global_step=step,
+                                  dataformats="HWC")
 
     def histograms(self, step: int, prefix: str, tree: Any) -> None:
         """One histogram per array of a pytree (``params/Dense_0/kernel``)."""
@@ -88,9 +75,9 @@ class TensorBoardLogger:
         """
         experiment, session_start, session_end = hparams_summaries(
             dict(hparams), {tag: 0.0 for tag in metric_tags})
-        file_writer = self.writer._get_file_writer()  # what add_scalar writes through
+        # The event file add_scalar writes to (as tensorboardX's own add_hparams uses it).
         for summary in (experiment, session_start, session_end)[:3 if completed else 2]:
-            file_writer.add_summary(summary)
+            self.writer.file_writer.add_summary(summary)
 
     def flush(self) -> None:
         self.writer.flush()

@@ -1,8 +1,11 @@
 """The interface every task implements: data made on device, a batch per step, a loss.
 
-A task is a frozen (hashable) dataclass built from ``conf/task/<name>.yaml`` via ``_target_``.
-Being hashable lets it be a static argument of the jitted train step: runs whose task configs
-are equal share one compiled step.
+A task is a frozen (hashable) dataclass built from ``conf/task/<name>.yaml`` via ``_target_``:
+its fields are the config keys (typed by their annotations, defaults once, in the class), and
+``__post_init__`` checks their values (``runner.errors.check_range`` names the key). Being
+hashable lets it be a static argument of the jitted train step: runs whose task configs are
+equal share one compiled step. ``output_dim`` (a field or a property) is the size of the model's
+output: runner gives it to models whose ``out_features`` is left null.
 """
 
 from typing import Any, Dict, Protocol, Tuple
@@ -35,4 +38,4 @@ class Task(Protocol):
     def figures(self, data: Data, outputs: jax.Array) -> Dict[str, Any]:
         """Optional: matplotlib figures of the model's eval ``outputs`` (stacked as
         ``eval_batches``), logged to TensorBoard's IMAGES tab at eval steps as ``eval/<name>``.
-        Import matplotlib inside (``tasks.figures.pyplot``), so runs without images skip it."""
+        Import matplotlib inside (``runner.tasks.figures.pyplot``), so runs without images skip it."""

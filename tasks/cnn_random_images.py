@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from runner.errors import ConfigError
-from tasks.base import Batch, Data
-from tasks.figures import pyplot
+from runner.errors import ConfigError, check_range
+from runner.tasks.base import Batch, Data
+from runner.tasks.figures import pyplot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,15 +30,19 @@ class CNNRandomImages:
     num_classes: int = 10
     prototype_size: int = 7
     noise_std: float = 3.0
-    output_dim: int = 10
 
     def __post_init__(self):
-        if self.output_dim != self.num_classes:
-            raise ConfigError(f"task.output_dim={self.output_dim}: must equal task.num_classes="
-                              f"{self.num_classes}")
+        for key in ("batch_size", "num_eval", "image_size", "channels", "prototype_size"):
+            check_range(f"task.{key}", getattr(self, key), gt=0)
+        check_range("task.num_classes", self.num_classes, gt=1)
+        check_range("task.noise_std", self.noise_std, ge=0)
         if self.num_eval % self.batch_size:
             raise ConfigError(f"task.num_eval={self.num_eval}: must be a multiple of "
                               f"task.batch_size={self.batch_size} (eval runs in equal batches)")
+
+    @property
+    def output_dim(self) -> int:
+        return self.num_classes
 
     def _sample(self, prototypes: jax.Array, rng: jax.Array, n: int) -> Batch:
         label_rng, noise_rng = jax.random.split(rng)

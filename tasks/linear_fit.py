@@ -1,15 +1,15 @@
 """The reference's linear fit: y = slope * x + intercept + N(0, noise_std^2), x ~ N(0, 1)."""
 
 import dataclasses
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runner.errors import ConfigError
-from tasks.base import Batch, Data
-from tasks.figures import pyplot
+from runner.errors import ConfigError, check_range
+from runner.tasks.base import Batch, Data
+from runner.tasks.figures import pyplot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,16 +18,24 @@ class LinearFit:
 
     num_train: int = 100
     num_eval: int = 100
-    batch_size: int = 100
+    batch_size: Optional[int] = None  # null: full batch (num_train)
     slope: float = 2.0
     intercept: float = 1.0
     noise_std: float = 0.2
-    output_dim: int = 1
 
     def __post_init__(self):
+        for key in ("num_train", "num_eval", "batch_size"):
+            check_range(f"task.{key}", getattr(self, key), gt=0)
+        check_range("task.noise_std", self.noise_std, ge=0)
+        if self.batch_size is None:  # frozen: set the field as the dataclass __init__ does
+            object.__setattr__(self, "batch_size", self.num_train)
         if self.batch_size > self.num_train:
             raise ConfigError(f"task.batch_size={self.batch_size}: must be <= task.num_train="
                               f"{self.num_train}")
+
+    @property
+    def output_dim(self) -> int:
+        return 1
 
     def _sample(self, rng: jax.Array, n: int) -> Batch:
         x_rng, noise_rng = jax.random.split(rng)

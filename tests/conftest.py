@@ -27,7 +27,7 @@ TINY_CNN = ["task=cnn_random_images", "task.image_size=16", "task.batch_size=8",
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``python -m runner <overrides>`` would run, with tiny trainer settings."""
-    with initialize_config_module(config_module="conf", version_base=None):
+    with initialize_config_module(config_module="runner.conf", version_base=None):
         return compose(config_name="config", overrides=[*TINY, *overrides])
 
 
@@ -45,6 +45,16 @@ def run_cli(args: Sequence[str], *, cwd: Path, check: bool = True,
     if check and proc.returncode != 0:
         raise AssertionError(f"runner exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def start(overrides: Sequence[str] = (), *, seed: int = 0, mesh=None):
+    """(task, model, optimizer) of ``python -m runner <overrides>`` and the run's start from
+    ``seed`` (state, data, init key, train key)."""
+    from runner.build import build_parts
+    from runner.steps import setup
+
+    parts = build_parts(compose_config(overrides))
+    return parts, setup(seed, *parts, mesh=mesh)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ TASKS = {
 
 
 def config(*overrides):
-    with initialize_config_module(config_module="conf", version_base=None):
+    with initialize_config_module(config_module="runner.conf", version_base=None):
         return compose(config_name="config", overrides=[*TINY, *overrides])
 
 
@@ -54,19 +54,15 @@ def max_rel(a, b):
 def compiled_step_facts():
     """What XLA made of the 8-device step: an all-reduce (of the gradients), and per-device
     batch shapes (64 samples / 8 devices = 8 rows each)."""
-    from hydra.utils import instantiate
-
+    from runner.build import build_parts
     from runner.device import make_mesh
-    from runner.optim import make_optimizer
-    from runner.steps import create_train_state, make_data, seed_keys, train_steps
+    from runner.steps import setup, train_steps
 
     cfg = config(*TASKS["linear_fit"], "device.num_devices=8")
     mesh = make_mesh(cfg.device, jax.devices())
-    task, model = instantiate(cfg.task, _convert_="all"), instantiate(cfg.model, _convert_="all")
-    optimizer = make_optimizer(cfg.optimizer, total_steps=8)
-    init_rng, data_rng, rng = seed_keys(0, mesh=mesh)
-    state = create_train_state(init_rng, model, task, optimizer, mesh=mesh)
-    hlo = train_steps.lower(state, make_data(data_rng, task=task, mesh=mesh), rng, task=task,
+    task, model, optimizer = parts = build_parts(cfg)
+    state, data, _, rng = setup(0, *parts, mesh=mesh)
+    hlo = train_steps.lower(state, data, rng, task=task,
                             schedule=optimizer.schedule, num_steps=2,
                             mesh=mesh).compile().as_text()
     return {"all_reduce": "all-reduce" in hlo, "per_device_batch": "f32[8,1]" in hlo,

@@ -4,19 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import compose_config
-from hydra.utils import instantiate
+from conftest import start
 from runner.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from runner.errors import RunnerError
-from runner.optim import make_optimizer
-from runner.steps import create_train_state, train_steps
+from runner.steps import train_steps
 
 
 def make_state(seed=0):
-    cfg = compose_config()
-    task, model = instantiate(cfg.task), instantiate(cfg.model)
-    optimizer = make_optimizer(cfg.optimizer, total_steps=10)
-    state = create_train_state(jax.random.PRNGKey(seed), model, task, optimizer)
+    (task, _, optimizer), (state, *_) = start(seed=seed)
     return state, task, optimizer.schedule
 
 
@@ -62,10 +57,7 @@ def test_missing_file_names_the_file(tmp_path):
 
 
 def test_checkpoint_of_another_model_is_rejected(tmp_path):
-    cfg = compose_config(["model.features=[4]"])
-    other = create_train_state(jax.random.PRNGKey(0), instantiate(cfg.model),
-                               instantiate(cfg.task),
-                               make_optimizer(cfg.optimizer, total_steps=10))
+    other = start(["model.features=[4]"])[1].state
     path = save_checkpoint(tmp_path, other, step=1)
     # flax's from_bytes alone would restore the (4,)-wide arrays silently
     with pytest.raises(RunnerError, match=r"does not match.*Dense_0.*\[4\].*\[128\]"):
@@ -80,9 +72,7 @@ def test_truncated_file_and_other_optimizer_and_wrong_step_are_rejected(tmp_path
     with pytest.raises(RunnerError, match="step_0.msgpack: does not match"):
         load_checkpoint(path, make_state()[0])
 
-    cfg = compose_config(["optimizer=sgd"])  # same model, another optimizer state
-    sgd = create_train_state(jax.random.PRNGKey(0), instantiate(cfg.model),
-                             instantiate(cfg.task), make_optimizer(cfg.optimizer, total_steps=10))
+    sgd = start(["optimizer=sgd"])[1].state  # same model, another optimizer state
     other = save_checkpoint(tmp_path, sgd, step=0, name="sgd")
     with pytest.raises(RunnerError, match="sgd.msgpack: does not match"):
         load_checkpoint(other, make_state()[0])

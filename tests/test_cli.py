@@ -63,21 +63,14 @@ def test_default_run_from_another_directory_fits_the_line(tmp_path):
 
 
 def test_cnn_run_restores_with_from_bytes(tmp_path):
-    from hydra.utils import instantiate
-
-    from conftest import compose_config
-    from runner.optim import make_optimizer
-    from runner.steps import create_train_state
+    from conftest import start
 
     overrides = [*TINY, *TINY_CNN, "device=cpu"]
     run_cli([*overrides, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     run_dir = tmp_path / "run"
     acc = read_tb(run_dir)
     assert SCALARS | {"eval/accuracy", "train/accuracy"} <= set(acc.Tags()["scalars"])
-    cfg = compose_config(overrides)
-    template = create_train_state(jax.random.PRNGKey(9), instantiate(cfg.model),
-                                  instantiate(cfg.task),
-                                  make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps))
+    template = start(overrides, seed=9)[1].state
     state = serialization.from_bytes(template, (run_dir / "checkpoints/step_4.msgpack")
                                      .read_bytes())
     assert int(state.step) == 4

@@ -1,70 +1,84 @@
-"""Config: every option of every group composes and instantiates; typed validation."""
+"""Config: every option composes and builds; keys and defaults come from the classes."""
 
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
 import pytest
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import TINY_CNN, compose_config, group_options
-from models.cnn import CNN
-from models.mlp import MLP
+from runner.build import build_parts
 from runner.errors import ConfigError, describe_error
-from runner.schema import validate
-from tasks.cnn_random_images import CNNRandomImages
-from tasks.linear_fit import LinearFit
+from runner.models.cnn import CNN
+from runner.models.mlp import MLP
+from runner.targets import build, check, signature_schema
+from runner.tasks.cnn_random_images import CNNRandomImages
+from runner.tasks.linear_fit import LinearFit
 
 
 def test_default_config_is_linear_fit_mlp_adam_auto():
     cfg = compose_config()
-    assert isinstance(instantiate(cfg.task), LinearFit)
-    assert isinstance(instantiate(cfg.model), MLP)
+    task, model, optimizer = build_parts(cfg)
+    assert isinstance(task, LinearFit) and isinstance(model, MLP)
+    assert model.out_features == 1  # the task's output size, filled in
     assert cfg.optimizer._target_ == "optax.adam" and cfg.optimizer.lr == 1e-3
     assert cfg.device.platform == "auto" and cfg.seed == 0
 
 
 def test_each_task_brings_its_model_and_model_still_overrides():
-    cfg = compose_config(["task=cnn_random_images"])
-    assert isinstance(instantiate(cfg.model), CNN)
-    assert instantiate(cfg.model).num_classes == 10
-    cfg = compose_config(["task=cnn_random_images", "model=mlp"])
-    assert isinstance(instantiate(cfg.model), MLP) and cfg.model.out_features == 10
+    task, model, _ = build_parts(compose_config(["task=cnn_random_images"]))
+    assert isinstance(model, CNN) and model.out_features == task.output_dim == 10
+    task, model, _ = build_parts(compose_config(["task=cnn_random_images", "model=mlp"]))
+    assert isinstance(model, MLP) and model.out_features == 10
+    assert build_parts(compose_config(["model=cnn", *TINY_CNN[1:], "task=cnn_random_images",
+                                       "model.out_features=3"])).model.out_features == 3
 
 
 def test_cnn_task_defaults_and_trainer_settings():
     cfg = compose_config(["task=cnn_random_images", "trainer.steps=60"])
-    task = instantiate(cfg.task)
+    task = build_parts(cfg).task
     assert isinstance(task, CNNRandomImages)
     assert (task.batch_size, task.image_size, task.channels, task.num_classes) == (32, 84, 3, 10)
 
 
-@pytest.mark.parametrize("group", ["task", "model", "optimizer", "device", "model/init"])
-def test_every_option_of_every_group_composes_and_instantiates(group):
+@pytest.mark.parametrize("group", ["task", "model", "optimizer", "device"])
+def test_every_option_of_every_group_composes_and_builds(group):
     for option in group_options(group):
-        if group == "model/init":
-            cfg = compose_config([f"model/init@model.kernel_init={option}"])
-            assert callable(instantiate(cfg.model.kernel_init))
-            assert callable(instantiate(cfg.model).kernel_init)
-            continue
-        extra = TINY_CNN if (group, option) == ("model", "cnn") else []
-        cfg = compose_config([*extra, f"{group}={option}"])
-        validate(cfg)
-        node = cfg[group]
-        if "_target_" in node and group != "optimizer":
-            assert instantiate(node) is not None
-        else:
-            assert OmegaConf.to_container(node, resolve=True)
+        extra = TINY_CNN if option in ("cnn", "cnn_random_images") else []
+        task, model, optimizer = build_parts(compose_config([*extra, f"{group}={option}"]))
+        assert hash(task) == hash(build_parts(compose_config([*extra, f"{group}={option}"]))
+                                  .task)
+        assert model == build_parts(compose_config([*extra, f"{group}={option}"])).model
 
 
-def test_initializer_options_take_their_arguments():
-    cfg = compose_config(["model/init@model.kernel_init=orthogonal",
-                          "model.kernel_init.scale=2.0",
-                          "model/init@model.bias_init=constant", "model.bias_init.value=0.5"])
-    import jax
-    import jax.numpy as jnp
+@pytest.mark.parametrize("target, defaults", [
+    (LinearFit, {f.name: f.default for f in dataclasses.fields(LinearFit)}),
+    (optax.adam, {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "nesterov": False}),
+])
+def test_composed_defaults_are_the_code_defaults(target, defaults):
+    """A default lives once, in the class or factory: the composed config shows it."""
+    group = "task" if target is LinearFit else "optimizer"
+    composed = OmegaConf.to_container(compose_config()[group])
+    for key, value in defaults.items():
+        assert composed[key] == value, key
+    mlp = OmegaConf.to_container(compose_config().model)
+    assert mlp["features"] == list(MLP.features) and mlp["kernel_init"]["name"] == "lecun_normal"
 
-    params = instantiate(cfg.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 1)))["params"]
+
+def test_initializers_take_their_arguments():
+    cfg = compose_config(["model.kernel_init.name=orthogonal", "model.kernel_init.scale=2.0",
+                          "model.bias_init.name=constant", "model.bias_init.value=0.5"])
+    model = build_parts(cfg).model
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1)))["params"]
     assert float(params["Dense_0"]["bias"][0]) == 0.5
     kernel = params["Dense_1"]["kernel"]  # 128 x 1, orthogonal columns of norm `scale`
     assert float(jnp.linalg.norm(kernel)) == pytest.approx(2.0, rel=1e-5)
+    with pytest.raises(ConfigError, match="initializer zeros_init takes no scale"):
+        build_parts(compose_config(["model.kernel_init.name=zeros_init",
+                                    "model.kernel_init.scale=2"]))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -74,18 +88,21 @@ def test_initializer_options_take_their_arguments():
     ("optimizer.b1=2", "optimizer.b1=2.0: must be <= 1"),
     ("task.noise_std=-0.1", "task.noise_std=-0.1: must be >= 0"),
     ("seed=2147483648", "seed=2147483648: must be <= 2147483647"),
+    ("model.kernel_init.name=nope", "initializer name=nope: unknown"),
 ])
 def test_out_of_range_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        validate(compose_config([override]))
+        build_parts(compose_config([override]))
 
 
 @pytest.mark.parametrize("override, fragment", [
     ("optimizer.lr=abc", "optimizer.lr: Value 'abc'"),
+    ("optimizer.b1=abc", "optimizer.b1: Value 'abc'"),
     ("optimizer.lrr=1", "optimizer.lrr: unknown key; valid keys: lr, schedule"),
     ("task=nope", "task=nope: no such option; available: cnn_random_images, linear_fit"),
     ("optimizer.schedule=step", "expected one of [constant, cosine, warmup_cosine]"),
     ("trainer.stepz=3", "trainer.stepz: unknown key; valid keys: steps"),
+    ("task.num_train=1.5", "task.num_train: Value '1.5'"),
 ])
 def test_composition_errors_become_one_line(override, fragment):
     with pytest.raises(Exception) as info:
@@ -96,3 +113,34 @@ def test_composition_errors_become_one_line(override, fragment):
 
 def test_describe_error_leaves_bugs_alone():
     assert describe_error(ZeroDivisionError("x")) is None
+
+
+@dataclasses.dataclass(frozen=True)
+class Toy:
+    """A user's task-like class: annotations and defaults are its config schema."""
+
+    width: int = 3
+    rate: float = 0.5
+    name: Optional[str] = None
+    sizes: Sequence[int] = (1, 2)
+
+    def __post_init__(self):
+        if self.width > 10:
+            raise ValueError(f"width={self.width} is too wide")
+
+
+def test_a_class_signature_types_checks_and_builds_its_config():
+    path = f"{__name__}.Toy"
+    schema = OmegaConf.structured(signature_schema(Toy, path=path))
+    assert OmegaConf.to_container(schema) == {"_target_": path, "width": 3, "rate": 0.5,
+                                              "name": None, "sizes": [1, 2]}
+    given = OmegaConf.create({"_target_": path, "rate": 1, "sizes": [4]})
+    toy = build(check(given, "task"), "task")
+    assert toy == Toy(rate=1.0, sizes=(4,)) and isinstance(toy.rate, float)  # lists: tuples
+    for bad, message in (({"width": "x"}, "task.width: Value 'x'"),
+                         ({"widht": 1}, "task.widht: unknown key; .*Toy takes: name, rate"),
+                         ({"width": 11}, "task (" + path + "): width=11 is too wide")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            build(check(OmegaConf.create({"_target_": path, **bad}), "task"), "task")
+    with pytest.raises(ConfigError, match=r"task._target_=nowhere.Nothing: cannot import"):
+        check(OmegaConf.create({"_target_": "nowhere.Nothing"}), "task")

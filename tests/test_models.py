@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from models.cnn import CNN
-from models.conv import conv_general_dilated
-from models.mlp import MLP
-from models.pooling import max_pool
+from runner.models.cnn import CNN
+from runner.models.conv import conv_general_dilated
+from runner.models.mlp import MLP
+from runner.models.pooling import max_pool
 from runner.bench_cases import ReferenceCNN  # the reference's CNN, verbatim
 from runner.errors import ConfigError
 
@@ -21,7 +21,7 @@ def param_count(model, x):
 
 
 def test_mlp_default_is_the_reference_385_parameters():
-    assert param_count(MLP(), jnp.zeros((1, 1))) == 385
+    assert param_count(MLP(out_features=1), jnp.zeros((1, 1))) == 385
     reference = nn.Sequential([nn.Dense(128), nn.Dense(1)])
     assert param_count(reference, jnp.zeros((1, 1))) == 385
 
@@ -29,7 +29,7 @@ def test_mlp_default_is_the_reference_385_parameters():
 def test_mlp_without_activation_is_affine_and_with_one_is_not():
     x = jnp.linspace(-2, 2, 9)[:, None]
     for activation, affine in ((None, True), ("relu", False)):
-        model = MLP(features=(16,), activation=activation)
+        model = MLP(features=(16,), out_features=1, activation=activation)
         params = model.init(jax.random.PRNGKey(0), x)
         y = model.apply(params, x)[:, 0]
         second_diff = y[2:] - 2 * y[1:-1] + y[:-2]
@@ -38,23 +38,23 @@ def test_mlp_without_activation_is_affine_and_with_one_is_not():
 
 def test_cnn_default_has_3_689_034_parameters_like_the_reference():
     x = jnp.zeros((1, 84, 84, 3))
-    assert param_count(CNN(), x) == 3_689_034
+    assert param_count(CNN(out_features=10), x) == 3_689_034
     assert param_count(ReferenceCNN(), x) == 3_689_034
 
 
 def test_cnn_matches_reference_outputs_and_gradients():
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
     params = ReferenceCNN().init(jax.random.PRNGKey(0), x)
-    ours = jax.tree.map(jnp.shape, CNN().init(jax.random.PRNGKey(0), x))
+    ours = jax.tree.map(jnp.shape, CNN(out_features=10).init(jax.random.PRNGKey(0), x))
     assert ours == jax.tree.map(jnp.shape, params)  # same names and shapes
 
     def loss(model):
         return lambda p: jnp.sum(jnp.sin(model.apply(p, x)))
 
-    np.testing.assert_allclose(CNN().apply(params, x), ReferenceCNN().apply(params, x),
+    np.testing.assert_allclose(CNN(out_features=10).apply(params, x), ReferenceCNN().apply(params, x),
                                rtol=1e-5, atol=1e-5)
     ref_grads = jax.grad(loss(ReferenceCNN()))(params)
-    our_grads = jax.grad(loss(CNN()))(params)
+    our_grads = jax.grad(loss(CNN(out_features=10)))(params)
     for ref, our in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(our_grads)):
         np.testing.assert_allclose(our, ref, rtol=1e-4, atol=1e-5)
 
@@ -110,7 +110,7 @@ def test_conv_keeps_scan_gradients_in_the_fast_layout():
 
 def test_conv_takes_lax_gradients_on_accelerators(monkeypatch):
     """The custom gradient is a CPU workaround: on a GPU the convolution is lax's (cuDNN's)."""
-    import models.conv
+    import runner.models.conv
 
     x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
 
@@ -119,7 +119,7 @@ def test_conv_takes_lax_gradients_on_accelerators(monkeypatch):
             x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))))(w))
 
     assert "dot_general" in grad_jaxpr()  # the patch matmul
-    monkeypatch.setattr(models.conv.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(runner.models.conv.jax, "default_backend", lambda: "gpu")
     jaxpr = grad_jaxpr()
     assert "dot_general" not in jaxpr and "conv_general_dilated" in jaxpr
 
@@ -135,7 +135,7 @@ def test_conv_falls_back_to_lax_for_strides():
 
 def test_cnn_rejects_non_image_inputs_and_mismatched_kernel_sizes():
     with pytest.raises(ConfigError, match="model=cnn needs images"):
-        CNN().init(jax.random.PRNGKey(0), jnp.zeros((1, 1)))
+        CNN(out_features=10).init(jax.random.PRNGKey(0), jnp.zeros((1, 1)))
     with pytest.raises(ConfigError, match="kernel_sizes"):
         CNN(kernel_sizes=(3,)).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
 

@@ -75,11 +75,11 @@ def test_optimizers_of_one_structure_share_the_transformation_not_the_values():
     a = make_optimizer(cfg("optimizer.lr=0.1"), total_steps=10)
     b = make_optimizer(cfg("optimizer.lr=0.2", "optimizer.momentum=0.5"), total_steps=10)
     params = {"w": jnp.ones(2)}
-    assert a.tx is b.tx  # the jit cache key of the train step
+    assert a.tx == b.tx and hash(a.tx) == hash(b.tx)  # the jit cache key of the train step
     assert float(b.init(params).hyperparams["learning_rate"]) == pytest.approx(0.2)
     assert float(b.init(params).hyperparams["momentum"]) == pytest.approx(0.5)
     for other in (cfg("optimizer.nesterov=true"), cfg("optimizer.momentum=null"),
                   cfg("optimizer.schedule=cosine"), cfg("optimizer.clip_norm=1.0")):
-        assert make_optimizer(other, total_steps=10).tx is not a.tx
-    assert make_optimizer(cfg(), total_steps=20).tx is make_optimizer(
+        assert make_optimizer(other, total_steps=10).tx != a.tx
+    assert make_optimizer(cfg(), total_steps=20).tx == make_optimizer(
         cfg(), total_steps=20).tx

@@ -16,6 +16,7 @@ import pytest
 from flax import serialization
 
 from conftest import TINY, compose_config, run_cli
+import runner.build
 from runner import train
 from runner.checkpoint import Checkpointer, list_checkpoints
 from runner.device import peak_flops
@@ -43,7 +44,7 @@ def test_peak_flops_by_device_kind_and_precision():
 
 
 def test_mfu_and_flops_are_logged_where_the_peak_is_known(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "peak_flops", lambda *args: 1e12)  # pretend the CPU has a peak
+    monkeypatch.setattr(runner.build, "peak_flops", lambda *args: 1e12)  # pretend the CPU has a peak
     train.run(compose_config(["trainer.steps=8", "trainer.log_every=2"]), tmp_path)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -158,6 +159,7 @@ def test_bf16_compute_keeps_float32_params(tmp_path):
     fp32 = train.run(compose_config(["trainer.steps=8"]), tmp_path / "fp32")
     bf16 = train.run(compose_config(["trainer.steps=8", "device.precision=bf16"]),
                      tmp_path / "bf16")
+    fp32, bf16 = fp32["eval"]["loss"], bf16["eval"]["loss"]
     assert bf16 == pytest.approx(fp32, rel=0.05) and bf16 != fp32
     ckpt = serialization.msgpack_restore(
         (tmp_path / "bf16" / "checkpoints" / "step_8.msgpack").read_bytes())

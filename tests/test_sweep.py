@@ -87,7 +87,7 @@ def test_shipped_slurm_launcher_config_composes():
     from conftest import compose_config
     from hydra import compose, initialize_config_module
 
-    with initialize_config_module(config_module="conf", version_base=None):
+    with initialize_config_module(config_module="runner.conf", version_base=None):
         cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from runner.errors import ConfigError
-from tasks.cnn_random_images import CNNRandomImages
-from tasks.linear_fit import LinearFit
+from runner.tasks.cnn_random_images import CNNRandomImages
+from runner.tasks.linear_fit import LinearFit
 
 
 def test_linear_fit_data_follows_the_reference_law():
@@ -83,5 +83,6 @@ def test_cnn_loss_is_cross_entropy_and_accuracy():
 def test_cnn_rejects_inconsistent_sizes():
     with pytest.raises(ConfigError, match="task.num_eval=33"):
         CNNRandomImages(num_eval=33)
-    with pytest.raises(ConfigError, match="task.output_dim=3"):
-        CNNRandomImages(output_dim=3)
+    with pytest.raises(ConfigError, match="task.num_classes=1: must be > 1"):
+        CNNRandomImages(num_classes=1)
+    assert CNNRandomImages(num_classes=4).output_dim == 4

@@ -69,24 +69,6 @@ def test_a_run_writes_scalars_images_text_and_its_own_hparams(tmp_path):
     assert [p.name for p in (tmp_path / "tb").iterdir() if p.is_dir()] == []  # no sub-run
 
 
-def test_encoded_figures_are_stored_as_add_image_stores_pixels(tmp_path):
-    """The figure worker PNG-encodes the figures; the event is what ``add_image`` writes."""
-    from runner.figures import encode
-    from runner.tb_logger import TensorBoardLogger
-
-    pixels = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
-    logger = TensorBoardLogger(tmp_path / "tb")
-    logger.images(1, "eval", {"fit": pixels})
-    logger.images(2, "eval", {"fit": encode(pixels)})
-    logger.close()
-    first, second = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}
-                                     ).Reload().Images("eval/fit")
-    assert (first.step, second.step) == (1, 2)
-    assert (second.height, second.width) == (30, 40)
-    assert first.encoded_image_string == second.encoded_image_string
-    np.testing.assert_array_equal(encode(pixels).pixels(), pixels)
-
-
 def test_cnn_logs_sample_grid_and_confusion_matrix(tmp_path):
     run(compose_config([*TINY_CNN, "task.num_eval=16"]), tmp_path)
     assert set(load(tmp_path).Tags()["images"]) == {"eval/samples", "eval/confusion_matrix"}

@@ -5,16 +5,15 @@ import json
 import jax
 import numpy as np
 import pytest
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY_CNN, compose_config
-from runner.device import make_mesh
+from conftest import TINY_CNN, compose_config, start
+from runner.build import MAX_AUTO_DISPATCH, steps_per_dispatch
 from runner.errors import RunnerError
-from runner.optim import make_optimizer
-from runner.steps import create_train_state, make_data, seed_keys, setup, train_steps
-from runner.train import MAX_AUTO_DISPATCH, log_windows, run, steps_per_dispatch
+from runner.loop import log_windows
+from runner.steps import train_steps
+from runner.train import run
 
 LINEAR_40 = ["trainer.steps=40", "trainer.log_every=10", "trainer.eval_every=20",
              "trainer.checkpoint_every=20"]
@@ -26,29 +25,8 @@ def scalars(run_dir, tag):
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-@pytest.mark.parametrize("overrides, with_mesh", [([], False), ([], True), (TINY_CNN, True)])
-def test_setup_is_seed_keys_then_init_then_data_in_one_call(overrides, with_mesh):
-    """The run's start (one compiled call) is bit for bit what the separate calls give, which
-    older runs started from (a resumed run makes its data again from the seed)."""
-    cfg = compose_config(overrides)
-    task, model = instantiate(cfg.task, _convert_="all"), instantiate(cfg.model, _convert_="all")
-    optimizer = make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps)
-    mesh = make_mesh(cfg.device, jax.devices()) if with_mesh else None  # as a run has one
-    for seed in (0, 7):
-        state, data, init_rng, train_rng = setup(seed, model, task, optimizer, mesh=mesh)
-        init_key, data_key, train_key = seed_keys(seed, mesh=mesh)
-        separate = create_train_state(init_key, model, task, optimizer, mesh=mesh)
-        fused = (state.step, state.params, state.opt_state, data, init_rng, train_rng)
-        expected = (separate.step, separate.params, separate.opt_state,
-                    make_data(data_key, task=task, mesh=mesh), init_key, train_key)
-        assert jax.tree.structure(fused) == jax.tree.structure(expected)
-        for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(expected)):
-            assert got.dtype == want.dtype
-            np.testing.assert_array_equal(got, want)
-
-
 def test_run_trains_logs_checkpoints_and_compiles_the_step_once(tmp_path):
-    eval_loss = run(compose_config(LINEAR_40), tmp_path)
+    eval_loss = run(compose_config(LINEAR_40), tmp_path)["eval"]["loss"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["steps"] == 40
     assert metrics["eval"]["loss"] == pytest.approx(eval_loss)
@@ -80,15 +58,11 @@ def test_same_seed_gives_identical_checkpoints_and_another_seed_does_not(tmp_pat
 
 
 def test_scanned_steps_equal_single_steps():
-    cfg = compose_config(["task.batch_size=10"])  # minibatches: per-step data randomness
-    task, model = instantiate(cfg.task), instantiate(cfg.model)
-    optimizer = make_optimizer(cfg.optimizer, total_steps=8)
+    # minibatches: per-step data randomness
+    (task, _, optimizer), (fused, data, _, rng) = start(["task.batch_size=10"])
     schedule = optimizer.schedule
-    data = task.make_data(jax.random.PRNGKey(1))
-    rng = jax.random.PRNGKey(2)
-    fused = create_train_state(jax.random.PRNGKey(0), model, task, optimizer)
     fused, _ = train_steps(fused, data, rng, task=task, schedule=schedule, num_steps=4)
-    single = create_train_state(jax.random.PRNGKey(0), model, task, optimizer)
+    single = start(["task.batch_size=10"])[1].state
     for _ in range(4):
         single, _ = train_steps(single, data, rng, task=task, schedule=schedule, num_steps=1)
     assert int(fused.step) == int(single.step) == 4
@@ -113,14 +87,10 @@ def test_steps_per_dispatch_lands_on_every_cadence():
 
 
 def test_a_dispatch_returns_the_mean_of_each_log_window():
-    cfg = compose_config(["task.batch_size=10"])
-    task, model = instantiate(cfg.task), instantiate(cfg.model)
-    optimizer = make_optimizer(cfg.optimizer, total_steps=8)
-    data, rng = task.make_data(jax.random.PRNGKey(1)), jax.random.PRNGKey(2)
-    fused = create_train_state(jax.random.PRNGKey(0), model, task, optimizer)
+    (task, _, optimizer), (fused, data, _, rng) = start(["task.batch_size=10"])
     _, windows = train_steps(fused, data, rng, task=task, schedule=optimizer.schedule,
                              num_steps=6, windows=3)
-    single = create_train_state(jax.random.PRNGKey(0), model, task, optimizer)
+    single = start(["task.batch_size=10"])[1].state
     losses = []
     for _ in range(6):
         single, m = train_steps(single, data, rng, task=task, schedule=optimizer.schedule,
