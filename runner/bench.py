@@ -246,8 +246,6 @@ def bench_compiles(jobs: int = 3) -> dict:
     """Train-step compilations of one run, and of a ``jobs``-job lr sweep in one process."""
     import json as _json
 
-    from omegaconf import OmegaConf  # noqa: F401
-
     with tempfile.TemporaryDirectory() as tmp:
         args = ["-m", "optimizer.lr=" + ",".join(SWEEP_LRS[:jobs]), "trainer.steps=20",
                 "trainer.log_every=10", *NO_CACHE, f"hydra.sweep.dir={tmp}/sweep"]

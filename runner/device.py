@@ -16,12 +16,6 @@ from runner.errors import ConfigError, RunnerError
 from runner.launch import launcher_rank
 from runner.schema import Platform, Precision
 
-try:  # no public equivalent
-    from jax._src.xla_bridge import backends_are_initialized as _backends_started
-except ImportError:  # moved in a later JAX: take the backend as not started yet
-    def _backends_started() -> bool:
-        return False
-
 DATA_AXIS = "data"
 log = logging.getLogger(__name__)
 
@@ -67,6 +61,7 @@ def configure_jax(cfg: DictConfig) -> List[jax.Device]:
         devices = jax.devices()
     except Exception:  # noqa: BLE001 (JAX raises RuntimeError, or AssertionError for 'cuda')
         raise missing from None
+    _STARTED.append(True)
     if platform != Platform.auto and devices[0].platform not in _DEVICE_PLATFORMS[platform]:
         if not started:  # JAX skipped the missing accelerator and took the CPU listed after it
             raise missing
@@ -123,6 +118,14 @@ def _add_xla_flags(flags, *, started: bool) -> None:
 
 
 _ENV_XLA_FLAGS = None  # XLA_FLAGS as the environment set it, before any device.xla_flags
+_STARTED: List[bool] = []  # non-empty once configure_jax has started JAX in this process
+
+
+def _backends_started() -> bool:
+    """Whether JAX's backend already runs in this process (it reads the platform and
+    XLA_FLAGS once, at its start). JAX has no public way to ask; runner knows of the start
+    it made itself (an earlier job of a multirun in this process)."""
+    return bool(_STARTED)
 
 
 def launch_process_index(cfg: DictConfig) -> int:

@@ -10,7 +10,7 @@ come from their classes' signatures (``runner.targets``).
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
@@ -26,44 +26,25 @@ def bounded(default: Any, *, gt: Optional[float] = None, ge: Optional[float] = N
     return field(default=default, metadata=metadata)
 
 
-class Schedule(str, Enum):
-    """Learning-rate schedule shapes; the peak value is ``optimizer.lr``."""
-
-    constant = "constant"
-    cosine = "cosine"
-    warmup_cosine = "warmup_cosine"
-
-
-class BestMode(str, Enum):
-    """Whether a lower (``min``) or higher (``max``) ``trainer.best_metric`` is better."""
-
-    min = "min"
-    max = "max"
+def _choices(name: str, values: str, doc: str) -> type:
+    """A str enum whose members are named as their values: OmegaConf checks a value is one."""
+    choice = Enum(name, {value: value for value in values.split()}, type=str, module=__name__)
+    choice.__doc__ = doc
+    return choice
 
 
-class Platform(str, Enum):
-    """Where JAX runs: ``auto`` takes an accelerator when one is present, else the CPU."""
-
-    auto = "auto"
-    cpu = "cpu"
-    gpu = "gpu"
-    tpu = "tpu"
-
-
-class Precision(str, Enum):
-    """Compute dtype: ``bf16`` runs the model in bfloat16 on float32 params (mixed precision)."""
-
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-class MatmulPrecision(str, Enum):
-    """``jax_default_matmul_precision``: ``default`` lets GPUs use TF32 and TPUs bf16 passes
-    for float32 matmuls and convolutions; ``highest`` asks for full float32."""
-
-    default = "default"
-    high = "high"
-    highest = "highest"
+Schedule = _choices("Schedule", "constant cosine warmup_cosine",
+                    "Learning-rate schedule shapes; the peak value is ``optimizer.lr``.")
+BestMode = _choices("BestMode", "min max", "Whether a lower (``min``) or higher (``max``) "
+                    "``trainer.best_metric`` is better.")
+Platform = _choices("Platform", "auto cpu gpu tpu", "Where JAX runs: ``auto`` takes an "
+                    "accelerator when one is present, else the CPU.")
+Precision = _choices("Precision", "fp32 bf16", "Compute dtype: ``bf16`` runs the model in "
+                     "bfloat16 on float32 params (mixed precision).")
+MatmulPrecision = _choices(
+    "MatmulPrecision", "default high highest", "``jax_default_matmul_precision``: ``default`` "
+    "lets GPUs use TF32 and TPUs bf16 passes for float32 matmuls and convolutions; "
+    "``highest`` asks for full float32.")
 
 
 # ---- optimizer -----------------------------------------------------------------------------

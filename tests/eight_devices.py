@@ -77,7 +77,7 @@ def main():
         result = {}
         for n in (1, 8):
             result[f"eval_loss_{n}"] = run(config(*task, f"device.num_devices={n}"),
-                                           tmp / f"{name}{n}")
+                                           tmp / f"{name}{n}")["eval"]["loss"]
             result[f"curve_{n}"] = curve(tmp / f"{name}{n}")
             result[f"devices_{n}"] = json.loads(
                 (tmp / f"{name}{n}" / "metrics.json").read_text())["devices"]["num_devices"]
