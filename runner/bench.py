@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-SWEEP_LRS = ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"]
-NO_CACHE = ["device.compilation_cache_dir=null", "trainer.progress_bar=false"]
+from runner.bench_process import SWEEP_LRS, bench_compiles, bench_process_wall, bench_sweep
+from runner.bench_table import print_table
+
 
 
 def _median_times(fns: Dict[str, Callable[[], None]], repeats: int, *,
@@ -225,56 +226,8 @@ def bench_overheads(repeats: int) -> dict:
         result[name] = {"compile_s": compile_stats("train_steps")[1] - before[1],
                         "log_step_ms": 1e3 * t["log"], "checkpoint_ms": 1e3 * t["checkpoint"],
                         "log_and_checkpoint_s_per_1000_steps": per_1000}
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = iter(range(10**6))
-        t = _median_times({
-            "import": lambda: _run([sys.executable, "-c", "import jax, flax, optax"], tmp),
-            "runner": lambda: _run([sys.executable, "-m", "runner",
-                                    f"hydra.run.dir={tmp}/{next(runs)}"], tmp),
-            "runner_no_images": lambda: _run([sys.executable, "-m", "runner",
-                                              "trainer.log_images=false",
-                                              f"hydra.run.dir={tmp}/{next(runs)}"], tmp)},
-            repeats, warmup=False)
-    result["process"] = {"bare_import_s": t["import"], "default_run_s": t["runner"],
-                         "default_run_over_import": t["runner"] / t["import"],
-                         "no_images_run_s": t["runner_no_images"],
-                         "no_images_over_import": t["runner_no_images"] / t["import"]}
+    result["process"] = bench_process_wall(repeats)
     return result
-
-
-def bench_compiles(jobs: int = 3) -> dict:
-    """Train-step compilations of one run, and of a ``jobs``-job lr sweep in one process."""
-    import json as _json
-
-    with tempfile.TemporaryDirectory() as tmp:
-        args = ["-m", "optimizer.lr=" + ",".join(SWEEP_LRS[:jobs]), "trainer.steps=20",
-                "trainer.log_every=10", *NO_CACHE, f"hydra.sweep.dir={tmp}/sweep"]
-        _run([sys.executable, "-m", "runner", *args], tmp)
-        per_job = [_json.loads((Path(tmp) / "sweep" / str(i) / "metrics.json").read_text())
-                   ["train_step_compiles"] for i in range(jobs)]
-    return {"per_run": per_job[0], "per_sweep": sum(per_job), "sweep_jobs": jobs}
-
-
-def bench_sweep(repeats: int, lrs: List[str]) -> dict:
-    """Median wall time of one run and of a len(lrs)-job lr sweep (basic launcher)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = iter(range(10**6))
-        t = _median_times({
-            "single": lambda: _run([sys.executable, "-m", "runner", *NO_CACHE,
-                                    f"hydra.run.dir={tmp}/single{next(runs)}"], tmp),
-            "sweep": lambda: _run([sys.executable, "-m", "runner", "-m",
-                                   f"optimizer.lr={','.join(lrs)}", *NO_CACHE,
-                                   f"hydra.sweep.dir={tmp}/sweep{next(runs)}"], tmp)},
-            repeats, warmup=False)
-    return {"jobs": len(lrs), "single_run_s": t["single"], "sweep_s": t["sweep"],
-            "sweep_over_single": t["sweep"] / t["single"],
-            "per_job_over_single": t["sweep"] / t["single"] / len(lrs)}
-
-
-def _run(cmd: List[str], cwd) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
 
 
 def machine_info() -> dict:
@@ -291,47 +244,6 @@ def machine_info() -> dict:
             "devices": [str(d) for d in jax.devices()],
             "versions": {"python": platform.python_version(),
                          **{p: _version(p) for p in (*PACKAGES, "torch")}}}
-
-
-def print_table(results: dict) -> None:
-    lin, cnn, over, comp = (results.get(k) for k in ("linear_fit", "cnn", "overheads",
-                                                       "compiles"))
-    rows = []
-    if lin:
-        rows += [("linear_fit: reference loop", f"{lin['reference_steps_per_s']:,.0f} steps/s"),
-                 ("linear_fit: runner loop", f"{lin['runner_steps_per_s']:,.0f} steps/s"),
-                 ("linear_fit: runner / reference", f"{lin['runner_over_reference']:.1f}x")]
-    if cnn:
-        rows += [("cnn: reference Flax step", f"{cnn['reference_ms']:.0f} ms "
-                  f"({cnn['reference_gflops']:.0f} GFLOP/s)"),
-                 ("cnn: runner step", f"{cnn['runner_ms']:.0f} ms "
-                  f"({cnn['runner_gflops']:.0f} GFLOP/s)"),
-                 ("cnn: runner / reference time", f"{cnn['runner_over_reference']:.2f}")]
-        if "torch_ms" in cnn:
-            rows += [(f"cnn: PyTorch {cnn['torch_version']} step", f"{cnn['torch_ms']:.0f} ms"),
-                     ("cnn: runner / PyTorch time", f"{cnn['runner_over_torch']:.2f}")]
-        rows.append(("fp32 matmul (XLA, 2048^3)", f"{cnn['matmul_gflops']:.0f} GFLOP/s"))
-    if over:
-        for name in ("linear_fit", "cnn_random_images"):
-            o = over[name]
-            per_1000 = o["log_and_checkpoint_s_per_1000_steps"]
-            rows.append((f"{name}: compile / log+ckpt per 1k steps",
-                         f"{o['compile_s']:.2f} s / {per_1000:.3f} s"))
-        p = over["process"]
-        rows += [("bare `import jax, flax, optax`", f"{p['bare_import_s']:.2f} s"),
-                 ("`python -m runner` (default)", f"{p['default_run_s']:.2f} s = "
-                  f"{p['default_run_over_import']:.1f}x import"),
-                 ("  ... trainer.log_images=false", f"{p['no_images_run_s']:.2f} s = "
-                  f"{p['no_images_over_import']:.1f}x import")]
-    if comp:
-        rows.append(("train-step compiles: run / 3-job sweep",
-                     f"{comp['per_run']} / {comp['per_sweep']}"))
-    if results.get("sweep"):
-        s = results["sweep"]
-        rows.append((f"{s['jobs']}-job lr sweep / one run (wall)",
-                     f"{s['sweep_over_single']:.2f}x ({s['per_job_over_single']:.2f}x per job)"))
-    width = max(len(r[0]) for r in rows)
-    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
 
 
 def main(argv=None) -> None:

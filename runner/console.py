@@ -7,7 +7,7 @@ GROUPS = ("task", "model", "optimizer", "device", "trainer")
 
 def print_config_tree(cfg: DictConfig) -> None:
     """The resolved config, one branch per group, drawn by rich. (Plain text: YAML syntax
-    colouring loads pygments' lexers, ~0.2 s of a default run.)"""
+    colouring loads and runs pygments' YAML lexer: ~40 ms of a default run.)"""
     from rich import print as rich_print
     from rich.text import Text
     from rich.tree import Tree

@@ -76,10 +76,8 @@ def _setup(seed, hyperparams, *, model, task, tx, mesh):
     init_rng, data_rng, train_rng = _constrain(
         tuple(jax.random.split(jax.random.PRNGKey(seed), 3)), mesh)
     params = model.init(init_rng, task.example_input())["params"]
-    opt_state = tx.init(params)
-    # Those not in the config are the factory's defaults, the same for every run sharing tx.
-    own = {k: hyperparams[k].astype(v.dtype) if k in hyperparams else v
-           for k, v in opt_state.hyperparams.items()}
+    opt_state = tx.init(params)  # with placeholder hyperparameters: this run's values now
+    own = {k: hyperparams[k].astype(v.dtype) for k, v in opt_state.hyperparams.items()}
     # The step is a typed array (not TrainState.create's Python int), or the first call
     # of the jitted step would compile a second time for the int32 step it gets.
     state = _constrain((jnp.zeros((), jnp.int32), params, opt_state._replace(hyperparams=own)),

@@ -1,0 +1,42 @@
+"""The console table of ``python -m runner.bench``'s results."""
+
+
+def print_table(results: dict) -> None:
+    lin, cnn, over, comp = (results.get(k) for k in ("linear_fit", "cnn", "overheads",
+                                                       "compiles"))
+    rows = []
+    if lin:
+        rows += [("linear_fit: reference loop", f"{lin['reference_steps_per_s']:,.0f} steps/s"),
+                 ("linear_fit: runner loop", f"{lin['runner_steps_per_s']:,.0f} steps/s"),
+                 ("linear_fit: runner / reference", f"{lin['runner_over_reference']:.1f}x")]
+    if cnn:
+        rows += [("cnn: reference Flax step", f"{cnn['reference_ms']:.0f} ms "
+                  f"({cnn['reference_gflops']:.0f} GFLOP/s)"),
+                 ("cnn: runner step", f"{cnn['runner_ms']:.0f} ms "
+                  f"({cnn['runner_gflops']:.0f} GFLOP/s)"),
+                 ("cnn: runner / reference time", f"{cnn['runner_over_reference']:.2f}")]
+        if "torch_ms" in cnn:
+            rows += [(f"cnn: PyTorch {cnn['torch_version']} step", f"{cnn['torch_ms']:.0f} ms"),
+                     ("cnn: runner / PyTorch time", f"{cnn['runner_over_torch']:.2f}")]
+        rows.append(("fp32 matmul (XLA, 2048^3)", f"{cnn['matmul_gflops']:.0f} GFLOP/s"))
+    if over:
+        for name in ("linear_fit", "cnn_random_images"):
+            o = over[name]
+            per_1000 = o["log_and_checkpoint_s_per_1000_steps"]
+            rows.append((f"{name}: compile / log+ckpt per 1k steps",
+                         f"{o['compile_s']:.2f} s / {per_1000:.3f} s"))
+        p = over["process"]
+        rows += [("bare `import jax, flax, optax`", f"{p['bare_import_s']:.2f} s"),
+                 ("`python -m runner` (default)", f"{p['default_run_s']:.2f} s = "
+                  f"{p['default_run_over_import']:.1f}x import"),
+                 ("  ... trainer.log_images=false", f"{p['no_images_run_s']:.2f} s = "
+                  f"{p['no_images_over_import']:.1f}x import")]
+    if comp:
+        rows.append(("train-step compiles: run / 3-job sweep",
+                     f"{comp['per_run']} / {comp['per_sweep']}"))
+    if results.get("sweep"):
+        s = results["sweep"]
+        rows.append((f"{s['jobs']}-job lr sweep / one run (wall)",
+                     f"{s['sweep_over_single']:.2f}x ({s['per_job_over_single']:.2f}x per job)"))
+    width = max(len(r[0]) for r in rows)
+    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
