@@ -11,7 +11,8 @@ from runner.targets import load_target, signature_schema
 
 BUILT_IN = {
     "task": {"linear_fit": "runner.tasks.linear_fit.LinearFit",
-             "cnn_random_images": "runner.tasks.cnn_random_images.CNNRandomImages"},
+             "cnn_random_images": "runner.tasks.cnn_random_images.CNNRandomImages",
+             "arrays": "runner.tasks.arrays.Arrays"},
     "model": {"mlp": "runner.models.mlp.MLP", "cnn": "runner.models.cnn.CNN"},
     "optimizer": {"adam": "optax.adam", "adamw": "optax.adamw", "sgd": "optax.sgd",
                   "rmsprop": "optax.rmsprop"},

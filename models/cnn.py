@@ -44,6 +44,11 @@ class CNN(nn.Module):
             conv = nn.Conv(features, kernel_size=(size, size), **init,
                            conv_general_dilated=conv_general_dilated)
             x = nn.relu(conv(x))
+            if min(x.shape[1:3]) < self.pool_size:
+                raise ConfigError(
+                    f"model=cnn: conv layer {i} gives {x.shape[1]}x{x.shape[2]} images, smaller "
+                    f"than model.pool_size={self.pool_size}: use fewer model.conv_features, a "
+                    f"smaller pool_size or larger images")
             x = max_pool(x, (self.pool_size, self.pool_size))
         x = x.reshape(x.shape[0], -1)
         for features in self.dense_features:

@@ -157,6 +157,36 @@ def _linear_fit_worker(name: str, steps: int) -> None:
         print(time.perf_counter() - start, flush=True)
 
 
+def bench_arrays(repeats: int, steps: int) -> dict:
+    """Steps/s on scikit-learn's digits (``task=arrays``, an MLP of 128 relu units, batch
+    128): the reference-style loop (each batch sampled on the host) against runner's fused
+    loop (batches drawn on device inside ``lax.scan``)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        return {"skipped": "scikit-learn is not installed (pip install scikit-learn)"}
+    import numpy as np
+
+    from runner.bench_cases import reference_arrays
+    from runner.build import steps_per_dispatch
+
+    digits = load_digits()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "digits.npz"
+        x, y = digits.images.astype(np.float32), digits.target
+        np.savez(path, x_train=x[:1437], y_train=y[:1437], x_eval=x[1437:], y_eval=y[1437:])
+        cfg, *parts = _runner_parts(["task=arrays", f"task.path={path}",
+                                     "model.activation=relu"])
+    chunk = steps_per_dispatch(cfg.trainer)
+    fns = _loops(reference_arrays(x[:1437], y[:1437], cfg.task.batch_size), parts,
+                 steps=steps, chunk=chunk)
+    t = _median_times(fns, repeats)
+    return {"steps": steps, "steps_per_dispatch": chunk, "batch_size": cfg.task.batch_size,
+            "reference_steps_per_s": steps / t["reference"],
+            "runner_steps_per_s": steps / t["runner"],
+            "runner_over_reference": t["reference"] / t["runner"]}
+
+
 def bench_cnn(repeats: int, steps: int) -> dict:
     """ms/step of the reference Flax CNN step, runner's scanned step and PyTorch's."""
     from runner.bench_cases import reference_cnn, torch_cnn_step
@@ -262,6 +292,7 @@ def main(argv=None) -> None:
     repeats = 1 if args.quick else args.repeats
     results = {"machine": machine_info(), "repeats": repeats, "quick": args.quick}
     results["linear_fit"] = bench_linear_fit(repeats, steps=200 if args.quick else 2000)
+    results["arrays"] = bench_arrays(repeats, steps=200 if args.quick else 2000)
     results["cnn"] = bench_cnn(repeats, steps=1 if args.quick else 10)
     results["overheads"] = bench_overheads(repeats)
     results["compiles"] = bench_compiles()

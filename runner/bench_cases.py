@@ -47,6 +47,31 @@ def reference_linear_fit():
     return train_step, state, (jnp.asarray(x), jnp.asarray(y))
 
 
+def reference_arrays(x: np.ndarray, y: np.ndarray, batch_size: int):
+    """(step_fn, state, args): a hand-written loop over arrays, as the reference's style
+    writes it: each step samples its batch on the host (numpy) and calls the jitted step."""
+    model = nn.Sequential([nn.Dense(128), nn.relu, nn.Dense(int(y.max()) + 1)])
+    x = x.reshape(len(x), -1).astype(np.float32)
+    state = TrainState.create(apply_fn=model.apply,
+                              params=model.init(jax.random.PRNGKey(42), x[:1]),
+                              tx=optax.adam(learning_rate=1e-3))
+    rng = np.random.default_rng(42)
+
+    @jax.jit
+    def train_step(state, x, y):
+        def loss_fn(params):
+            logits = state.apply_fn(params, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads=grads), loss
+
+    def step(state):
+        idx = rng.choice(len(x), batch_size, replace=False)
+        return train_step(state, x[idx], y[idx])
+
+    return step, state, ()
+
+
 def reference_cnn(batch_size: int = 32, image_size: int = 84):
     """(step_fn, state, args): the reference CNN trained with adam on one random batch."""
     model = ReferenceCNN()

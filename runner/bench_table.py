@@ -9,6 +9,13 @@ def print_table(results: dict) -> None:
         rows += [("linear_fit: reference loop", f"{lin['reference_steps_per_s']:,.0f} steps/s"),
                  ("linear_fit: runner loop", f"{lin['runner_steps_per_s']:,.0f} steps/s"),
                  ("linear_fit: runner / reference", f"{lin['runner_over_reference']:.1f}x")]
+    arrays = results.get("arrays")
+    if arrays and "skipped" not in arrays:
+        rows += [("arrays (digits MLP): reference loop",
+                  f"{arrays['reference_steps_per_s']:,.0f} steps/s"),
+                 ("arrays (digits MLP): runner loop",
+                  f"{arrays['runner_steps_per_s']:,.0f} steps/s"),
+                 ("arrays: runner / reference", f"{arrays['runner_over_reference']:.1f}x")]
     if cnn:
         rows += [("cnn: reference Flax step", f"{cnn['reference_ms']:.0f} ms "
                   f"({cnn['reference_gflops']:.0f} GFLOP/s)"),

@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 from omegaconf import DictConfig
 
+from runner import inputs
 from runner.checkpoint import restore_latest
 from runner.device import DATA_AXIS, configure_jax, make_mesh, peak_flops, place, replicated
 from runner.errors import ConfigError, RunnerError
@@ -92,6 +93,8 @@ def build_run(cfg: DictConfig, run_dir: Path, *, resume: bool) -> Run:
     """Set JAX up, build the parts, start the state from the seed (or the newest valid
     checkpoint, with ``resume``) and decide the dispatch length."""
     parts = build_parts(cfg)
+    if resume:
+        inputs.verify(parts.task, run_dir)
     devices = configure_jax(cfg.device)
     mesh = make_mesh(cfg.device, devices)
     if parts.task.batch_size % mesh.size:

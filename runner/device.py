@@ -172,6 +172,23 @@ def make_mesh(cfg: DictConfig, devices: List[jax.Device]) -> Mesh:
     return Mesh(np.array(devices[:wanted]), (DATA_AXIS,))
 
 
+def check_fits(host_data, devices: List[jax.Device]) -> None:
+    """A one-line error, before anything is placed, when a task's arrays exceed the memory
+    the devices report free (each device holds a replica). CPUs report none: no check."""
+    stats = devices[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    sizes = {jax.tree_util.keystr(path): leaf.nbytes
+             for path, leaf in jax.tree_util.tree_leaves_with_path(host_data)}
+    if sum(sizes.values()) > free:
+        largest = ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in sorted(
+            sizes.items(), key=lambda item: -item[1])[:4])
+        raise RunnerError(f"the task's arrays take {sum(sizes.values()) / 2**20:.0f} MiB "
+                          f"({largest}) but {devices[0].device_kind} has {free / 2**20:.0f} "
+                          f"MiB free: use a smaller file, or a device with more memory")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

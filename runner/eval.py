@@ -20,12 +20,14 @@ def evaluate_run(run_dir: Path, which: str = "last") -> dict:
     from runner.build import COMPUTE_DTYPES, build_parts
     from runner.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
     from runner.device import configure_jax
+    from runner.inputs import verify
     from runner.resume import load_run_config
     from runner.schema import Precision
     from runner.steps import evaluate, setup
 
     cfg, _ = load_run_config(run_dir)
     parts = build_parts(cfg)
+    verify(parts.task, run_dir)
     cfg.device.distributed = False  # one process evaluates, whatever the run was
     configure_jax(cfg.device)
     ckpt_dir = run_dir / "checkpoints"

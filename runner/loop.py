@@ -92,8 +92,7 @@ class HostLoop:
                 stopping = _agreed(self.stop, dispatches)
                 dispatches += 1
                 if due or stopping:
-                    elapsed = time.perf_counter() - window_start
-                    self.fetch({"steps_per_sec": window_steps / elapsed} if window_steps else {})
+                    self.fetch(window_start, window_steps)
                 for action in due:
                     action.action()
                 if stopping:
@@ -116,9 +115,12 @@ class HostLoop:
             layer_norms=self.trainer.log_histograms, **self.options._asdict())
         self.step += self.chunk
 
-    def fetch(self, perf: Dict[str, float]) -> None:
-        """The dispatch's metrics to the host (waits for the device), checked for NaN/Inf."""
+    def fetch(self, window_start: float, window_steps: int) -> None:
+        """The dispatch's metrics to the host (waits for the device: that ends the throughput
+        window of ``window_steps`` steps), checked for NaN/Inf."""
         self.metrics = jax.device_get(self.metrics)
+        elapsed = time.perf_counter() - window_start
+        perf = {"steps_per_sec": window_steps / elapsed} if window_steps else {}
         if perf and self.peak_flops:  # model FLOPs utilisation of the devices' peak
             perf["mfu"] = perf["steps_per_sec"] * self.peak_flops[1] / self.peak_flops[0]
         self.perf = perf

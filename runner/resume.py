@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.checkpoint import write_atomic
 from runner.device import launch_process_index
 from runner.errors import RunnerError
+from runner.inputs import use_recorded, verify
 from runner.schema import RunConf
 
 GROUPS = ("task", "model", "optimizer", "device", "hparams_search")
@@ -41,6 +42,7 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictC
         OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.from_dotlist([override]), key),
                          force_add=True)
     cfg.resume = None
+    use_recorded(cfg, run_dir)
     return cfg, [*stored_overrides, *overrides]
 
 
@@ -54,7 +56,9 @@ def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> Tuple[Path, Dict[s
     if not run_dir.is_dir():
         raise RunnerError(f"resume={run_dir_arg}: no such directory")
     cfg, all_overrides = load_run_config(run_dir, overrides)
-    build_parts(cfg)  # every value checked before the run dir's config is rewritten
+    # Every value checked, and the task's files against the record, before anything in the
+    # run dir is rewritten.
+    verify(build_parts(cfg).task, run_dir)
     _log_to(run_dir / "runner.log")
     # The run dir's config is the run's as it now stands (for later resumes and runner.eval);
     # written by one process of a multi-process run.

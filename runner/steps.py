@@ -12,7 +12,7 @@ import optax
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh
 
-from runner.device import batch_sharding, replicated
+from runner.device import batch_sharding, check_fits, replicated
 from runner.optim import LRSchedule, Optimizer
 from runner.tasks.base import Batch, Data, Task
 
@@ -61,18 +61,22 @@ def setup(seed: int, task: Task, model: nn.Module, optimizer: Optimizer, *,
           mesh: Optional[Mesh] = None) -> Setup:
     """A run's start from its seed, in one compiled call: the three keys (model init, task
     data, training steps), the TrainState (params and optimizer state, replicated over
-    ``mesh``) and the task's data. (Eagerly, each of init's many small ops would compile a
+    ``mesh``) and the task's data: made on device by ``task.make_data(key)``, or, for a task
+    with ``load_data()`` (arrays read from files), those host arrays put on the devices. (Eagerly, each of init's many small ops would compile a
     program of its own.) Runs whose model, task and optimizer structure are equal share it:
     this run's hyperparameter values are arguments."""
+    host = task.load_data() if hasattr(task, "load_data") else None
+    if host is not None:
+        check_fits(host, list(mesh.devices.flat) if mesh else jax.devices()[:1])
     step, params, opt_state, data, init_rng, train_rng = _setup(
-        seed, optimizer.hyperparams, model=model, task=task, tx=optimizer.tx, mesh=mesh)
+        seed, optimizer.hyperparams, host, model=model, task=task, tx=optimizer.tx, mesh=mesh)
     state = TrainState(step=step, apply_fn=ModelApply(model), params=params, tx=optimizer.tx,
                        opt_state=opt_state)
     return Setup(state, data, init_rng, train_rng)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "task", "tx", "mesh"))
-def _setup(seed, hyperparams, *, model, task, tx, mesh):
+def _setup(seed, hyperparams, host, *, model, task, tx, mesh):
     init_rng, data_rng, train_rng = _constrain(
         tuple(jax.random.split(jax.random.PRNGKey(seed), 3)), mesh)
     params = model.init(init_rng, task.example_input())["params"]
@@ -82,7 +86,8 @@ def _setup(seed, hyperparams, *, model, task, tx, mesh):
     # of the jitted step would compile a second time for the int32 step it gets.
     state = _constrain((jnp.zeros((), jnp.int32), params, opt_state._replace(hyperparams=own)),
                        mesh)
-    return (*state, _constrain(task.make_data(data_rng), mesh), init_rng, train_rng)
+    data = task.make_data(data_rng) if host is None else host
+    return (*state, _constrain(data, mesh), init_rng, train_rng)
 
 
 def _compute(params, x, compute_dtype: Optional[str]):
@@ -178,7 +183,9 @@ def step_flops(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
 def evaluate(state: TrainState, data: Data, *, task: Task, mesh: Optional[Mesh] = None,
              compute_dtype: Optional[str] = None) -> Tuple[Metrics, jax.Array]:
     """Loss and metrics on the task's held-out set, averaged over its equal-sized batches,
-    and the model's outputs for those batches (stacked like ``task.eval_batches``)."""
+    and the model's outputs for those batches (stacked like ``task.eval_batches``). Batches
+    with a ``mask`` (1 for a real example, 0 for padding) weigh by their real examples, so a
+    padded last batch counts exactly its own."""
 
     def batch_metrics(batch):
         batch = _shard_batch(batch, mesh)
@@ -187,5 +194,11 @@ def evaluate(state: TrainState, data: Data, *, task: Task, mesh: Optional[Mesh] 
         loss, metrics = task.loss(outputs, batch)
         return {"loss": loss, **metrics}, outputs
 
-    metrics, outputs = jax.lax.map(batch_metrics, task.eval_batches(data))
-    return _constrain((jax.tree.map(jnp.mean, metrics), outputs), mesh)
+    batches = task.eval_batches(data)
+    metrics, outputs = jax.lax.map(batch_metrics, batches)
+    if "mask" in batches:
+        weights = jnp.sum(batches["mask"], axis=1)
+        means = jax.tree.map(lambda m: jnp.sum(m * weights) / jnp.sum(weights), metrics)
+    else:
+        means = jax.tree.map(jnp.mean, metrics)
+    return _constrain((means, outputs), mesh)

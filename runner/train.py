@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from omegaconf import OmegaConf
 
+from runner import inputs
 from runner.build import Run, build_run
 from runner.checkpoint import Checkpointer, write_atomic
 from runner.compiles import cache_hits, compile_stats
@@ -110,6 +111,7 @@ def _write_run_files(run: Run, overrides: Sequence[str]) -> str:
                            jax.eval_shape(run.parts.task.example_input))
     table = run.parts.model.tabulate(run.init_rng, example, console_kwargs={"width": 120})
     if run.writer:
+        inputs.record(run.parts.task, run.run_dir)
         write_manifest(run.run_dir, devices=list(run.mesh.devices.flat), overrides=overrides,
                        start_step=run.start_step, placement=run.placement)
         (run.run_dir / "model_summary.txt").write_text(table)

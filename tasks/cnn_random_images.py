@@ -10,7 +10,7 @@ import optax
 
 from runner.errors import ConfigError, check_range
 from runner.tasks.base import Batch, Data
-from runner.tasks.figures import pyplot
+from runner.tasks.figures import confusion_matrix, sample_grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,27 +80,7 @@ class CNNRandomImages:
 
     def figures(self, data: Data, outputs: jax.Array) -> Dict[str, "Figure"]:  # noqa: F821
         """Sample eval images with true/predicted labels, and the eval confusion matrix."""
-        plt = pyplot()
         images, labels = np.asarray(data["eval"]["x"]), np.asarray(data["eval"]["y"])
         predicted = np.asarray(outputs).reshape(len(labels), -1).argmax(-1)
-        samples, axes = plt.subplots(4, 4, figsize=(6, 6.4), dpi=80)
-        for ax, image, label, guess in zip(axes.flat, images, labels, predicted):
-            lo, hi = image.min(), image.max()
-            ax.imshow(((image - lo) / (hi - lo + 1e-8))[..., :3].squeeze())
-            ax.set_title(f"y={label} pred={guess}", fontsize=8,
-                         color="green" if label == guess else "red")
-            ax.axis("off")
-        samples.tight_layout()
-        counts = np.zeros((self.num_classes, self.num_classes), int)
-        np.add.at(counts, (labels, predicted), 1)
-        matrix, ax = plt.subplots(figsize=(5, 4.5), dpi=80)
-        ax.imshow(counts, cmap="Blues")
-        for (i, j), n in np.ndenumerate(counts):
-            if n:
-                ax.text(j, i, n, ha="center", va="center", fontsize=7)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_xticks(range(self.num_classes))
-        ax.set_yticks(range(self.num_classes))
-        matrix.tight_layout()
-        return {"samples": samples, "confusion_matrix": matrix}
+        return {"samples": sample_grid(images[:16], labels, predicted),
+                "confusion_matrix": confusion_matrix(labels, predicted, self.num_classes)}

@@ -13,10 +13,13 @@ def test_quick_benchmark_writes_the_results_schema(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "bench/results.json").read_text())
-    assert {"machine", "linear_fit", "cnn", "overheads", "compiles", "sweep"} <= set(results)
+    assert {"machine", "linear_fit", "arrays", "cnn", "overheads", "compiles",
+            "sweep"} <= set(results)
     assert results["machine"]["versions"]["jax"]
     for key in ("reference_steps_per_s", "runner_steps_per_s", "runner_over_reference"):
         assert results["linear_fit"][key] > 0
+    for key in ("reference_steps_per_s", "runner_steps_per_s", "runner_over_reference"):
+        assert results["arrays"][key] > 0  # scikit-learn comes with the test extra
     for key in ("reference_ms", "runner_ms", "flops_per_step", "runner_gflops",
                 "matmul_gflops"):
         assert results["cnn"][key] > 0

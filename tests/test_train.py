@@ -130,3 +130,22 @@ def test_a_resume_step_off_the_dispatch_grid_is_refused(tmp_path):
                              "trainer.checkpoint_every=4"])
     with pytest.raises(RunnerError, match="trainer.steps_per_dispatch=4: must divide"):
         run(longer, tmp_path, resume=True)  # dispatches from 6 would end at 10, not 8, 12
+
+
+def test_steps_per_sec_counts_the_device_time_up_to_the_fetch(tmp_path, monkeypatch):
+    """A dispatch returns before the device is done: the throughput window must end when the
+    metrics reach the host (here each fetch waits 0.1 s more), not when the call returns."""
+    import time
+
+    import runner.loop
+
+    fetch = runner.loop.jax.device_get
+
+    def slow_fetch(tree):
+        time.sleep(0.1)
+        return fetch(tree)
+
+    monkeypatch.setattr(runner.loop.jax, "device_get", slow_fetch)
+    run(compose_config(LINEAR_40), tmp_path)
+    rates = [v for _, v in scalars(tmp_path, "perf/steps_per_sec")]
+    assert rates and all(rate <= 20 / 0.1 for rate in rates)  # 20 steps per dispatch

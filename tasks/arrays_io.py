@@ -1,0 +1,161 @@
+"""Reading and checking ``task=arrays`` files: an ``.npz`` with ``x_train``, ``y_train``,
+``x_eval``, ``y_eval``, or a directory of those four ``.npy`` files (memory-mapped). Every
+problem is one ConfigError naming ``task.path`` and the array at fault."""
+
+import dataclasses
+import hashlib
+import zipfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from runner.errors import ConfigError
+
+KEYS = ("x_train", "y_train", "x_eval", "y_eval")
+KINDS = ("classification", "regression")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraysInfo:
+    """What a task needs to know of its file before reading it whole: hashable, so it is part
+    of the task as the compiled steps' static argument."""
+
+    path: str  # absolute
+    sha256: str
+    kind: str
+    num_classes: Optional[int]  # classification
+    n_train: int
+    n_eval: int
+    x_shape: Tuple[int, ...]  # one example's shape (a channel axis added to [N, H, W] images)
+    y_dim: int  # regression targets per example
+    y_mean: Tuple[float, ...] = (0.0,)  # regression targets are scaled by these
+    y_std: Tuple[float, ...] = (1.0,)
+
+
+def resolve(path: str) -> Path:
+    """``task.path`` against the directory the command was started in."""
+    return Path(path).expanduser().absolute()
+
+
+def read(path: Path, given: str) -> Dict[str, np.ndarray]:
+    """The four arrays of ``path`` (``given``: the path as configured, for messages)."""
+    key = f"task.path={given}"
+    if not path.exists():
+        raise ConfigError(f"{key}: no such file or directory ({path})")
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.npy"))
+        missing = [k for k in KEYS if f"{k}.npy" not in found]
+        if missing:
+            raise ConfigError(f"{key}: no {missing[0]}.npy in the directory; found: "
+                              f"{', '.join(found) or 'no .npy file'}")
+        return {k: _load(path / f"{k}.npy", key, mmap_mode="r") for k in KEYS}
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an archive of named arrays")
+        with npz:
+            missing = [k for k in KEYS if k not in npz.files]
+            if missing:
+                raise ConfigError(f"{key}: no array {missing[0]}; found: "
+                                  f"{', '.join(npz.files) or 'none'} (needs {', '.join(KEYS)})")
+            return {k: npz[k] for k in KEYS}
+    except ConfigError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"{key}: not an .npz file or a directory of .npy files "
+                          f"({_reason(err)})") from None
+
+
+def _load(path: Path, key: str, **kwargs) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False, **kwargs)
+    except (OSError, ValueError, EOFError) as err:
+        raise ConfigError(f"{key}: cannot read {path.name} ({_reason(err)})") from None
+
+
+def sha256(path: Path) -> str:
+    """SHA-256 of the file, or of the directory's four ``.npy`` files in order."""
+    digest = hashlib.sha256()
+    for part in [path / f"{k}.npy" for k in KEYS] if path.is_dir() else [path]:
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check(arrays: Dict[str, np.ndarray], *, path: Path, given: str, kind: Optional[str],
+          num_classes: Optional[int]) -> ArraysInfo:
+    """Check the arrays (see the module doc) and describe them."""
+    key = f"task.path={given}"
+    for name in KEYS:
+        a = arrays[name]
+        if a.ndim == 0 or not len(a):
+            raise ConfigError(f"{key}: {name} is empty (shape {a.shape})")
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+            raise ConfigError(f"{key}: {name} has dtype {a.dtype}; numbers are needed")
+        if np.issubdtype(a.dtype, np.inexact):
+            bad = np.argwhere(~np.isfinite(a))
+            if len(bad):
+                index = tuple(int(i) for i in bad[0])
+                raise ConfigError(f"{key}: {name} holds {a[index]} at index "
+                                  f"{index if len(index) > 1 else index[0]}")
+    for split in ("train", "eval"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if len(x) != len(y):
+            raise ConfigError(f"{key}: x_{split} has {len(x)} examples but y_{split} has "
+                              f"{len(y)}")
+    x_shape = example_shape(arrays["x_train"].shape)
+    if example_shape(arrays["x_eval"].shape) != x_shape:
+        raise ConfigError(f"{key}: x_eval's examples have shape {arrays['x_eval'].shape[1:]}, "
+                          f"x_train's {arrays['x_train'].shape[1:]}")
+    kind = kind or ("classification" if np.issubdtype(arrays["y_train"].dtype, np.integer)
+                    or arrays["y_train"].dtype == bool else "regression")
+    info = dict(path=str(path), sha256=sha256(path), kind=kind, n_train=len(arrays["y_train"]),
+                n_eval=len(arrays["y_eval"]), x_shape=x_shape)
+    if kind == "classification":
+        return ArraysInfo(**info, num_classes=_classes(arrays, key, num_classes), y_dim=1)
+    y_dims = {arrays[k].shape[1:] for k in ("y_train", "y_eval")}
+    if len(y_dims) > 1 or any(len(d) > 1 for d in y_dims):
+        raise ConfigError(f"{key}: regression targets must be [N] or [N, D] with one D; got "
+                          f"y_train {arrays['y_train'].shape}, y_eval {arrays['y_eval'].shape}")
+    return ArraysInfo(**info, num_classes=None, y_dim=int(np.prod(y_dims.pop())))
+
+
+def example_shape(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """One example's shape as the model gets it: [N] -> (1,), [N, H, W] -> (H, W, 1)."""
+    features = tuple(int(n) for n in shape[1:])
+    if not features:
+        return (1,)
+    return (*features, 1) if len(features) == 2 else features
+
+
+def _classes(arrays: Dict[str, np.ndarray], key: str, num_classes: Optional[int]) -> int:
+    """The class count; labels must be whole numbers in [0, num_classes)."""
+    for name in ("y_train", "y_eval"):
+        y = arrays[name]
+        if y.ndim != 1:
+            raise ConfigError(f"{key}: {name} has shape {y.shape}; classification labels are "
+                              f"[N] class indices")
+        if np.issubdtype(y.dtype, np.inexact) and not np.all(y == np.round(y)):
+            index = int(np.flatnonzero(y != np.round(y))[0])
+            raise ConfigError(f"{key}: {name} holds the label {y[index]} at index {index}, not "
+                              f"a whole number (task.kind=classification)")
+        if y.min() < 0:
+            index = int(np.argmin(y))
+            raise ConfigError(f"{key}: {name} holds the label {y[index]} at index {index}; "
+                              f"labels are class indices from 0")
+    top = int(max(arrays["y_train"].max(), arrays["y_eval"].max()))
+    if num_classes is None:
+        return max(top + 1, 2)
+    if top >= num_classes:
+        name = "y_train" if arrays["y_train"].max() >= num_classes else "y_eval"
+        index = int(np.argmax(arrays[name]))
+        raise ConfigError(f"{key}: {name} holds the label {arrays[name][index]} at index "
+                          f"{index}, not below task.num_classes={num_classes}")
+    return num_classes
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
