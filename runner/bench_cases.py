@@ -47,6 +47,19 @@ def reference_linear_fit():
     return train_step, state, (jnp.asarray(x), jnp.asarray(y))
 
 
+def classifier_step():
+    """The reference's jitted step for a classifier: adam on softmax cross-entropy."""
+    @jax.jit
+    def train_step(state, x, y):
+        def loss_fn(params):
+            logits = state.apply_fn(params, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads=grads), loss
+
+    return train_step
+
+
 def reference_arrays(x: np.ndarray, y: np.ndarray, batch_size: int):
     """(step_fn, state, args): a hand-written loop over arrays, as the reference's style
     writes it: each step samples its batch on the host (numpy) and calls the jitted step."""
@@ -57,14 +70,7 @@ def reference_arrays(x: np.ndarray, y: np.ndarray, batch_size: int):
                               tx=optax.adam(learning_rate=1e-3))
     rng = np.random.default_rng(42)
 
-    @jax.jit
-    def train_step(state, x, y):
-        def loss_fn(params):
-            logits = state.apply_fn(params, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        return state.apply_gradients(grads=grads), loss
-
+    train_step = classifier_step()
     def step(state):
         idx = rng.choice(len(x), batch_size, replace=False)
         return train_step(state, x[idx], y[idx])
@@ -81,14 +87,7 @@ def reference_cnn(batch_size: int = 32, image_size: int = 84):
     state = TrainState.create(apply_fn=model.apply, params=model.init(key, x),
                               tx=optax.adam(learning_rate=1e-3))
 
-    @jax.jit
-    def train_step(state, x, y):
-        def loss_fn(params):
-            logits = state.apply_fn(params, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        return state.apply_gradients(grads=grads), loss
-
+    train_step = classifier_step()
     return train_step, state, (x, y)
 
 

@@ -20,6 +20,7 @@ from runner.errors import ConfigError, check_range
 from runner.tasks.arrays_io import KINDS, ArraysInfo, check, read, resolve
 from runner.tasks.base import Batch, Data
 from runner.tasks.figures import confusion_matrix, pyplot, sample_grid
+from runner.tasks.sampling import distinct_indices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +95,7 @@ class Arrays:
     def train_batch(self, data: Data, rng: jax.Array) -> Batch:
         if self.batch_size == self.info.n_train:
             return dict(data["train"])
-        idx = jax.random.choice(rng, self.info.n_train, (self.batch_size,), replace=False)
+        idx = distinct_indices(rng, self.info.n_train, self.batch_size)
         return jax.tree.map(lambda a: a[idx], dict(data["train"]))
 
     def eval_batches(self, data: Data) -> Batch:

@@ -86,3 +86,28 @@ def test_cnn_rejects_inconsistent_sizes():
     with pytest.raises(ConfigError, match="task.num_classes=1: must be > 1"):
         CNNRandomImages(num_classes=1)
     assert CNNRandomImages(num_classes=4).output_dim == 4
+
+
+@pytest.mark.parametrize("n, k", [(1437, 128), (60000, 128), (100, 100), (5, 3), (1, 1)])
+def test_distinct_indices_are_distinct_in_range_and_follow_the_key(n, k):
+    from runner.tasks.sampling import distinct_indices
+
+    draws = [np.asarray(distinct_indices(jax.random.PRNGKey(s), n, k)) for s in range(20)]
+    for idx in draws:
+        assert idx.dtype == np.int32 and len(set(idx.tolist())) == k
+        assert 0 <= idx.min() and idx.max() < n
+    np.testing.assert_array_equal(draws[0], distinct_indices(jax.random.PRNGKey(0), n, k))
+    if k < n:
+        assert any(not np.array_equal(draws[0], d) for d in draws[1:])
+
+
+def test_distinct_indices_cover_every_example_evenly():
+    from runner.tasks.sampling import distinct_indices
+
+    draw = jax.jit(lambda key: distinct_indices(key, 1437, 128))
+    counts = np.zeros(1437)
+    for s in range(1000):
+        counts[np.asarray(draw(jax.random.PRNGKey(s)))] += 1
+    expected = 1000 * 128 / 1437  # ~89 per example; binomial std ~9
+    assert counts.min() > expected - 50 and counts.max() < expected + 50
+    assert abs(counts.std() - np.sqrt(expected * (1 - 128 / 1437))) < 2
