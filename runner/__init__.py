@@ -1,5 +1,5 @@
-"""runner: a declarative YAML experiment runner for JAX.
+"""runner: a declarative YAML experiment runner for JAX (``python -m runner``).
 
-The config schemas are registered by the ``conf`` package, when Hydra loads it; importing
-``runner`` itself stays light (no Hydra), e.g. for a task module in a figure worker.
+Importing ``runner`` itself stays light (no Hydra, no JAX): the config schemas are registered
+by ``runner.conf`` when Hydra loads it.
 """
