@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from runner import inputs
 from runner.checkpoint import restore_latest
 from runner.device import DATA_AXIS, configure_jax, make_mesh, peak_flops, place, replicated
-from runner.errors import ConfigError, RunnerError
+from runner.errors import AlreadyComplete, ConfigError, RunnerError
 from runner.optim import Optimizer, make_optimizer
 from runner.schema import Precision, validate
 from runner.steps import setup, step_flops
@@ -107,9 +107,7 @@ def build_run(cfg: DictConfig, run_dir: Path, *, resume: bool) -> Run:
         state = _restore(run_dir, state, mesh)
     start_step = _agreed_start(int(state.step), run_dir)
     if start_step >= cfg.trainer.steps:
-        raise RunnerError(f"{run_dir} is at step {start_step} of trainer.steps="
-                          f"{cfg.trainer.steps}: nothing to do (resume with a larger "
-                          f"trainer.steps to train longer)")
+        raise AlreadyComplete(run_dir, start_step)
     chunk = steps_per_dispatch(cfg.trainer, start_step=start_step)
     options = StepOptions(mesh=mesh, compute_dtype=COMPUTE_DTYPES[Precision(
         cfg.device.precision)], unroll=cfg.trainer.scan_unroll)

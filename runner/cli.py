@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from runner.errors import RunnerError, describe_error
+from runner.errors import AlreadyComplete, RunnerError, describe_error
 
 
 @hydra.main(version_base=None, config_path="pkg://runner.conf", config_name="config")
@@ -66,6 +66,8 @@ def cli() -> None:
             print_where(run_dir, summary)
         else:
             main()
+    except AlreadyComplete as done:  # requeue loops rerun the resume command: not a failure
+        print(done)
     except Exception as err:
         message = describe_error(err)
         if show_traceback or message is None:

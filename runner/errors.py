@@ -9,6 +9,15 @@ class ConfigError(RunnerError):
     """A config value that composes but is not valid (out of range, inconsistent)."""
 
 
+class AlreadyComplete(RunnerError):
+    """A resumed run that has nothing left to do: not a failure (requeue loops rerun the same
+    resume command), and nothing in its run dir is touched."""
+
+    def __init__(self, run_dir, step: int):
+        super().__init__(f"{run_dir}: already complete at step {step}; give a larger "
+                         f"trainer.steps to train longer")
+
+
 def check_range(key: str, value, *, gt=None, ge=None, le=None) -> None:
     """Raise ConfigError naming ``key`` when ``value`` (or any item of a list or tuple) lies
     outside the range; None passes. For tasks' and models' ``__post_init__`` checks."""

@@ -1,6 +1,7 @@
 """``python -m runner resume=<run_dir> [key=value ...]``: continue a run in its own dir."""
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
@@ -9,11 +10,31 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.checkpoint import write_atomic
 from runner.device import launch_process_index
-from runner.errors import RunnerError
+from runner.errors import AlreadyComplete, RunnerError
 from runner.inputs import use_recorded, verify
 from runner.schema import RunConf
 
 GROUPS = ("task", "model", "optimizer", "device", "hparams_search")
+# A stored config may come from anyone (a shared or downloaded run dir), and building it calls
+# every `_target_` in it: only these module prefixes, and those the user names in RUNNER_TRUST
+# (comma-separated), are called.
+TRUSTED = ("runner", "optax", "flax", "jax")
+TRUST_VARIABLE = "RUNNER_TRUST"
+
+
+def check_trusted(cfg: Any, path: Path, key: str = "") -> None:
+    """Raise before anything is built when a ``_target_`` of the stored config lies outside
+    the trusted modules, naming the key and the target."""
+    trusted = (*TRUSTED, *filter(None, os.environ.get(TRUST_VARIABLE, "").split(",")))
+    if isinstance(cfg, DictConfig):
+        target = cfg.get("_target_")
+        if target is not None and not any(str(target) == t.strip() or str(target).startswith(
+                f"{t.strip()}.") for t in trusted):
+            raise RunnerError(f"{path}: {key}_target_={target} is not in a trusted module "
+                              f"({', '.join(trusted)}); if you trust this run dir, add its "
+                              f"module: {TRUST_VARIABLE}={str(target).split('.')[0]}")
+        for name, value in cfg.items():
+            check_trusted(value, path, f"{key}{name}.")
 
 
 def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictConfig, List[str]]:
@@ -33,7 +54,9 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictC
     # Typed by runner's own schema (keys added since the run was made get their defaults;
     # task, model and optimizer are checked against their targets when built). The new
     # overrides win over the stored values (``+key=value`` adds a key, as for a new run).
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConf), OmegaConf.load(stored_path))
+    stored = OmegaConf.load(stored_path)
+    check_trusted(stored, stored_path)
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConf), stored)
     OmegaConf.set_struct(cfg, True)  # as Hydra composes: a new key needs +key=value
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(
         [o for o in overrides if not o.startswith("+")]))
@@ -50,6 +73,7 @@ def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> Tuple[Path, Dict[s
     """Continue the run in ``run_dir_arg`` from its newest valid checkpoint, in place; the run
     dir and the run's summary."""
     from runner.build import build_parts
+    from runner.sweep import read_metrics
     from runner.train import run
 
     run_dir = Path(run_dir_arg).expanduser().resolve()
@@ -59,6 +83,9 @@ def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> Tuple[Path, Dict[s
     # Every value checked, and the task's files against the record, before anything in the
     # run dir is rewritten.
     verify(build_parts(cfg).task, run_dir)
+    done = read_metrics(run_dir)
+    if done.get("status") == "completed" and done.get("steps", 0) >= cfg.trainer.steps:
+        raise AlreadyComplete(run_dir, done["steps"])
     _log_to(run_dir / "runner.log")
     # The run dir's config is the run's as it now stands (for later resumes and runner.eval);
     # written by one process of a multi-process run.

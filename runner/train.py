@@ -16,7 +16,7 @@ from runner.build import Run, build_run
 from runner.checkpoint import Checkpointer, write_atomic
 from runner.compiles import cache_hits, compile_stats
 from runner.device import launch_process_index
-from runner.errors import describe_error
+from runner.errors import AlreadyComplete, describe_error
 from runner.figures import FigureRenderer
 from runner.hparams import run_hparams
 from runner.loop import HostLoop
@@ -42,6 +42,7 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (),
     start, compiles_before, hits_before = (time.perf_counter(), compile_stats("train_steps"),
                                            cache_hits())
     summary: Dict[str, Any] = {"status": "failed", "steps": 0, "overrides": list(overrides)}
+    write = True
     try:
         with stop_on_signals() as stop, ExitStack() as cleanup:
             # Started first: its thread imports matplotlib while the run builds and compiles.
@@ -49,6 +50,9 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (),
                         and _launch_writer(cfg) else None)
             summary.update(_train(build_run(cfg, run_dir, resume=resume), overrides, stop,
                                   renderer))
+    except AlreadyComplete:
+        write = False  # its metrics.json stays as the run that completed wrote it
+        raise
     except Exception as err:
         summary["reason"] = describe_error(err) or f"{type(err).__name__}: {err}"
         if isinstance(err, Interrupted):
@@ -59,7 +63,7 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (),
         summary.update(wall_time_s=time.perf_counter() - start, compile_s=float(compile_s),
                        train_step_compiles=int(compiles),
                        compile_cache_hits=cache_hits() - hits_before)
-        if not jax.distributed.is_initialized() or jax.process_index() == 0:
+        if write and (not jax.distributed.is_initialized() or jax.process_index() == 0):
             write_atomic(run_dir / "metrics.json",
                          (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     return summary

@@ -111,7 +111,7 @@ def test_runs_from_a_directory_with_its_own_models_tasks_and_conf(project):
 
 
 @pytest.mark.slow
-def test_a_user_task_and_model_from_their_own_package(project):
+def test_a_user_task_and_model_from_their_own_package(project, monkeypatch):
     run_cli(["--config-dir", "myconf", *TINY, "task=sine", "model=two_layer",
              "+task.freq=2", "hydra.run.dir=out/own"], cwd=project)
     metrics = done(project / "out/own")
@@ -124,7 +124,12 @@ def test_a_user_task_and_model_from_their_own_package(project):
     searchpath = f"hydra.searchpath=[file://{project / 'myconf'}]"
     run_cli([*TINY, searchpath, "task=sine", "hydra.run.dir=out/mlp"], cwd=project)
     assert "MLP" in (project / "out/mlp/model_summary.txt").read_text()
-    # Resumed and evaluated from its run dir alone (no config dir given).
+    # Resumed and evaluated from its run dir alone (no config dir given), once its module is
+    # trusted: a stored config's targets are called only in runner's, optax's, flax's, jax's
+    # modules and those named in RUNNER_TRUST.
+    refused = run_cli(["resume=out/own", "trainer.steps=8"], cwd=project, check=False)
+    assert refused.returncode == 1 and "RUNNER_TRUST=myproj" in refused.stderr
+    monkeypatch.setenv("RUNNER_TRUST", "myproj")
     run_cli(["resume=out/own", "trainer.steps=8"], cwd=project)
     assert done(project / "out/own")["steps"] == 8
     proc = subprocess.run([sys.executable, "-m", "runner.eval", "out/own"], cwd=project,

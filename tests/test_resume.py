@@ -119,8 +119,24 @@ def test_resume_extends_a_finished_run_and_tensorboard_has_each_step_once(tmp_pa
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8]
     stored = (tmp_path / ".hydra/config.yaml").read_text()
     assert "steps: 8" in stored  # the run dir's config is the run's as it now stands
-    again = run_cli([f"resume={tmp_path}"], cwd=tmp_path, check=False)
-    assert again.returncode == 1 and "nothing to do" in again.stderr
+    # A requeue loop reruns the same command: a finished run is not a failure, and untouched.
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for args in ([f"resume={tmp_path}"], [f"resume={tmp_path}", "trainer.steps=8"]):
+        again = run_cli(args, cwd=tmp_path)
+        assert again.stdout.strip().splitlines()[-1] == (
+            f"{tmp_path}: already complete at step 8; give a larger trainer.steps to train "
+            f"longer")
+    assert before == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+
+def test_a_resume_with_nothing_left_keeps_the_run_files(tmp_path):
+    """Checkpointed to the end but no metrics.json (killed in between): resume says so, exit
+    0, and writes nothing (no metrics.json claiming a failure)."""
+    run_cli([*TINY, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    (tmp_path / "metrics.json").unlink()
+    again = run_cli([f"resume={tmp_path}"], cwd=tmp_path)
+    assert "already complete at step 4" in again.stdout
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_interrupted_attempt_logged_past_its_checkpoint_is_purged(tmp_path):
@@ -246,3 +262,21 @@ def test_resume_overrides_can_add_keys_with_plus(tmp_path):
     assert overrides[-2] == "+device.xla_flags.xla_cpu_use_xnnpack=true"
     with pytest.raises(Exception, match="xla_cpu_use_onednn"):
         load_run_config(tmp_path, ["device.xla_flags.xla_cpu_use_onednn=true"])
+
+
+def test_a_crafted_run_dir_calls_nothing_outside_the_trusted_modules(tmp_path):
+    """Building a stored config calls its `_target_`s: a run dir from elsewhere naming
+    os.mkdir is refused, by resume and by runner.eval, before anything is imported or called."""
+    run_cli([*TINY, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    stored = tmp_path / "run/.hydra/config.yaml"
+    text = stored.read_text().replace("_target_: runner.tasks.linear_fit.LinearFit",
+                                      f"_target_: os.mkdir\n  path: {tmp_path}/pwned")
+    stored.write_text(text)
+    message = (f"error: {stored}: task._target_=os.mkdir is not in a trusted module (runner, "
+               f"optax, flax, jax); if you trust this run dir, add its module: RUNNER_TRUST=os")
+    resumed = run_cli([f"resume={tmp_path}/run", "trainer.steps=8"], cwd=tmp_path, check=False)
+    evaluated = subprocess.run([sys.executable, "-m", "runner.eval", str(tmp_path / "run")],
+                               cwd=tmp_path, capture_output=True, text=True)
+    for proc in (resumed, evaluated):
+        assert proc.returncode == 1 and proc.stderr.strip() == message
+    assert not (tmp_path / "pwned").exists()
