@@ -6,7 +6,8 @@ parameter of its class or optax factory, with the code's defaults (``runner.targ
 
 from hydra.core.config_store import ConfigStore
 
-from runner.schema import OptimizerConf, RunConf
+from runner.optim import SCHEMA as OPTIMIZER_SCHEMA
+from runner.schema import RunConf
 from runner.targets import load_target, signature_schema
 
 BUILT_IN = {
@@ -17,9 +18,6 @@ BUILT_IN = {
     "optimizer": {"adam": "optax.adam", "adamw": "optax.adamw", "sgd": "optax.sgd",
                   "rmsprop": "optax.rmsprop"},
 }
-# What the optimizer group adds to a factory's own parameters (the lr is runner's: it is
-# scaled by the schedule), see runner.optim.
-OPTIMIZER_SCHEMA = {"skip": ("learning_rate",), "base": OptimizerConf}
 
 
 def register_schemas() -> None:

@@ -81,6 +81,7 @@ class Run:
     writer: bool  # process 0: the one that writes TensorBoard, checkpoints and run files
     options: StepOptions
     placement: Dict[str, Any]  # devices, precision, FLOPs: recorded in manifest and metrics
+    resume: bool = False
 
     @property
     def peak_flops(self) -> Optional[Tuple[float, float]]:
@@ -112,7 +113,7 @@ def build_run(cfg: DictConfig, run_dir: Path, *, resume: bool) -> Run:
     options = StepOptions(mesh=mesh, compute_dtype=COMPUTE_DTYPES[Precision(
         cfg.device.precision)], unroll=cfg.trainer.scan_unroll)
     run = Run(cfg, run_dir, parts, mesh, state, data, init_rng, train_rng, start_step, chunk,
-              jax.process_index() == 0, options, {})
+              jax.process_index() == 0, options, {}, resume)
     run.placement = _placement(run)
     log.info("devices: %d x %s (%s) in %d process(es), batch split over a '%s' mesh axis; "
              "steps %d..%d, %d per dispatch", mesh.size, run.placement["platform"],

@@ -17,7 +17,7 @@ from runner.errors import AlreadyComplete, RunnerError, describe_error
 @hydra.main(version_base=None, config_path="pkg://runner.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one job in its Hydra run dir; the returned eval loss is what sweepers minimise."""
-    # Imported here so that `--help` and `--cfg` stay fast.
+    # Imported here, once Hydra has composed the config (bad overrides fail before them).
     from runner.console import print_config_tree
     from runner.sweep import run_sweep_job
     from runner.train import run

@@ -47,10 +47,13 @@ def verify(task: Any, run_dir: Path) -> None:
 
 
 def record(task: Any, run_dir: Path) -> None:
-    """Write ``inputs.json`` once, when the run starts (a resume keeps the first record)."""
+    """Write ``inputs.json`` when a run starts from step 0 (a resume keeps the record it was
+    checked against)."""
     inputs = _inputs(task)
-    if inputs and not (run_dir / FILE).exists():
+    if inputs:
         write_atomic(run_dir / FILE, (json.dumps(inputs, indent=2) + "\n").encode())
+    elif (run_dir / FILE).exists():  # an earlier attempt's, at another task
+        (run_dir / FILE).unlink()
 
 
 def _inputs(task: Any) -> Dict[str, Any]:

@@ -24,6 +24,9 @@ from runner.targets import check, load_target
 # Keys every optimizer config has (runner.schema.OptimizerConf); all other keys are the optax
 # factory's own arguments.
 COMMON_KEYS = tuple(f.name for f in dataclasses.fields(OptimizerConf))
+# An optimizer config's schema: the optax factory's own arguments, less the lr (runner's: the
+# schedule scales it), after runner's common keys (runner.targets.signature_schema, check).
+SCHEMA = {"skip": ("learning_rate",), "base": OptimizerConf}
 # Ranges of optax's usual argument names (optax checks none of them).
 RANGES = {"b1": dict(ge=0, le=1), "b2": dict(ge=0, le=1), "decay": dict(ge=0, le=1),
           "momentum": dict(ge=0, le=1), "eps": dict(ge=0), "eps_root": dict(ge=0),
@@ -59,16 +62,19 @@ class Transformation:
     static: Tuple[Tuple[str, Any], ...]
     numeric: Tuple[Tuple[str, type], ...]
 
-    def _optax(self, values: Optional[Dict[str, Any]] = None) -> optax.GradientTransformation:
+    def transformation(self, values: Optional[Dict[str, Any]] = None
+                       ) -> optax.GradientTransformation:
+        """The optax transformation with these hyperparameter ``values`` (numbers or traced
+        arrays; a missing one is a placeholder, for ``update``, which reads the state's)."""
         build = _scheduled(load_target(self.factory, "optimizer"), self.schedule)
         numeric = {name: (values or {}).get(name, kind(1)) for name, kind in self.numeric}
         return optax.inject_hyperparams(build)(**dict(self.static), **numeric)
 
     def init(self, params) -> optax.OptState:
-        return self._optax().init(params)
+        return self.transformation().init(params)
 
     def update(self, updates, state, params=None):
-        return self._optax().update(updates, state, params)
+        return self.transformation().update(updates, state, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,12 +92,12 @@ class Optimizer:
 
     def init(self, params) -> optax.OptState:
         """This run's initial optimizer state, holding its hyperparameter values."""
-        return self.tx._optax(self.hyperparams).init(params)
+        return self.tx.transformation(self.hyperparams).init(params)
 
 
 def make_optimizer(cfg: DictConfig, *, total_steps: int) -> Optimizer:
     """Build ``clip_by_global_norm(clip_norm)`` (when set) then the optax optimizer."""
-    cfg = check(cfg, "optimizer", skip=("learning_rate",), base=OptimizerConf)
+    cfg = check(cfg, "optimizer", **SCHEMA)
     schedule = LRSchedule(Schedule(cfg.schedule), total_steps, cfg.warmup_steps)
     if schedule.kind == Schedule.warmup_cosine and not 0 < cfg.warmup_steps < total_steps:
         raise ConfigError(f"optimizer.warmup_steps={cfg.warmup_steps}: warmup_cosine needs "

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from runner.checkpoint import write_atomic
 from runner.device import launch_process_index
@@ -35,6 +35,9 @@ def check_trusted(cfg: Any, path: Path, key: str = "") -> None:
                               f"module: {TRUST_VARIABLE}={str(target).split('.')[0]}")
         for name, value in cfg.items():
             check_trusted(value, path, f"{key}{name}.")
+    elif isinstance(cfg, ListConfig):
+        for i, value in enumerate(cfg):
+            check_trusted(value, path, f"{key[:-1]}[{i}].")
 
 
 def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictConfig, List[str]]:

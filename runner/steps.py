@@ -62,9 +62,10 @@ def setup(seed: int, task: Task, model: nn.Module, optimizer: Optimizer, *,
     """A run's start from its seed, in one compiled call: the three keys (model init, task
     data, training steps), the TrainState (params and optimizer state, replicated over
     ``mesh``) and the task's data: made on device by ``task.make_data(key)``, or, for a task
-    with ``load_data()`` (arrays read from files), those host arrays put on the devices. (Eagerly, each of init's many small ops would compile a
-    program of its own.) Runs whose model, task and optimizer structure are equal share it:
-    this run's hyperparameter values are arguments."""
+    with ``load_data()`` (arrays read from files), those host arrays put on the devices
+    (donated: the run's data is that one copy). Eagerly, each of init's many small ops would
+    compile a program of its own. Runs whose model, task and optimizer structure are equal
+    share the call: this run's hyperparameter values are arguments."""
     host = task.load_data() if hasattr(task, "load_data") else None
     if host is not None:
         check_fits(host, list(mesh.devices.flat) if mesh else jax.devices()[:1])
@@ -75,17 +76,18 @@ def setup(seed: int, task: Task, model: nn.Module, optimizer: Optimizer, *,
     return Setup(state, data, init_rng, train_rng)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "task", "tx", "mesh"))
+@functools.partial(jax.jit, static_argnames=("model", "task", "tx", "mesh"),
+                   donate_argnames="host")
 def _setup(seed, hyperparams, host, *, model, task, tx, mesh):
     init_rng, data_rng, train_rng = _constrain(
         tuple(jax.random.split(jax.random.PRNGKey(seed), 3)), mesh)
     params = model.init(init_rng, task.example_input())["params"]
-    opt_state = tx.init(params)  # with placeholder hyperparameters: this run's values now
-    own = {k: hyperparams[k].astype(v.dtype) for k, v in opt_state.hyperparams.items()}
+    # This run's values (traced: runs of one structure share the call) also shape the initial
+    # state where a factory's init reads one (rmsprop's initial_scale).
+    opt_state = tx.transformation(hyperparams).init(params)
     # The step is a typed array (not TrainState.create's Python int), or the first call
     # of the jitted step would compile a second time for the int32 step it gets.
-    state = _constrain((jnp.zeros((), jnp.int32), params, opt_state._replace(hyperparams=own)),
-                       mesh)
+    state = _constrain((jnp.zeros((), jnp.int32), params, opt_state), mesh)
     data = task.make_data(data_rng) if host is None else host
     return (*state, _constrain(data, mesh), init_rng, train_rng)
 

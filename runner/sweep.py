@@ -89,7 +89,7 @@ def _set_aside_earlier_attempt(run_dir: Path) -> None:
     """Move what an interrupted or failed attempt left into ``attempts/<n>/`` (kept, not mixed
     into this attempt's TensorBoard curves and checkpoints)."""
     left = [p for p in (run_dir / "tb", run_dir / "checkpoints", run_dir / "metrics.json",
-                        run_dir / "manifest.json") if p.exists()]
+                        run_dir / "manifest.json", run_dir / "inputs.json") if p.exists()]
     if not left:
         return
     dest = run_dir / "attempts" / str(len(list((run_dir / "attempts").glob("*"))) + 1)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import flax.linen as nn
 from hydra.utils import get_object
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from runner.errors import ConfigError, RunnerError, first_line
@@ -98,8 +98,8 @@ def check(cfg: DictConfig, key: str, *, skip=(), base: type = object) -> DictCon
     except OmegaConfBaseException as err:
         raise ConfigError(f"{'.'.join(filter(None, (key, err.full_key)))}: "
                           f"{first_line(err)}") from None
-    for k in takes - known:  # parameters whose default no config holds: as given, untyped
-        if k in cfg:
+    with open_dict(typed):  # parameters whose default no config holds: as given, untyped
+        for k in (takes - known) & set(given):
             typed[k] = given[k]
     return typed
 
@@ -114,10 +114,10 @@ def build(cfg: Union[DictConfig, Dict[str, Any]], key: str, **fill: Any) -> Any:
     target = load_target(path, key)
     takes = parameters(target)
     kwargs = {k: _built(v, f"{key}.{k}") for k, v in values.items() if v != MISSING}
+    kwargs.update({k: v for k, v in fill.items() if k in takes and kwargs.get(k) is None})
     missing = [k for k, p in takes.items() if p.default is p.empty and k not in kwargs]
     if missing:
         raise ConfigError(f"{key}.{missing[0]}: required by {path} (no default); set it")
-    kwargs.update({k: v for k, v in fill.items() if k in takes and kwargs.get(k) is None})
     try:
         return target(**kwargs)
     except RunnerError:
@@ -155,7 +155,7 @@ def _checked_type(annotation: Any, default: Any) -> Any:
     type of its default (optax annotates with ``ArrayLike``), else ``Any``."""
     kind = _supported(annotation)
     if kind is not None:
-        return kind
+        return Optional[kind] if default is None else kind
     for simple in PRIMITIVES:  # bool first: a bool is an int too
         if isinstance(default, simple):
             return simple

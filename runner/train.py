@@ -102,7 +102,7 @@ def _train(run: Run, overrides: Sequence[str], stop: StopRequest,
         logger.scalars(result["steps"], "perf",
                        {"compile_s": compile_stats("train_steps")[1] - compile_s})
         result.update(best=checkpointer.best, devices=run.placement,
-                      resumed_from=run.start_step if run.start_step else None)
+                      resumed_from=run.start_step if run.resume else None)
         summary.update(result)
     return summary
 
@@ -115,7 +115,8 @@ def _write_run_files(run: Run, overrides: Sequence[str]) -> str:
                            jax.eval_shape(run.parts.task.example_input))
     table = run.parts.model.tabulate(run.init_rng, example, console_kwargs={"width": 120})
     if run.writer:
-        inputs.record(run.parts.task, run.run_dir)
+        if not run.start_step:
+            inputs.record(run.parts.task, run.run_dir)
         write_manifest(run.run_dir, devices=list(run.mesh.devices.flat), overrides=overrides,
                        start_step=run.start_step, placement=run.placement)
         (run.run_dir / "model_summary.txt").write_text(table)

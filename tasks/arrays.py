@@ -50,7 +50,11 @@ class Arrays:
         if self.batch_size > info.n_train:
             raise ConfigError(f"task.batch_size={self.batch_size}: more than the "
                               f"{info.n_train} training examples of {self.path}")
-        object.__setattr__(self, "info", info)  # frozen: set as the dataclass __init__ does
+        # frozen: set as the dataclass __init__ does. The input statistics are no field: not
+        # part of the task's hash (a static argument of every compiled step).
+        object.__setattr__(self, "info", info)
+        object.__setattr__(self, "x_stats", _stats(
+            raw["x_train"].reshape(info.n_train, *info.x_shape), self.standardize))
 
     @property
     def output_dim(self) -> int:
@@ -61,24 +65,29 @@ class Arrays:
         return self.info.kind == "classification"
 
     def inputs(self) -> Dict[str, Any]:
-        """The file this task read, and its targets' statistics (recorded in the run dir:
-        resume and eval read the same file, and refuse it if it changed)."""
+        """The file this task read and the statistics it standardizes with (recorded in the
+        run dir: resume and eval read the same file, and refuse it if anything differs)."""
+        x_mean, x_std = self.x_stats
         return {"path": self.info.path, "sha256": self.info.sha256,
+                "x_mean": x_mean.ravel().tolist(), "x_std": x_std.ravel().tolist(),
                 "y_mean": self.info.y_mean, "y_std": self.info.y_std}
 
     def load_data(self) -> Data:
         """The arrays as the model trains on them (host arrays, placed on device by runner)."""
         raw = read(resolve(self.info.path), self.path)
-        x = {s: raw[f"x_{s}"].astype(np.float32).reshape(-1, *self.info.x_shape)
-             for s in ("train", "eval")}
-        x_mean, x_std = _stats(x["train"], self.standardize)
+        x_mean, x_std = self.x_stats
+        x = {}
+        for s in ("train", "eval"):  # one float32 copy of each (a .npy dir is memory-mapped)
+            x[s] = raw[f"x_{s}"].astype(np.float32).reshape(-1, *self.info.x_shape)
+            x[s] -= x_mean
+            x[s] /= x_std
         y = {s: self._targets(raw[f"y_{s}"]) for s in ("train", "eval")}
         padded = -self.info.n_eval % self._eval_batch
         mask = np.concatenate([np.ones(self.info.n_eval, np.float32),
                                np.zeros(padded, np.float32)])
-        return {"train": {"x": (x["train"] - x_mean) / x_std, "y": y["train"]},
-                "eval": {"x": _pad((x["eval"] - x_mean) / x_std, padded),
-                         "y": _pad(y["eval"], padded), "mask": mask},
+        return {"train": {"x": x["train"], "y": y["train"]},
+                "eval": {"x": _pad(x["eval"], padded), "y": _pad(y["eval"], padded),
+                         "mask": mask},
                 "stats": {"x_mean": x_mean, "x_std": x_std}}
 
     def _targets(self, y: np.ndarray) -> np.ndarray:

@@ -34,8 +34,12 @@ class ArraysInfo:
 
 
 def resolve(path: str) -> Path:
-    """``task.path`` against the directory the command was started in."""
-    return Path(path).expanduser().absolute()
+    """``task.path`` against the directory the command was started in (Hydra's original
+    working directory, also when ``hydra.job.chdir=true`` moved the job into its run dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    start = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
+    return (start / Path(path).expanduser()).absolute()
 
 
 def read(path: Path, given: str) -> Dict[str, np.ndarray]:

@@ -38,4 +38,5 @@ class Task(Protocol):
     def figures(self, data: Data, outputs: jax.Array) -> Dict[str, Any]:
         """Optional: matplotlib figures of the model's eval ``outputs`` (stacked as
         ``eval_batches``), logged to TensorBoard's IMAGES tab at eval steps as ``eval/<name>``.
-        Import matplotlib inside (``runner.tasks.figures.pyplot``), so runs without images skip it."""
+        Import matplotlib inside (``runner.tasks.figures.pyplot``): runs without images skip
+        it."""

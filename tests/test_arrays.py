@@ -231,3 +231,22 @@ def test_a_sigkilled_arrays_run_resumes_bit_exact(data_dir, tmp_path):
     final = "checkpoints/step_24000.msgpack"
     assert (tmp_path / "run" / final).read_bytes() == (tmp_path / "reference" / final
                                                         ).read_bytes()
+
+
+def test_setup_checks_the_arrays_fit_before_placing_them(tmp_path, monkeypatch):
+    import runner.steps
+
+    def refuse(host, devices):
+        raise RunnerError(f"checked {sorted(host)} on {len(devices)} device(s)")
+
+    monkeypatch.setattr(runner.steps, "check_fits", refuse)
+    path = write(tmp_path / "d.npz")
+    with pytest.raises(RunnerError, match=r"checked \['eval', 'stats', 'train'\] on 1 device"):
+        start(["task=arrays", f"task.path={path}", "task.batch_size=10"])
+
+
+def test_a_fresh_run_in_a_used_dir_records_its_own_file(tmp_path):
+    for seed in (0, 1):
+        path = write(tmp_path / f"d{seed}.npz", x_train=np.full((20, 3), seed, np.float32))
+        run(arrays(path, "task.batch_size=10"), tmp_path / "run")
+        assert json.loads((tmp_path / "run/inputs.json").read_text())["path"] == str(path)

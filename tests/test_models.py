@@ -51,7 +51,8 @@ def test_cnn_matches_reference_outputs_and_gradients():
     def loss(model):
         return lambda p: jnp.sum(jnp.sin(model.apply(p, x)))
 
-    np.testing.assert_allclose(CNN(out_features=10).apply(params, x), ReferenceCNN().apply(params, x),
+    ours = CNN(out_features=10).apply(params, x)
+    np.testing.assert_allclose(ours, ReferenceCNN().apply(params, x),
                                rtol=1e-5, atol=1e-5)
     ref_grads = jax.grad(loss(ReferenceCNN()))(params)
     our_grads = jax.grad(loss(CNN(out_features=10)))(params)

@@ -83,3 +83,20 @@ def test_optimizers_of_one_structure_share_the_transformation_not_the_values():
         assert make_optimizer(other, total_steps=10).tx != a.tx
     assert make_optimizer(cfg(), total_steps=20).tx == make_optimizer(
         cfg(), total_steps=20).tx
+
+
+@pytest.mark.parametrize("name", group_options("optimizer"))
+def test_a_run_starts_from_optax_own_initial_state(name):
+    """The run's set-up call (shared by runs of one structure) starts the optimizer state from
+    this run's values, where a factory's init reads one: rmsprop's initial_scale."""
+    from conftest import start
+
+    overrides = [f"optimizer={name}", "optimizer.lr=0.05"]
+    if name == "rmsprop":
+        overrides.append("optimizer.initial_scale=0.5")  # every optax key is in the schema
+    (_, _, optimizer), (state, *_) = start(overrides)
+    expected = optimizer.init(state.params)  # optax's own init, with the values themselves
+    for got, want in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want)
+    if name == "rmsprop":
+        assert float(state.opt_state.inner_state[0].nu["Dense_0"]["kernel"][0, 0]) == 0.5

@@ -280,3 +280,14 @@ def test_a_crafted_run_dir_calls_nothing_outside_the_trusted_modules(tmp_path):
     for proc in (resumed, evaluated):
         assert proc.returncode == 1 and proc.stderr.strip() == message
     assert not (tmp_path / "pwned").exists()
+
+
+def test_targets_inside_lists_are_checked_too(tmp_path):
+    from omegaconf import OmegaConf
+
+    from runner.resume import check_trusted
+
+    cfg = OmegaConf.create({"model": {"_target_": "runner.models.mlp.MLP", "layers": [
+        {"_target_": "runner.models.init.Init"}, {"_target_": "os.mkdir", "path": "x"}]}})
+    with pytest.raises(RunnerError, match=r"model.layers\[1\]._target_=os.mkdir is not in"):
+        check_trusted(cfg, tmp_path / "config.yaml")

@@ -44,7 +44,7 @@ def test_peak_flops_by_device_kind_and_precision():
 
 
 def test_mfu_and_flops_are_logged_where_the_peak_is_known(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner.build, "peak_flops", lambda *args: 1e12)  # pretend the CPU has a peak
+    monkeypatch.setattr(runner.build, "peak_flops", lambda *args: 1e12)  # a CPU with a peak
     train.run(compose_config(["trainer.steps=8", "trainer.log_every=2"]), tmp_path)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
