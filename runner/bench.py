@@ -11,7 +11,6 @@ single run. Writes a table to the console and everything to ``bench/results.json
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -20,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from runner.bench_process import SWEEP_LRS, bench_compiles, bench_process_wall, bench_sweep
+from runner.bench_process import (SWEEP_LRS, bench_compiles, bench_process_wall, bench_sweep,
+                                  machine_info)
 from runner.bench_table import print_table
 
 
@@ -258,22 +258,6 @@ def bench_overheads(repeats: int) -> dict:
                         "log_and_checkpoint_s_per_1000_steps": per_1000}
     result["process"] = bench_process_wall(repeats)
     return result
-
-
-def machine_info() -> dict:
-    import jax
-
-    from runner.manifest import PACKAGES, _version
-
-    cpu = ""
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                 .splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "devices": [str(d) for d in jax.devices()],
-            "versions": {"python": platform.python_version(),
-                         **{p: _version(p) for p in (*PACKAGES, "torch")}}}
 
 
 def main(argv=None) -> None:

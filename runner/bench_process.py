@@ -1,7 +1,9 @@
-"""Whole-process figures of ``python -m runner.bench``: a run's wall time against the bare
-imports, compilations per run and per sweep, and an lr sweep against one run."""
+"""Whole-process figures of ``python -m runner.bench`` (a run's wall time against the bare
+imports, compilations per run and per sweep, an lr sweep against one run) and the machine."""
 
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -75,3 +77,19 @@ def _run(cmd: List[str], cwd) -> None:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+
+
+def machine_info() -> dict:
+    import jax
+
+    from runner.manifest import PACKAGES, _version
+
+    cpu = ""
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                 .splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "devices": [str(d) for d in jax.devices()],
+            "versions": {"python": platform.python_version(),
+                         **{p: _version(p) for p in (*PACKAGES, "torch")}}}

@@ -92,7 +92,7 @@ def test_multirun_2x2_gives_four_complete_job_dirs(tmp_path):
     ("optimizer.lr=abc", "optimizer.lr"),
     ("optimizer.lr=-1", "optimizer.lr=-1.0: must be > 0"),
     ("trainer.steps=0", "trainer.steps=0: must be > 0"),
-    ("task=nope", "task=nope: no such option; available: cnn_random_images, linear_fit"),
+    ("task=nope", "task=nope: no such option; available: arrays, cnn_random_images, linear_fit"),
     ("model.features=[0]", "model.features=[0]"),
     ("optimizer.lrr=1", "optimizer.lrr: unknown key; valid keys: lr"),
     ("device=gpu", "device=gpu: JAX has no usable GPU here"),
