@@ -20,24 +20,9 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 from runner.bench_process import (SWEEP_LRS, bench_compiles, bench_process_wall, bench_sweep,
-                                  machine_info)
+                                  machine_info, median_times)
 from runner.bench_table import print_table
 
-
-
-def _median_times(fns: Dict[str, Callable[[], None]], repeats: int, *,
-                  warmup: bool = True) -> Dict[str, float]:
-    """Call each fn once to warm up (compile), then ``repeats`` rounds in turn; the median
-    seconds of each. Whole processes need no warm-up: each starts cold anyway."""
-    for fn in fns.values() if warmup else ():
-        fn()
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _compose(overrides: List[str]):
@@ -180,7 +165,7 @@ def bench_arrays(repeats: int, steps: int) -> dict:
     chunk = steps_per_dispatch(cfg.trainer)
     fns = _loops(reference_arrays(x[:1437], y[:1437], cfg.task.batch_size), parts,
                  steps=steps, chunk=chunk)
-    t = _median_times(fns, repeats)
+    t = median_times(fns, repeats, warmup=True)
     return {"steps": steps, "steps_per_dispatch": chunk, "batch_size": cfg.task.batch_size,
             "reference_steps_per_s": steps / t["reference"],
             "runner_steps_per_s": steps / t["runner"],
@@ -201,7 +186,7 @@ def bench_cnn(repeats: int, steps: int) -> dict:
     if torch_case:
         torch_step, torch_version = torch_case
         fns["torch"] = lambda: [torch_step() for _ in range(steps)]
-    t = {k: v / steps for k, v in _median_times(fns, repeats).items()}
+    t = {k: v / steps for k, v in median_times(fns, repeats, warmup=True).items()}
     result = {"steps_per_call": steps, "flops_per_step": flops,
               "reference_ms": 1e3 * t["reference"], "runner_ms": 1e3 * t["runner"],
               "runner_over_reference": t["runner"] / t["reference"],
@@ -221,7 +206,8 @@ def matmul_gflops(repeats: int, n: int = 2048) -> float:
 
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
     dot = jax.jit(jnp.dot)
-    t = _median_times({"dot": lambda: dot(a, a).block_until_ready()}, repeats)["dot"]
+    t = median_times({"dot": lambda: dot(a, a).block_until_ready()}, repeats,
+                     warmup=True)["dot"]
     return 2 * n**3 / t / 1e9
 
 
@@ -245,11 +231,11 @@ def bench_overheads(repeats: int) -> dict:
         jax.block_until_ready(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             logger = TensorBoardLogger(Path(tmp) / "tb")
-            t = _median_times({  # a log step: fetch the metrics, write the scalars
+            t = median_times({  # a log step: fetch the metrics, write the scalars
                 "log": lambda lg=logger, m=metrics: lg.scalars(
                     0, "train", {k: v[-1] for k, v in jax.device_get(m).items()}),
                 "checkpoint": lambda d=Path(tmp), s=state: save_checkpoint(d, s, step=0)},
-                repeats)
+                repeats, warmup=True)
             logger.close()
         per_1000 = (1000 / cfg.trainer.log_every * t["log"]
                     + 1000 / cfg.trainer.checkpoint_every * t["checkpoint"])

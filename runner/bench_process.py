@@ -16,9 +16,12 @@ SWEEP_LRS = ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"]
 NO_CACHE = ["device.compilation_cache_dir=null", "trainer.progress_bar=false"]
 
 
-def _median_wall(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
-    """Median seconds of each fn over ``repeats`` rounds, called in turn (whole processes:
-    no warm-up, each starts cold anyway)."""
+def median_times(fns: Dict[str, Callable[[], None]], repeats: int, *,
+                 warmup: bool = False) -> Dict[str, float]:
+    """The median seconds of each fn over ``repeats`` rounds, called in turn; ``warmup``: call
+    each once first (to compile). Whole processes need no warm-up: each starts cold anyway."""
+    for fn in fns.values() if warmup else ():
+        fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -32,7 +35,7 @@ def bench_process_wall(repeats: int) -> dict:
     """The default run's whole-process wall time against ``import jax, flax, optax``."""
     with tempfile.TemporaryDirectory() as tmp:
         runs = iter(range(10**6))
-        t = _median_wall({
+        t = median_times({
             "import": lambda: _run([sys.executable, "-c", "import jax, flax, optax"], tmp),
             "runner": lambda: _run([sys.executable, "-m", "runner",
                                     f"hydra.run.dir={tmp}/{next(runs)}"], tmp),
@@ -61,7 +64,7 @@ def bench_sweep(repeats: int, lrs: List[str]) -> dict:
     """Median wall time of one run and of a len(lrs)-job lr sweep (basic launcher)."""
     with tempfile.TemporaryDirectory() as tmp:
         runs = iter(range(10**6))
-        t = _median_wall({
+        t = median_times({
             "single": lambda: _run([sys.executable, "-m", "runner", *NO_CACHE,
                                     f"hydra.run.dir={tmp}/single{next(runs)}"], tmp),
             "sweep": lambda: _run([sys.executable, "-m", "runner", "-m",

@@ -63,7 +63,8 @@ def run_case(name: str, overrides: List[str], tmp: Path, timeout: float,
 
 def in_process(repeats: int) -> dict:
     """runner.bench's linear_fit loops and the CNN step (reference Flax vs runner) on the GPU."""
-    from runner.bench import _loops, _median_times, _runner_parts, bench_linear_fit
+    from runner.bench import _loops, _runner_parts, bench_linear_fit
+    from runner.bench_process import median_times
     from runner.bench_cases import reference_cnn
 
     out = {"linear_fit": bench_linear_fit(repeats, steps=2000)}
@@ -72,7 +73,8 @@ def in_process(repeats: int) -> dict:
         reference = reference_cnn(batch_size=batch)
         _, *parts = _runner_parts(["task=cnn_random_images", f"task.batch_size={batch}",
                                    f"task.num_eval={2 * batch}"])
-        t = _median_times(_loops(reference, parts, steps=steps, chunk=steps), repeats)
+        t = median_times(_loops(reference, parts, steps=steps, chunk=steps), repeats,
+                         warmup=True)
         out[f"cnn_b{batch}"] = {"reference_ms": 1e3 * t["reference"] / steps,
                                 "runner_ms": 1e3 * t["runner"] / steps,
                                 "runner_over_reference": t["runner"] / t["reference"]}

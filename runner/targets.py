@@ -82,9 +82,10 @@ def check(cfg: DictConfig, key: str, *, skip=(), base: type = object) -> DictCon
     """``cfg`` (the composed ``key`` group) typed by its target's schema: a value of the wrong
     type or a key the target does not take is a one-line ConfigError naming it."""
     path = cfg.get("_target_")
-    schema = signature_schema(load_target(path, key), path=path, skip=skip, base=base)
+    target = load_target(path, key)
+    schema = signature_schema(target, path=path, skip=skip, base=base)
     known = {f.name for f in dataclasses.fields(schema)}
-    takes = set(parameters(load_target(path, key), skip)) | known
+    takes = set(parameters(target, skip)) | known
     unknown = [k for k in cfg if k not in takes]
     if unknown:
         raise ConfigError(f"{key}.{unknown[0]}: unknown key; {path} takes: "
