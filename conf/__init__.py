@@ -2,12 +2,14 @@
 registers the schemas the YAML files extend: ``run_schema`` (runner's own keys,
 ``runner.schema``) and, for each built-in option below, ``schema/<group>/<name>``: every
 parameter of its class or optax factory, with the code's defaults (``runner.targets``). So
-``--cfg job`` lists every key, and ``task.num_train=500`` needs no ``+``."""
+``--cfg job`` lists every key, and ``task.num_train=500`` needs no ``+``. They are stored
+untyped (keys and defaults): the job types and checks the values (``runner.schema.typed``,
+``runner.targets.check``), where a sweep isolates a bad one."""
 
 from hydra.core.config_store import ConfigStore
 
 from runner.optim import SCHEMA as OPTIMIZER_SCHEMA
-from runner.schema import RunConf
+from runner.schema import RunConf, untyped
 from runner.targets import load_target, signature_schema
 
 BUILT_IN = {
@@ -22,12 +24,12 @@ BUILT_IN = {
 
 def register_schemas() -> None:
     store = ConfigStore.instance()
-    store.store(name="run_schema", node=RunConf)
+    store.store(name="run_schema", node=untyped(RunConf))
     for group, options in BUILT_IN.items():
         extra = OPTIMIZER_SCHEMA if group == "optimizer" else {}
         for name, path in options.items():
             schema = signature_schema(load_target(path, group), path=path, **extra)
-            store.store(group=f"schema/{group}", name=name, node=schema)
+            store.store(group=f"schema/{group}", name=name, node=untyped(schema))
 
 
 register_schemas()

@@ -1,6 +1,7 @@
 """The command line: compose the config with Hydra and train (``python -m runner``)."""
 
 import gc
+import logging
 import os
 import sys
 from pathlib import Path
@@ -30,7 +31,9 @@ def main(cfg: DictConfig) -> float:
     run_dir, overrides = Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         parallel = "joblib" in str(hydra_cfg.launcher.get("_target_", "")).lower()
-        return run_sweep_job(cfg, run_dir, overrides=overrides, parallel=parallel)
+        optuna = "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower()
+        return run_sweep_job(cfg, run_dir, overrides=overrides, parallel=parallel,
+                             raise_failure=optuna)
     print_config_tree(cfg)
     try:
         summary = run(cfg, run_dir, overrides=overrides)
@@ -54,6 +57,9 @@ def cli() -> None:
     new-run-dir machinery); a user error (bad override, bad value, missing GPU, bad checkpoint)
     prints one line and exits 1. HYDRA_FULL_ERROR=1 shows the full traceback instead."""
     show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # A log line the disk cannot take (ENOSPC in runner.log) is dropped instead of printing a
+    # traceback per line: the run's own write fails next and says why, once.
+    logging.raiseExceptions = False
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's exceptions reach us unprinted
     args = sys.argv[1:]
     resume = [a for a in args if a.startswith("resume=")]

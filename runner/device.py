@@ -138,6 +138,14 @@ def launch_process_index(cfg: DictConfig) -> int:
     return launcher_rank() or 0
 
 
+# A process that dies without a word (SIGKILL, a crash) is noticed by the others when its
+# heartbeats stop for this long, and they end too (JAX's default, 100 s, kept them waiting for
+# minutes). Failures runner sees are shared at once (runner.peers); at exit a process waits at
+# most SHUTDOWN_TIMEOUT_S for the others (JAX's default: 300 s).
+HEARTBEAT_TIMEOUT_S = 30
+SHUTDOWN_TIMEOUT_S = 30
+
+
 def _initialize_distributed(cfg: DictConfig) -> None:
     """``jax.distributed.initialize`` with the explicit settings given (the rest detected from
     SLURM, Open MPI, Kubernetes... by JAX); once per process."""
@@ -146,7 +154,8 @@ def _initialize_distributed(cfg: DictConfig) -> None:
     given = {key: cfg[key] for key in ("coordinator_address", "num_processes", "process_id")
              if cfg[key] is not None}
     try:
-        jax.distributed.initialize(**given)
+        jax.distributed.initialize(**given, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+                                   shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
     except Exception as err:  # noqa: BLE001 (ValueError, RuntimeError, XlaRuntimeError)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RunnerError(

@@ -18,6 +18,18 @@ class AlreadyComplete(RunnerError):
                          f"trainer.steps to train longer")
 
 
+class WriteError(RunnerError):
+    """A file the run could not write (disk full, no permission, a read-only filesystem)."""
+
+    def __init__(self, path, err: OSError):
+        super().__init__(f"cannot write {path}: {os_reason(err)}")
+
+
+def os_reason(err: OSError) -> str:
+    """``[Errno 28] No space left on device``, as Python words an OSError, without the path."""
+    return f"[Errno {err.errno}] {err.strerror}" if err.errno else str(err)
+
+
 def check_range(key: str, value, *, gt=None, ge=None, le=None) -> None:
     """Raise ConfigError naming ``key`` when ``value`` (or any item of a list or tuple) lies
     outside the range; None passes. For tasks' and models' ``__post_init__`` checks."""
@@ -52,6 +64,9 @@ def describe_error(err: BaseException) -> "str | None":
     for e in chain:
         if isinstance(e, RunnerError):
             return str(e)
+    for e in chain:  # a file the run reads or writes: the OS's reason is the user's to fix
+        if isinstance(e, OSError) and e.filename:
+            return f"{e.filename}: {os_reason(e)}"
     for e in chain:
         if isinstance(e, MissingConfigException):
             group, _, name = (e.missing_cfg_file or "").rpartition("/")
@@ -83,9 +98,17 @@ def first_line(err: BaseException) -> str:
 
 
 def _valid_keys(err: BaseException) -> str:
+    """The keys of the config an unknown key was given to: its schema's fields, else (a config
+    Hydra composed untyped) the keys it holds."""
     import dataclasses
+
+    from omegaconf import DictConfig
 
     schema = getattr(err, "object_type", None)
     if schema is not None and dataclasses.is_dataclass(schema):
-        return ", ".join(f.name for f in dataclasses.fields(schema) if f.name != "_target_")
-    return ""
+        keys = [f.name for f in dataclasses.fields(schema)]
+    elif isinstance(getattr(err, "parent_node", None), DictConfig):
+        keys = list(err.parent_node.keys())
+    else:
+        keys = []
+    return ", ".join(str(k) for k in keys if k != "_target_")

@@ -2,7 +2,7 @@
 
 Rebuilds the model from the config stored in the run dir (so a run dir copied elsewhere works),
 restores the checkpoint with ``flax.serialization.from_bytes`` and evaluates on the task's
-held-out set.
+held-out set. It only reads the run dir (a read-only copy works).
 """
 
 import argparse
@@ -17,16 +17,16 @@ def evaluate_run(run_dir: Path, which: str = "last") -> dict:
     """Eval metrics of checkpoint ``which`` (``last``, ``best`` or a step) of ``run_dir``."""
     import jax
 
-    from runner.build import COMPUTE_DTYPES, build_parts
+    from runner.build import COMPUTE_DTYPES
     from runner.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
     from runner.device import configure_jax
     from runner.inputs import verify
-    from runner.resume import load_run_config
+    from runner.resume import build_stored, load_run_config
     from runner.schema import Precision
     from runner.steps import evaluate, setup
 
     cfg, _ = load_run_config(run_dir)
-    parts = build_parts(cfg)
+    parts = build_stored(cfg, run_dir)
     verify(parts.task, run_dir)
     cfg.device.distributed = False  # one process evaluates, whatever the run was
     configure_jax(cfg.device)

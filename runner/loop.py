@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
+from runner import peers
 from runner.build import StepOptions
 from runner.errors import RunnerError
 from runner.preemption import Interrupted, StopRequest
@@ -89,23 +90,39 @@ class HostLoop:
                     jax.block_until_ready(self.metrics)
                 last = self.step == self.trainer.steps
                 due = [a for a in self.actions if a.due(self.step, last)]
-                stopping = _agreed(self.stop, dispatches)
-                dispatches += 1
-                if due or stopping:
+                if due:
                     self.fetch(window_start, window_steps)
-                for action in due:
-                    action.action()
+                error = self.act(due)
+                stopping, failed = _agreed(self.stop, dispatches, error)
+                dispatches += 1
+                peers.check(error, failed)
                 if stopping:
+                    if not due:
+                        self.fetch(window_start, window_steps)
                     self.interrupt(saved=self.save in [a.action for a in due], last=last)
                 if not compiled or due:  # host work ends the throughput window
                     compiled, window_start, window_steps = True, time.perf_counter(), 0
-                self.log_figures()
                 if self.bar:
                     self.bar.update(self.chunk)
-        self.log_figures(wait=True)
+        peers.agree(lambda: self.log_figures(wait=True))
         return self.state, {"status": "completed", "steps": self.step,
                             "train": self.train_metrics, "eval": self.eval_metrics,
                             "checkpoint": str(self.checkpoint)}
+
+    def act(self, due: List[Every]) -> Optional[Exception]:
+        """The actions due, and the figures drawn meanwhile logged. In a multi-process run an
+        error is returned, for every process to learn of it first (``runner.peers``)."""
+        try:
+            for action in due:
+                action.action()
+            self.log_figures()
+            if due:
+                self.logger.flush()
+        except Exception as err:  # noqa: BLE001 (raised by the caller, on every process)
+            if not peers.multi_process():
+                raise
+            return err
+        return None
 
     def dispatch(self) -> None:
         self.start = self.step
@@ -183,25 +200,29 @@ class HostLoop:
                      " ".join(f"{k}={v:.6g}" for k, v in sorted(values.items())))
 
 
-def _agreed(stop: StopRequest, dispatch: int) -> bool:
-    """Whether to stop after this dispatch. The processes of a multi-process run must stop
-    after the same one, or the others would wait forever in the next one's collectives:
-    SIGTERM there reaches JAX's preemption service (``jax.distributed`` takes the signal),
-    which agrees on a dispatch (``reached_preemption_sync_point``, called with the same
-    consecutive ids everywhere); a signal runner's own handler took (SIGINT) is all-gathered."""
+def _agreed(stop: StopRequest, dispatch: int,
+            error: Optional[Exception]) -> Tuple[bool, Optional[int]]:
+    """Whether to stop after this dispatch, and which process failed in it (None: none). The
+    processes of a multi-process run must stop after the same one, or the others would wait
+    forever in the next one's collectives: SIGTERM there reaches JAX's preemption service
+    (``jax.distributed`` takes the signal), which agrees on a dispatch
+    (``reached_preemption_sync_point``, called with the same consecutive ids everywhere); a
+    signal runner's own handler took (SIGINT), and a failure, are all-gathered."""
     if not jax.distributed.is_initialized():
-        return stop.requested
+        return stop.requested, None
     from jax.experimental import multihost_utils
 
-    if multihost_utils.reached_preemption_sync_point(dispatch):
+    preempted = multihost_utils.reached_preemption_sync_point(dispatch)
+    if preempted:
         stop.signal_name = stop.signal_name or "SIGTERM (preemption notice)"
-        return True
     if jax.process_count() == 1:
-        return stop.requested
-    if np.any(multihost_utils.process_allgather(np.array(stop.requested))):
+        return preempted or stop.requested, None
+    flags = np.asarray(multihost_utils.process_allgather(
+        np.array([stop.requested, error is not None])))
+    if flags[:, 0].any() and not preempted:
         stop.signal_name = stop.signal_name or "a signal to another process"
-        return True
-    return False
+    failed = np.flatnonzero(flags[:, 1])
+    return preempted or bool(flags[:, 0].any()), int(failed[0]) if failed.size else None
 
 
 def _check_finite(metrics, start: int, window: int) -> None:

@@ -18,7 +18,7 @@ import optax
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import ConfigError, check_range
-from runner.schema import OptimizerConf, Schedule
+from runner.schema import OptimizerConf, Schedule, check_fields
 from runner.targets import check, load_target
 
 # Keys every optimizer config has (runner.schema.OptimizerConf); all other keys are the optax
@@ -98,6 +98,7 @@ class Optimizer:
 def make_optimizer(cfg: DictConfig, *, total_steps: int) -> Optimizer:
     """Build ``clip_by_global_norm(clip_norm)`` (when set) then the optax optimizer."""
     cfg = check(cfg, "optimizer", **SCHEMA)
+    check_fields(OptimizerConf, cfg, "optimizer.")
     schedule = LRSchedule(Schedule(cfg.schedule), total_steps, cfg.warmup_steps)
     if schedule.kind == Schedule.warmup_cosine and not 0 < cfg.warmup_steps < total_steps:
         raise ConfigError(f"optimizer.warmup_steps={cfg.warmup_steps}: warmup_cosine needs "

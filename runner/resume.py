@@ -3,6 +3,7 @@
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -10,7 +11,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from runner.checkpoint import write_atomic
 from runner.device import launch_process_index
-from runner.errors import AlreadyComplete, RunnerError
+from runner import lock
+from runner.errors import (AlreadyComplete, ConfigError, RunnerError, describe_error,
+                           first_line)
 from runner.inputs import use_recorded, verify
 from runner.schema import RunConf
 
@@ -57,9 +60,16 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictC
     # Typed by runner's own schema (keys added since the run was made get their defaults;
     # task, model and optimizer are checked against their targets when built). The new
     # overrides win over the stored values (``+key=value`` adds a key, as for a new run).
-    stored = OmegaConf.load(stored_path)
+    try:
+        stored = OmegaConf.load(stored_path)
+    except Exception as err:  # noqa: BLE001 (yaml's and OmegaConf's errors for a bad file)
+        raise ConfigError(f"{stored_path}: not a readable config "
+                          f"({describe_error(err) or first_line(err)})") from None
     check_trusted(stored, stored_path)
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConf), stored)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConf), stored)
+    except Exception as err:  # noqa: BLE001 (a value or key the schema rejects, named)
+        raise ConfigError(f"{stored_path}: {describe_error(err) or first_line(err)}") from None
     OmegaConf.set_struct(cfg, True)  # as Hydra composes: a new key needs +key=value
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(
         [o for o in overrides if not o.startswith("+")]))
@@ -72,10 +82,20 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictC
     return cfg, [*stored_overrides, *overrides]
 
 
-def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> Tuple[Path, Dict[str, Any]]:
-    """Continue the run in ``run_dir_arg`` from its newest valid checkpoint, in place; the run
-    dir and the run's summary."""
+def build_stored(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()):
+    """The stored run's task, model and optimizer; a value they reject names the file."""
     from runner.build import build_parts
+
+    try:
+        return build_parts(cfg)
+    except ConfigError as err:
+        given = " with the overrides given" if overrides else ""
+        raise ConfigError(f"{run_dir / '.hydra' / 'config.yaml'}{given}: {err}") from None
+
+
+def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> Tuple[Path, Dict[str, Any]]:
+    """Continue the run in ``run_dir_arg`` from its newest valid checkpoint, in place, holding
+    its lock; the run dir and the run's summary. A completed run raises AlreadyComplete."""
     from runner.sweep import read_metrics
     from runner.train import run
 
@@ -85,18 +105,24 @@ def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> Tuple[Path, Dict[s
     cfg, all_overrides = load_run_config(run_dir, overrides)
     # Every value checked, and the task's files against the record, before anything in the
     # run dir is rewritten.
-    verify(build_parts(cfg).task, run_dir)
-    done = read_metrics(run_dir)
+    verify(build_stored(cfg, run_dir, overrides).task, run_dir)
+    writer = launch_process_index(cfg.device) == 0
+    _check_not_complete(read_metrics(run_dir), run_dir, cfg)  # touches nothing, not even the lock
+    with lock.hold(run_dir) if writer else nullcontext():
+        _check_not_complete(read_metrics(run_dir), run_dir, cfg)  # as it stands, held
+        _log_to(run_dir / "runner.log")
+        # The run dir's config is the run's as it now stands (for later resumes and
+        # runner.eval); written by one process of a multi-process run.
+        if writer:
+            write_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+            write_atomic(run_dir / ".hydra" / "overrides.yaml",
+                         OmegaConf.to_yaml(OmegaConf.create(all_overrides)).encode())
+        return run_dir, run(cfg, run_dir, overrides=all_overrides, resume=True)
+
+
+def _check_not_complete(done: Dict[str, Any], run_dir: Path, cfg: DictConfig) -> None:
     if done.get("status") == "completed" and done.get("steps", 0) >= cfg.trainer.steps:
         raise AlreadyComplete(run_dir, done["steps"])
-    _log_to(run_dir / "runner.log")
-    # The run dir's config is the run's as it now stands (for later resumes and runner.eval);
-    # written by one process of a multi-process run.
-    if launch_process_index(cfg.device) == 0:
-        write_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg).encode())
-        write_atomic(run_dir / ".hydra" / "overrides.yaml",
-                     OmegaConf.to_yaml(OmegaConf.create(all_overrides)).encode())
-    return run_dir, run(cfg, run_dir, overrides=all_overrides, resume=True)
 
 
 def _log_to(log_file: Path) -> None:

@@ -1,10 +1,11 @@
 """runner's own config keys as typed dataclasses: the run (``seed``, ``trainer``, ``device``)
 and the keys every optimizer has. Each default and range is declared here, once.
 
-Hydra checks types (``trainer.steps=abc``) and unknown keys (``trainer.stepz=1``) against these
-while composing (``conf/config.yaml`` extends ``run_schema``); ``validate`` then checks the
-ranges declared next to each field (``trainer.steps=0``). Task, model and optimizer-factory keys
-come from their classes' signatures (``runner.targets``).
+Hydra checks keys (``trainer.stepz=1``) against these while composing (``conf/config.yaml``
+extends ``run_schema``); the values are checked inside the job, so that a bad value in a sweep
+fails that job alone: ``typed`` converts each value to its field's type (``trainer.steps=abc``),
+``validate`` checks the ranges declared next to each field (``trainer.steps=0``). Task, model
+and optimizer-factory keys come from their classes' signatures (``runner.targets``).
 """
 
 import dataclasses
@@ -114,19 +115,41 @@ class RunConf:
     trainer: TrainerConf = field(default_factory=TrainerConf)
 
 
+def untyped(schema: type) -> DictConfig:
+    """``schema``'s keys and defaults as a plain config, for Hydra to compose: a value of the
+    wrong type then reaches the job (``typed``), where a sweep isolates its failure, instead of
+    stopping the whole sweep while Hydra composes it."""
+    return OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(schema),
+                                                   enum_to_str=True))
+
+
+def typed(cfg: DictConfig) -> DictConfig:
+    """The composed config on ``RunConf``: runner's own values converted to their fields' types
+    (``"5"`` -> 5, ``"cosine"`` -> Schedule.cosine); one that cannot be is a ConfigError naming
+    the key. Struct, as Hydra composes (a new key needs ``+key=value``)."""
+    from runner.errors import ConfigError, describe_error
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConf), cfg)
+    except Exception as err:  # noqa: BLE001 (OmegaConf's validation errors, named by key)
+        raise ConfigError(describe_error(err) or str(err)) from None
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value of runner's own keys (``seed``, ``trainer``,
-    ``device``, the optimizer's common keys) outside the range its field declares. The task's,
-    model's and optimizer factory's own values are checked by ``runner.targets``."""
-    _check_fields(RunConf, cfg, "")
-    _check_fields(OptimizerConf, cfg.optimizer, "optimizer.")
+    ``device``) outside the range its field declares. The task's, model's and optimizer's
+    values are checked by ``runner.targets`` (the optimizer's common keys: ``check_fields``
+    with ``OptimizerConf``, once typed)."""
+    check_fields(RunConf, cfg, "")
 
 
-def _check_fields(schema: type, cfg: DictConfig, path: str) -> None:
+def check_fields(schema: type, cfg: DictConfig, path: str) -> None:
     for f in dataclasses.fields(schema):
         value = cfg.get(f.name)
         if dataclasses.is_dataclass(f.type) and isinstance(value, DictConfig):
-            _check_fields(f.type, value, f"{path}{f.name}.")
+            check_fields(f.type, value, f"{path}{f.name}.")
         elif f.metadata and value is not None:
             if isinstance(value, ListConfig):
                 value = OmegaConf.to_container(value)

@@ -16,16 +16,19 @@ import math
 import os
 import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from runner import lock
 from runner.checkpoint import list_checkpoints, write_atomic
 from runner.device import launch_process_index
-from runner.errors import RunnerError
+from runner.errors import RunnerError, describe_error
 from runner.preemption import Interrupted
+from runner.schema import typed
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +41,15 @@ def read_metrics(run_dir: Path) -> Dict[str, Any]:
         return {}
 
 
+class JobFailed(RunnerError):
+    """A job that failed, for a sweeper that marks failed trials itself (Optuna)."""
+
+
 def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
-                  parallel: bool) -> float:
-    """Run one multirun job in ``run_dir``; returns its eval loss (NaN when it failed)."""
+                  parallel: bool, raise_failure: bool = False) -> float:
+    """Run one multirun job in ``run_dir``; returns its eval loss, NaN when it failed (or,
+    with ``raise_failure``, raises JobFailed: Optuna marks the trial failed, where a NaN value
+    would stop hydra-optuna-sweeper 1.3 with a ValueError of its own)."""
     from runner.train import run
 
     previous = read_metrics(run_dir)
@@ -52,27 +61,53 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
         raise RunnerError(f"{run_dir} holds a completed job with other overrides "
                           f"({' '.join(previous.get('overrides', []))}); use another "
                           f"hydra.sweep.dir")
+    try:
+        cfg = typed(cfg)  # a value of the wrong type fails this job alone
+    except RunnerError as err:
+        return _failed(_failed_before_run(run_dir, overrides, err), raise_failure)
     if parallel:  # several JAX processes share this machine's accelerator and terminal
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         cfg.trainer.progress_bar = False
+    writer = launch_process_index(cfg.device) == 0  # one process of a multi-process job
     try:
-        resume = _interrupted_here(run_dir, overrides)
-        if resume:
-            log.info("%s was interrupted: resuming it from its newest checkpoint", run_dir)
-        elif launch_process_index(cfg.device) == 0:  # one process of a multi-process job
-            _set_aside_earlier_attempt(run_dir)
-        return run(cfg, run_dir, overrides=overrides, resume=resume)["eval"]["loss"]
+        with lock.hold(run_dir) if writer else nullcontext():
+            resume = _interrupted_here(run_dir, overrides)
+            if resume:
+                log.info("%s was interrupted: resuming it from its newest checkpoint", run_dir)
+            elif writer:
+                _set_aside_earlier_attempt(run_dir)
+            return run(cfg, run_dir, overrides=overrides, resume=resume)["eval"]["loss"]
     except Interrupted as err:
         # SIGTERM/SIGINT is meant for the whole sweep (preemption, Ctrl-C): stop it here;
         # rerunning the command resumes this job and runs the rest.
         log.error("%s", err)
         raise SystemExit(1) from None
     except Exception as err:  # noqa: BLE001  (isolate the failure; it is in metrics.json)
-        reason = read_metrics(run_dir).get("reason") or f"{type(err).__name__}: {err}"
+        reason = (read_metrics(run_dir).get("reason") if not isinstance(err, lock.Busy)
+                  else None) or describe_error(err) or f"{type(err).__name__}: {err}"
         # A RunnerError is the user's to fix: one line. Anything else keeps its traceback.
         log.error("job %s (%s) failed: %s", run_dir.name, " ".join(overrides), reason,
                   exc_info=not isinstance(err, RunnerError))
-        return math.nan
+        return _failed(reason, raise_failure)
+
+
+def _failed(reason: str, raise_failure: bool) -> float:
+    if raise_failure:
+        raise JobFailed(reason)
+    return math.nan
+
+
+def _failed_before_run(run_dir: Path, overrides: Sequence[str], err: RunnerError) -> str:
+    """A job whose config is not valid: its ``metrics.json`` says so; the reason."""
+    log.error("job %s (%s) failed: %s", run_dir.name, " ".join(overrides), err)
+    text = json.dumps({"status": "failed", "steps": 0, "overrides": list(overrides),
+                       "reason": str(err)}, indent=2, sort_keys=True) + "\n"
+    try:
+        with lock.hold(run_dir):
+            write_atomic(run_dir / "metrics.json", text.encode())
+    except RunnerError as write_err:
+        log.error("%s", write_err)
+    return str(err)
 
 
 def _interrupted_here(run_dir: Path, overrides: Sequence[str]) -> bool:
@@ -129,6 +164,8 @@ def summarize(sweep_dir: Path) -> List[Dict[str, Any]]:
         row = {"job": job_dir.name, "overrides": " ".join(m.get("overrides", [])),
                "status": m.get("status", "missing"), "best": "",
                "reason": m.get("reason", "" if m else "no metrics.json (killed?)")}
+        if row["status"] == "running":  # the record a run starts with: it never ended
+            row["reason"] = "still running, or killed"
         row.update({f"eval/{k}": v for k, v in m.get("eval", {}).items()})
         row.update({f"train/{k}": v for k, v in m.get("train", {}).items()})
         row.update({k: m.get(k) for k in ("steps", "wall_time_s", "compile_s",

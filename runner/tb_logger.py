@@ -8,6 +8,8 @@ from typing import Any, Iterable, Mapping, Optional
 import jax
 import numpy as np
 
+from runner.errors import WriteError
+
 
 def _import_tensorboardx():
     """tensorboardX's writer module imports torch when it is installed (to accept torch
@@ -29,41 +31,64 @@ def _import_tensorboardx():
 
 
 tensorboardX = _import_tensorboardx()
-SummaryWriter = tensorboardX.SummaryWriter
-hparams_summaries = tensorboardX.summary.hparams
+summaries = tensorboardX.summary
+from tensorboardX.event_file_writer import EventsWriter  # noqa: E402 (after the import above)
+from tensorboardX.proto.event_pb2 import Event, SessionLog  # noqa: E402
+
+
+# TensorFlow's histogram buckets (SummaryWriter's default_bins): +-1e-12 * 1.1^k up to 1e20.
+_EDGES = 1e-12 * 1.1 ** np.arange(int(np.ceil(np.log(1e32) / np.log(1.1))))
+HISTOGRAM_BINS = [*(-_EDGES[::-1]), 0.0, *_EDGES]
 
 
 class TensorBoardLogger:
     """Scalars grouped by prefix (``train/loss``, ``eval/accuracy``, ``perf/...``, ``opt/...``),
-    text, images, histograms, and the HParams row of this run."""
+    text, images, histograms, and the HParams row of this run.
+
+    Events are written on the calling thread (tensorboardX's ``EventsWriter``), not through
+    ``SummaryWriter``'s writer thread: when that thread meets a full disk it dies with a
+    traceback of its own and the training thread then blocks on its full queue. Here a failed
+    write raises WriteError, naming the event file, where the run can record it. ``flush`` after
+    each round of logging makes the events visible to a running TensorBoard.
+    """
 
     def __init__(self, log_dir: Path, *, purge_step: Optional[int] = None):
-        # purge_step: TensorBoard discards this run's earlier events at steps >= purge_step
-        # (those an interrupted attempt logged after its last checkpoint).
         # The event file is named by the second it was opened in: a unique suffix keeps an
         # attempt that starts within the same second (a quick resume) from overwriting it.
-        self.writer = SummaryWriter(logdir=str(log_dir), purge_step=purge_step,
-                                    filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        suffix = f".{os.getpid()}.{time.time_ns()}"
+        try:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.events = EventsWriter(str(Path(log_dir) / "events"), suffix)
+        except OSError as err:
+            raise WriteError(log_dir, err) from err
+        self.path = next(Path(log_dir).glob(f"events.out.tfevents.*{suffix}"))
+        if purge_step is not None:
+            # TensorBoard discards this run's earlier events at steps >= purge_step (those an
+            # interrupted attempt logged after its last checkpoint), as SummaryWriter does.
+            self._write(Event(step=purge_step, file_version="brain.Event:2"))
+            self._write(Event(step=purge_step,
+                              session_log=SessionLog(status=SessionLog.START)))
 
     def scalars(self, step: int, prefix: str, values: Mapping[str, float]) -> None:
         for name, value in values.items():
-            self.writer.add_scalar(f"{prefix}/{name}", float(value), global_step=step)
+            self._summary(summaries.scalar(f"{prefix}/{name}", float(value)), step)
 
     def text(self, tag: str, text: str) -> None:
         # TensorBoard renders text as markdown: indent four spaces to keep it verbatim.
-        self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()))
+        self._summary(summaries.text(tag, "\n".join("    " + line
+                                                    for line in text.splitlines())))
 
     def images(self, step: int, prefix: str, images: Mapping[str, np.ndarray]) -> None:
         """Images (``<prefix>/<name>``): (H, W, 3) uint8 arrays."""
         for name, image in images.items():
-            self.writer.add_image(f"{prefix}/{name}", image, global_step=step,
-                                  dataformats="HWC")
+            self._summary(summaries.image(f"{prefix}/{name}", image, dataformats="HWC"), step)
 
     def histograms(self, step: int, prefix: str, tree: Any) -> None:
         """One histogram per array of a pytree (``params/Dense_0/kernel``)."""
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
             name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-            self.writer.add_histogram(f"{prefix}/{name}", np.asarray(leaf), global_step=step)
+            self._summary(summaries.histogram(f"{prefix}/{name}", np.asarray(leaf),
+                                              HISTOGRAM_BINS), step)
 
     def hparams(self, hparams: Mapping[str, Any], metric_tags: Iterable[str], *,
                 completed: bool) -> None:
@@ -73,17 +98,31 @@ class TensorBoardLogger:
         into a separate sub-run, giving two rows per run. The metric values are the run's own
         scalars under those tags. A run that did not complete gets no session-end record.
         """
-        experiment, session_start, session_end = hparams_summaries(
+        experiment, session_start, session_end = summaries.hparams(
             dict(hparams), {tag: 0.0 for tag in metric_tags})
-        # The event file add_scalar writes to (as tensorboardX's own add_hparams uses it).
         for summary in (experiment, session_start, session_end)[:3 if completed else 2]:
-            self.writer.file_writer.add_summary(summary)
+            self._summary(summary)
 
     def flush(self) -> None:
-        self.writer.flush()
+        self._io(self.events.flush)
 
     def close(self) -> None:
-        self.writer.close()
+        self._io(self.events.close)
+
+    def _summary(self, summary, step: Optional[int] = None) -> None:
+        event = Event(summary=summary, wall_time=time.time())
+        if step is not None:
+            event.step = int(step)
+        self._write(event)
+
+    def _write(self, event) -> None:
+        self._io(self.events.write_event, event)
+
+    def _io(self, call, *args) -> None:
+        try:
+            call(*args)
+        except OSError as err:
+            raise WriteError(self.path, err) from err
 
 
 class NullLogger:

@@ -2,8 +2,10 @@
 
 import json
 import logging
+import os
+import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -11,17 +13,19 @@ import jax
 import numpy as np
 from omegaconf import OmegaConf
 
-from runner import inputs
+from runner import inputs, lock
 from runner.build import Run, build_run
-from runner.checkpoint import Checkpointer, write_atomic
+from runner.checkpoint import Checkpointer, remove_stale_temps, write_atomic
 from runner.compiles import cache_hits, compile_stats
 from runner.device import launch_process_index
-from runner.errors import AlreadyComplete, describe_error
+from runner.errors import AlreadyComplete, WriteError, describe_error
 from runner.figures import FigureRenderer
 from runner.hparams import run_hparams
 from runner.loop import HostLoop
 from runner.manifest import write_manifest
+from runner.peers import PeerFailed, agree
 from runner.preemption import Interrupted, StopRequest, stop_on_signals
+from runner.schema import typed
 from runner.tb_logger import NullLogger, TensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -36,45 +40,93 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (),
     With ``resume``, continue from the newest valid checkpoint in ``run_dir``. SIGTERM and
     SIGINT save a checkpoint at the current step and stop the run. ``metrics.json`` is written
     however the run ends: ``"status"`` is ``completed``, ``interrupted`` or ``failed``, with the
-    ``reason``; ``overrides`` (the job's command-line overrides) are recorded.
+    ``reason``; ``overrides`` (the job's command-line overrides) are recorded. A failed run
+    writes it first, then closes its files (their own errors then only logged). The run holds
+    the run dir's lock (``runner.lock``) throughout.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
     start, compiles_before, hits_before = (time.perf_counter(), compile_stats("train_steps"),
                                            cache_hits())
     summary: Dict[str, Any] = {"status": "failed", "steps": 0, "overrides": list(overrides)}
-    write = True
+    writer = _launch_writer(cfg)
+    closing = ExitStack()  # the run's open files and threads, closed once metrics.json says how
     try:
-        with stop_on_signals() as stop, ExitStack() as cleanup:
+        with lock.hold(run_dir) if writer else nullcontext(), stop_on_signals() as stop:
+            cfg = typed(cfg)
             # Started first: its thread imports matplotlib while the run builds and compiles.
-            renderer = (cleanup.enter_context(FigureRenderer()) if cfg.trainer.log_images
-                        and _launch_writer(cfg) else None)
+            renderer = (closing.enter_context(FigureRenderer()) if cfg.trainer.log_images
+                        and writer else None)
             summary.update(_train(build_run(cfg, run_dir, resume=resume), overrides, stop,
-                                  renderer))
-    except AlreadyComplete:
-        write = False  # its metrics.json stays as the run that completed wrote it
-        raise
+                                  renderer, closing))
+            agree(closing.close)  # the last events and HParams flushed: a failure fails the run
+    except (AlreadyComplete, lock.Busy):
+        raise  # its metrics.json stays as the run that completed (or holds the dir) wrote it
     except Exception as err:
         summary["reason"] = describe_error(err) or f"{type(err).__name__}: {err}"
         if isinstance(err, Interrupted):
             summary.update(status="interrupted", steps=err.step)
+        if writer or not isinstance(err, (Interrupted, PeerFailed)):
+            _write_metrics(run_dir, _timed(summary, start, compiles_before, hits_before))
+        _close_quietly(closing)
         raise
-    finally:
-        compiles, compile_s = np.subtract(compile_stats("train_steps"), compiles_before)
-        summary.update(wall_time_s=time.perf_counter() - start, compile_s=float(compile_s),
-                       train_step_compiles=int(compiles),
-                       compile_cache_hits=cache_hits() - hits_before)
-        if write and (not jax.distributed.is_initialized() or jax.process_index() == 0):
-            write_atomic(run_dir / "metrics.json",
-                         (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    if writer:
+        _write_metrics(run_dir, _timed(summary, start, compiles_before, hits_before))
     return summary
 
 
+def _timed(summary: Dict[str, Any], start: float, compiles_before, hits_before: int):
+    compiles, compile_s = np.subtract(compile_stats("train_steps"), compiles_before)
+    summary.update(wall_time_s=time.perf_counter() - start, compile_s=float(compile_s),
+                   train_step_compiles=int(compiles),
+                   compile_cache_hits=cache_hits() - hits_before)
+    return summary
+
+
+def _write_metrics(run_dir: Path, summary: Dict[str, Any]) -> None:
+    """``metrics.json``. After a failure, on a full disk, the record goes over the ``running``
+    one in place (its blocks are already the file's; not atomic, but better than none); a
+    write that fails even so is said on stderr."""
+    path, data = run_dir / "metrics.json", (json.dumps(summary, indent=2, sort_keys=True)
+                                            + "\n").encode()
+    try:
+        write_atomic(path, data)
+    except WriteError as err:
+        if summary["status"] in ("completed", "running"):
+            raise
+        try:
+            with open(path, "r+b") as f:
+                f.write(data)
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            print(f"error: the run's status was not recorded: {err}", file=sys.stderr)
+
+
+def _close_quietly(closing: ExitStack) -> None:
+    """Close what a failed run opened; a second failure (the same full disk) is one log line,
+    the run's first error is the one reported."""
+    while True:
+        try:
+            closing.close()
+            return
+        except Exception as err:  # noqa: BLE001 (the run has failed already)
+            log.warning("while closing the failed run: %s",
+                        describe_error(err) or f"{type(err).__name__}: {err}")
+
+
 def _train(run: Run, overrides: Sequence[str], stop: StopRequest,
-           renderer: Optional[FigureRenderer]) -> Dict[str, Any]:
-    """The run's files, then its host loop, logging to TensorBoard; the loop's summary."""
+           renderer: Optional[FigureRenderer], closing: ExitStack) -> Dict[str, Any]:
+    """The run's files, then its host loop, logging to TensorBoard; the loop's summary. The
+    logger's closing (HParams, flush) is left on ``closing``."""
     if not run.writer:
         _log_to_console_only()
-    model_summary = _write_run_files(run, overrides)
+    else:
+        remove_stale_temps(run.run_dir)
+        remove_stale_temps(run.run_dir / "checkpoints")
+        # A record from the start: how the run ends replaces it (in place if the disk is full).
+        _write_metrics(run.run_dir, {"status": "running", "overrides": list(overrides),
+                                     "steps": run.start_step})
+    model_summary = agree(lambda: _write_run_files(run, overrides))
     trainer, task = run.cfg.trainer, run.parts.task
     # A resumed run drops what the interrupted attempt logged after its checkpoint.
     logger = (TensorBoardLogger(run.run_dir / "tb", purge_step=run.start_step + 1
@@ -84,26 +136,25 @@ def _train(run: Run, overrides: Sequence[str], stop: StopRequest,
                                 write=run.writer)
     summary: Dict[str, Any] = {}
     compile_s = compile_stats("train_steps")[1]
-    with ExitStack() as cleanup:
-        cleanup.callback(logger.close)
-        cleanup.callback(lambda: logger.hparams(run_hparams(run.cfg, overrides), _tags(summary),
-                                                completed=bool(summary)))
-        if not hasattr(task, "figures"):
-            renderer = None
-        elif renderer:
-            renderer.set_data(task, jax.device_get(run.data))
-        logger.text("config", OmegaConf.to_yaml(run.cfg, resolve=True))
-        logger.text("model_summary", model_summary)
-        loop = HostLoop(run.state, run.data, run.train_rng, task=task,
-                        schedule=run.parts.optimizer.schedule, trainer=trainer, chunk=run.chunk,
-                        logger=logger, checkpointer=checkpointer, stop=stop, renderer=renderer,
-                        options=run.options, peak_flops=run.peak_flops)
-        _, result = loop.run()
-        logger.scalars(result["steps"], "perf",
-                       {"compile_s": compile_stats("train_steps")[1] - compile_s})
-        result.update(best=checkpointer.best, devices=run.placement,
-                      resumed_from=run.start_step if run.resume else None)
-        summary.update(result)
+    closing.callback(logger.close)
+    closing.callback(lambda: logger.hparams(run_hparams(run.cfg, overrides), _tags(summary),
+                                            completed=bool(summary)))
+    if not hasattr(task, "figures"):
+        renderer = None
+    elif renderer:
+        renderer.set_data(task, jax.device_get(run.data))
+    logger.text("config", OmegaConf.to_yaml(run.cfg, resolve=True))
+    logger.text("model_summary", model_summary)
+    loop = HostLoop(run.state, run.data, run.train_rng, task=task,
+                    schedule=run.parts.optimizer.schedule, trainer=trainer, chunk=run.chunk,
+                    logger=logger, checkpointer=checkpointer, stop=stop, renderer=renderer,
+                    options=run.options, peak_flops=run.peak_flops)
+    _, result = loop.run()
+    logger.scalars(result["steps"], "perf",
+                   {"compile_s": compile_stats("train_steps")[1] - compile_s})
+    result.update(best=checkpointer.best, devices=run.placement,
+                  resumed_from=run.start_step if run.resume else None)
+    summary.update(result)
     return summary
 
 

@@ -14,6 +14,7 @@ from runner.build import build_parts
 from runner.errors import ConfigError, describe_error
 from runner.models.cnn import CNN
 from runner.models.mlp import MLP
+from runner.schema import typed
 from runner.targets import build, check, signature_schema
 from runner.tasks.cnn_random_images import CNNRandomImages
 from runner.tasks.linear_fit import LinearFit
@@ -98,20 +99,34 @@ def test_out_of_range_values_name_the_key(override, message):
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("optimizer.lr=abc", "optimizer.lr: Value 'abc'"),
-    ("optimizer.b1=abc", "optimizer.b1: Value 'abc'"),
     ("optimizer.lrr=1", "optimizer.lrr: unknown key; valid keys: lr, schedule"),
     ("task=nope", "task=nope: no such option; available: arrays, cnn_random_images, "
                   "linear_fit"),
-    ("optimizer.schedule=step", "expected one of [constant, cosine, warmup_cosine]"),
     ("trainer.stepz=3", "trainer.stepz: unknown key; valid keys: steps"),
-    ("task.num_train=1.5", "task.num_train: Value '1.5'"),
 ])
 def test_composition_errors_become_one_line(override, fragment):
     with pytest.raises(Exception) as info:
         compose_config([override])
     message = describe_error(info.value)
     assert fragment in message and "\n" not in message
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optimizer.lr=abc", "optimizer.lr: Value 'abc'"),
+    ("optimizer.b1=abc", "optimizer.b1: Value 'abc'"),
+    ("optimizer.schedule=step", "expected one of [constant, cosine, warmup_cosine]"),
+    ("task.num_train=1.5", "task.num_train: Value '1.5'"),
+    ("trainer.steps=abc", "trainer.steps: Value 'abc'"),
+    ("device.platform=cuda", "device.platform: Invalid value 'cuda'"),
+    ("seed=1.5", "seed: Value '1.5'"),
+])
+def test_values_of_the_wrong_type_fail_in_the_job_as_one_line(override, fragment):
+    """Hydra composes them (so a sweep with one such value runs its other jobs); the job's
+    typing names the key."""
+    cfg = compose_config([override])
+    with pytest.raises(ConfigError) as info:
+        build_parts(typed(cfg))
+    assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
 def test_describe_error_leaves_bugs_alone():
