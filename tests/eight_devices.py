@@ -1,9 +1,10 @@
 """Run by test_scaleout.py in a process with 8 simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8): prints one JSON object of results.
 
-For each task: the train/loss curve and final eval loss on 1 and on 8 devices; a checkpoint
-saved on 8 devices resumed on 1 (and the reverse) against an uninterrupted 1-device run; the
-error for a batch the device count does not divide.
+For each task: the train/loss curve, final eval loss and final state on 1 and on 8 devices;
+a checkpoint saved on 8 devices resumed on 1 (and the reverse) against an uninterrupted
+1-device run, with the step it resumed from; the error for a batch the device count does not
+divide.
 """
 
 import json
@@ -81,12 +82,17 @@ def main():
             result[f"curve_{n}"] = curve(tmp / f"{name}{n}")
             result[f"devices_{n}"] = json.loads(
                 (tmp / f"{name}{n}" / "metrics.json").read_text())["devices"]["num_devices"]
+        result["state_max_rel"] = max_rel(leaves(tmp / f"{name}8" / "checkpoints/step_8.msgpack"),
+                                          leaves(tmp / f"{name}1" / "checkpoints/step_8.msgpack"))
         # Half the steps on one device count, the rest resumed on the other.
         for first, then in ((8, 1), (1, 8)):
-            half = tmp / f"{name}{first}to{then}"
+            half, key = tmp / f"{name}{first}to{then}", f"resumed_{first}_to_{then}"
             run(config(*task, f"device.num_devices={first}", "trainer.steps=4"), half)
-            run(config(*task, f"device.num_devices={then}"), half, resume=True)
-            result[f"resumed_{first}_to_{then}_max_rel"] = max_rel(
+            resumed = run(config(*task, f"device.num_devices={then}"), half, resume=True)
+            result[f"{key}_from"] = resumed["resumed_from"]
+            result[f"{key}_devices"] = resumed["devices"]["num_devices"]
+            result[f"{key}_curve_len"] = len(curve(half))
+            result[f"{key}_max_rel"] = max_rel(
                 leaves(half / "checkpoints" / "step_8.msgpack"),
                 leaves(tmp / f"{name}1" / "checkpoints" / "step_8.msgpack"))
         result["curve_max_rel"] = max(abs(x - y) / abs(y) for x, y in

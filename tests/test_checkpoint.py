@@ -1,11 +1,18 @@
 """Checkpoints: atomic flax.serialization round trip; bad files give a one-line error."""
 
+import contextlib
+import errno
+import resource
+import signal
+
 import jax
 import numpy as np
 import pytest
+from flax import serialization
 
 from conftest import start
-from runner.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from runner.checkpoint import (checkpoint_path, load_checkpoint, restore_latest,
+                               save_checkpoint)
 from runner.errors import RunnerError
 from runner.steps import train_steps
 
@@ -31,6 +38,50 @@ def test_round_trip_restores_every_leaf(tmp_path):
     assert len(leaves) == len(restored_leaves)
     for a, b in zip(leaves, restored_leaves):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@contextlib.contextmanager
+def disk_full_after(nbytes: int):
+    """Inside, a write that would make any file longer than ``nbytes`` writes up to there and
+    then fails (EFBIG), as on a disk that fills up mid-write: the process's file-size limit,
+    with SIGXFSZ (which would kill the process) ignored."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_write_that_fails_part_way_leaves_the_previous_checkpoints(tmp_path):
+    """A save that fails half-way (the disk fills up) raises, and leaves every file under a
+    final name as it was: the previous step file and best.msgpack load as before, and no
+    partial step_2.msgpack exists (resume would otherwise have to skip a torn file)."""
+    old, _, _ = make_state()
+    new = old.replace(step=old.step + 2, params=jax.tree.map(lambda p: p + 1, old.params))
+    save_checkpoint(tmp_path, old, step=0)
+    save_checkpoint(tmp_path, old, step=0, name="best")  # overwritten in place by each best
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["best.msgpack", "step_0.msgpack"]
+    with disk_full_after(len(serialization.to_bytes(new)) // 2):
+        for name in (None, "best"):
+            with pytest.raises(Exception) as failed:
+                save_checkpoint(tmp_path, new, step=2, name=name)
+            chain = [failed.value, failed.value.__cause__, failed.value.__context__]
+            assert any(isinstance(e, OSError) and e.errno == errno.EFBIG for e in chain), chain
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == \
+        sorted(before)  # no partial step_2.msgpack; temporary files start with "."
+    for name, data in before.items():
+        unchanged = (tmp_path / name).read_bytes() == data
+        assert unchanged, f"{name} was overwritten part-way"
+        restored = load_checkpoint(tmp_path / name, make_state(seed=3)[0])
+        assert int(restored.step) == 0
+        np.testing.assert_array_equal(restored.params["Dense_0"]["kernel"],
+                                      old.params["Dense_0"]["kernel"])
+    restored, path = restore_latest(tmp_path, make_state(seed=3)[0])
+    assert path == tmp_path / "step_0.msgpack" and int(restored.step) == 0
 
 
 def test_overwrite_is_atomic_and_complete(tmp_path):
@@ -84,8 +135,6 @@ def test_truncated_file_and_other_optimizer_and_wrong_step_are_rejected(tmp_path
 
 
 def test_restore_latest_skips_invalid_files(tmp_path):
-    from runner.checkpoint import restore_latest
-
     state, _, _ = make_state()
     save_checkpoint(tmp_path, state, step=0)
     (tmp_path / "step_5.msgpack").write_bytes(b"")

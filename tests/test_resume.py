@@ -4,6 +4,7 @@ bad checkpoints, eval of a finished (copied) run, the manifest."""
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,22 +13,32 @@ import time
 from pathlib import Path
 
 import pytest
+from flax import serialization
 
 from conftest import TINY, compose_config, run_cli
 from runner.checkpoint import list_checkpoints
 from runner.errors import RunnerError
 from runner.train import run
 
-# ~4 s of minibatch training (per-step data randomness), a checkpoint every ~0.3 s.
-LONG = ["task.batch_size=10", "trainer.steps=240000", "trainer.log_every=20000",
-        "trainer.eval_every=60000", "trainer.checkpoint_every=20000",
-        "trainer.progress_bar=false"]
+# Minibatch training (per-step data randomness), 20,000 steps (~0.3 s) per dispatch, a
+# checkpoint after each.
+DISPATCH = 20000
+LONG = ["task.batch_size=10", f"trainer.log_every={DISPATCH}", "trainer.eval_every=60000",
+        f"trainer.checkpoint_every={DISPATCH}", "trainer.progress_bar=false"]
+# A run a signal is meant to stop never ends by itself, so it cannot finish before the signal
+# lands however fast the machine; its resume then gives the steps it ends at.
+UNBOUNDED = "trainer.steps=1000000000"
 
 
 def start(args, cwd):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     return subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint file holds."""
+    return int(serialization.msgpack_restore(path.read_bytes())["step"])
 
 
 def newest_step(run_dir: Path) -> int:
@@ -46,40 +57,44 @@ def wait_past(proc, run_dir: Path, step: int, timeout: float = 120) -> None:
 
 @pytest.mark.slow
 def test_sigkilled_and_resumed_run_ends_byte_identical(tmp_path):
-    run_cli([*LONG, f"hydra.run.dir={tmp_path}/reference"], cwd=tmp_path)
-    reference = (tmp_path / "reference/checkpoints/step_240000.msgpack").read_bytes()
-
     run_dir = tmp_path / "run"
-    proc = start([*LONG, f"hydra.run.dir={run_dir}"], tmp_path)
+    proc = start([*LONG, UNBOUNDED, f"hydra.run.dir={run_dir}"], tmp_path)
     wait_past(proc, run_dir, 0)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first_kill = newest_step(run_dir)
-    assert 0 < first_kill < 240000
+    assert first_kill > 0 and first_kill % DISPATCH == 0
 
     proc = start([f"resume={run_dir}"], tmp_path)  # killed again, a little later
     wait_past(proc, run_dir, first_kill)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     second_kill = newest_step(run_dir)
-    assert first_kill < second_kill < 240000
+    assert second_kill > first_kill and second_kill % DISPATCH == 0
+    # The uninterrupted run to compare with ends two dispatches past the second kill (a
+    # constant learning rate: trainer.steps changes nothing before the end).
+    end = second_kill + 2 * DISPATCH
+    run_cli([*LONG, f"trainer.steps={end}", f"hydra.run.dir={tmp_path}/reference"],
+            cwd=tmp_path)
+    reference = (tmp_path / f"reference/checkpoints/step_{end}.msgpack").read_bytes()
 
     # A kill inside a checkpoint write leaves at most a temporary file; a torn file under a
     # final name (as a non-atomic writer would leave) must be skipped, not loaded.
     ckpt = run_dir / "checkpoints"
-    (ckpt / f".step_{second_kill + 20000}.msgpack.tmp").write_bytes(b"\x87partial")
+    (ckpt / f".step_{second_kill + DISPATCH}.msgpack.tmp").write_bytes(b"\x87partial")
     torn = (ckpt / f"step_{second_kill}.msgpack").read_bytes()
-    (ckpt / f"step_{second_kill + 20000}.msgpack").write_bytes(torn[: len(torn) // 2])
+    (ckpt / f"step_{second_kill + DISPATCH}.msgpack").write_bytes(torn[: len(torn) // 2])
 
-    proc = start([f"resume={run_dir}"], tmp_path)
+    proc = start([f"resume={run_dir}", f"trainer.steps={end}"], tmp_path)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    final = (ckpt / "step_240000.msgpack").read_bytes()
+    final = (ckpt / f"step_{end}.msgpack").read_bytes()
     assert final == reference  # params, opt_state and step, byte for byte
     log = (run_dir / "runner.log").read_text()
-    assert f"skipping checkpoint {ckpt}/step_{second_kill + 20000}.msgpack" in log
+    assert f"skipping checkpoint {ckpt}/step_{second_kill + DISPATCH}.msgpack" in log
     assert f"resuming from {ckpt}/step_{second_kill}.msgpack" in log
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["resumed_from"] == second_kill
+    assert (metrics["status"], metrics["steps"], metrics["resumed_from"]) == (
+        "completed", end, second_kill)
     reference_metrics = json.loads((tmp_path / "reference/metrics.json").read_text())
     assert metrics["eval"] == reference_metrics["eval"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -88,22 +103,40 @@ def test_sigkilled_and_resumed_run_ends_byte_identical(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_marks_the_run_interrupted(tmp_path):
+    """No periodic checkpoints (nor evals, which keep best.msgpack): the checkpoint at the
+    interrupted step is SIGTERM's own."""
     run_dir = tmp_path / "run"
-    proc = start([*LONG, f"hydra.run.dir={run_dir}"], tmp_path)
-    wait_past(proc, run_dir, 0)
+    proc = start([*(a for a in LONG if not a.startswith(("trainer.checkpoint_every=",
+                                                         "trainer.eval_every="))),
+                  "trainer.checkpoint_every=null", "trainer.eval_every=null", UNBOUNDED,
+                  f"hydra.run.dir={run_dir}"], tmp_path)
+    log, deadline = run_dir / "runner.log", time.monotonic() + 120
+    while f"step {DISPATCH}/" not in (log.read_text() if log.exists() else ""):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "no dispatch logged in time"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 1
     stderr = proc.stderr.read()
     assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM at step ")
+    stopped = re.fullmatch(r"error: stopped by SIGTERM at step (\d+), checkpoint (\S+); "
+                           r"continue with: python -m runner resume=(\S+)",
+                           stderr.strip().splitlines()[-1])
+    assert stopped, stderr
+    step = int(stopped.group(1))
+    path = run_dir / f"checkpoints/step_{step}.msgpack"
+    assert step >= DISPATCH and step % DISPATCH == 0
+    assert stopped.groups()[1:] == (str(path), str(run_dir))
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "interrupted"
-    assert (run_dir / f"checkpoints/step_{metrics['steps']}.msgpack").exists()
-    assert newest_step(run_dir) == metrics["steps"]  # the checkpoint at the current step
+    assert (metrics["status"], metrics["steps"]) == ("interrupted", step)
+    assert list_checkpoints(run_dir / "checkpoints") == [(step, path)]
+    assert checkpoint_step(path) == step
 
-    proc = start([f"resume={run_dir}"], tmp_path)
+    proc = start([f"resume={run_dir}", f"trainer.steps={step + DISPATCH}"], tmp_path)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["status"], metrics["steps"], metrics["resumed_from"]) == (
+        "completed", step + DISPATCH, step)
 
 
 def test_resume_extends_a_finished_run_and_tensorboard_has_each_step_once(tmp_path):
@@ -111,7 +144,7 @@ def test_resume_extends_a_finished_run_and_tensorboard_has_each_step_once(tmp_pa
 
     run_cli([*TINY, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     proc = run_cli([f"resume={tmp_path}", "trainer.steps=8"], cwd=tmp_path)
-    assert "resuming from" in proc.stdout + proc.stderr
+    assert f"resuming from {tmp_path}/checkpoints/step_4.msgpack (step 4)" in proc.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 8 and metrics["resumed_from"] == 4
     acc = EventAccumulator(str(tmp_path / "tb"))
@@ -140,16 +173,26 @@ def test_a_resume_with_nothing_left_keeps_the_run_files(tmp_path):
 
 
 def test_interrupted_attempt_logged_past_its_checkpoint_is_purged(tmp_path):
+    """Resumed from step 2, the run ends byte-identical to its uninterrupted self: minibatches
+    (task.batch_size < task.num_train), so each step's data comes from (seed, step)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = compose_config(["trainer.steps=6", "trainer.checkpoint_every=2"])
+    cfg = compose_config(["trainer.steps=6", "trainer.checkpoint_every=2",
+                          "task.batch_size=16"])
     run(cfg, tmp_path)
+    uninterrupted = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+    eval_metrics = json.loads((tmp_path / "metrics.json").read_text())["eval"]
     for path in (tmp_path / "checkpoints").glob("step_[46].msgpack"):
         path.unlink()  # as if killed after logging step 6 but before checkpointing past 2
     run(cfg, tmp_path, resume=True)
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["resumed_from"], metrics["eval"]) == (2, eval_metrics)
+    for name in ("step_4.msgpack", "step_6.msgpack"):
+        same = (tmp_path / "checkpoints" / name).read_bytes() == uninterrupted[name]
+        assert same, f"{name} differs from the uninterrupted run's"
 
 
 def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, caplog):
@@ -159,8 +202,11 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, caplog):
     extended = compose_config(["trainer.steps=8", "trainer.checkpoint_every=2"])
     with caplog.at_level(logging.INFO):
         run(extended, tmp_path, resume=True)
-    assert "skipping checkpoint" in caplog.text and "step_6.msgpack" in caplog.text
-    assert "resuming from" in caplog.text and "step_4.msgpack" in caplog.text
+    ckpt = tmp_path / "checkpoints"
+    assert f"skipping checkpoint {ckpt}/step_6.msgpack: does not match" in caplog.text
+    assert f"resuming from {ckpt}/step_4.msgpack (step 4)" in caplog.text
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["resumed_from"], metrics["steps"]) == (4, 8)
 
 
 def test_keep_newest_checkpoints_and_the_best(tmp_path):
@@ -196,9 +242,15 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
                             "trainer.checkpoint_every=1", "trainer.eval_every=null"]), tmp_path)
     found = list_checkpoints(tmp_path / "checkpoints")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["status"] == "failed" and "diverged" in metrics["reason"]
-    assert found and found[-1][0] < 40
+    assert metrics["status"] == "failed"
+    diverged = re.fullmatch(r"train/(loss|grad_norm) is (nan|inf) at step (\d+): training "
+                            r"diverged \(try a lower optimizer.lr\)", metrics["reason"])
+    assert diverged, metrics["reason"]
+    bad_step = int(diverged.group(3))
+    assert 1 < bad_step < 40  # diverged mid-run, after a good step
+    assert [step for step, _ in found] == list(range(1, bad_step))  # each good step's, only
     last = serialization.msgpack_restore(found[-1][1].read_bytes())
+    assert int(last["step"]) == bad_step - 1
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(last["params"]))
 
 
@@ -222,12 +274,17 @@ def test_eval_of_a_copied_run_dir(tmp_path):
 
 
 def test_manifest_records_versions_devices_and_command(tmp_path):
+    import flax
+    import jax
+
     run(compose_config(), tmp_path, overrides=["seed=0"])
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["versions"]["jax"] and manifest["versions"]["flax"]
-    assert manifest["devices"] and "XLA_FLAGS" in manifest["env"]
-    assert manifest["attempts"][0]["overrides"] == ["seed=0"]
-    assert manifest["git"] is None or len(manifest["git"]["commit"]) == 40
+    assert (manifest["versions"]["jax"], manifest["versions"]["flax"]) == (
+        jax.__version__, flax.__version__)
+    assert manifest["devices"] == [str(d) for d in jax.devices()]  # device.num_devices=null
+    assert manifest["env"]["XLA_FLAGS"] == os.environ.get("XLA_FLAGS")
+    assert [(a["overrides"], a["start_step"]) for a in manifest["attempts"]] == [(["seed=0"], 0)]
+    assert manifest["git"] is None or re.fullmatch("[0-9a-f]{40}", manifest["git"]["commit"])
 
 
 @pytest.mark.parametrize("override, message", [

@@ -25,6 +25,11 @@ from runner.schema import Precision
 from runner.tb_logger import NullLogger
 
 HERE = Path(__file__).resolve().parent
+# 8 simulated CPU devices against 1: the loss curves within two float32 roundings (epsilon:
+# 1.19e-7; measured here up to 1.19e-7, and another CPU's kernels may round once more), the
+# final states within a few roundings.
+CURVE_REL = 2.4e-7
+STATE_REL = 5e-7
 
 
 def test_more_devices_than_visible_is_a_clear_error(tmp_path):
@@ -51,7 +56,8 @@ def test_mfu_and_flops_are_logged_where_the_peak_is_known(tmp_path, monkeypatch)
     devices = json.loads((tmp_path / "metrics.json").read_text())["devices"]
     assert devices["peak_flops_per_device"] == 1e12 and devices["flops_per_step"] > 1e4
     mfu = EventAccumulator(str(tmp_path / "tb")).Reload().Scalars("perf/mfu")
-    assert mfu and all(0 < e.value < 1 for e in mfu)
+    # every log step but the first dispatch's (compile time is not throughput)
+    assert [e.step for e in mfu] == [4, 6, 8] and all(0 < e.value < 1 for e in mfu)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["placement"]["num_devices"] == 1
 
@@ -187,11 +193,21 @@ def test_eight_devices_match_one_device():
         r = out[name]
         assert (r["devices_1"], r["devices_8"]) == (1, 8)
         assert len(r["curve_8"]) == len(r["curve_1"]) == 4
-        assert r["curve_max_rel"] <= 1e-5, r
-        assert r["eval_loss_8"] == pytest.approx(r["eval_loss_1"], rel=1e-5)
-        assert r["resumed_8_to_1_max_rel"] <= 1e-4 and r["resumed_1_to_8_max_rel"] <= 1e-4, r
+        # The loss curves agree to float32 rounding: measured 1.19e-7 (linear_fit) and
+        # 1.01e-7 (cnn) relative, the final eval losses equal.
+        assert r["curve_max_rel"] <= CURVE_REL, r
+        assert r["eval_loss_8"] == pytest.approx(r["eval_loss_1"], rel=CURVE_REL, abs=0)
+        # The final states (params and optimizer state), 8 devices, or 4 steps on one count
+        # and 4 resumed on the other, against 1 device: measured up to 2.9e-7 (cnn, 8
+        # devices) and 2.4e-7 (resumed) relative, per array.
+        for key in ("state", "resumed_8_to_1", "resumed_1_to_8"):
+            assert r[f"{key}_max_rel"] <= STATE_REL, (key, r)
+        # The resumed runs really continued the checkpoint of step 4, on the other count.
+        assert [r[f"resumed_{a}_to_{b}_{what}"] for a, b in ((8, 1), (1, 8))
+                for what in ("from", "devices", "curve_len")] == [4, 1, 4, 4, 8, 4], r
     # The batch is really split: XLA all-reduces, and each device holds 8 of the 64 rows.
-    assert out["compiled_step"]["all_reduce"] and out["compiled_step"]["per_device_batch"], out
+    assert out["compiled_step"] == {"all_reduce": True, "per_device_batch": True,
+                                    "whole_batch": False}, out
     assert out["indivisible_error"].startswith(
         "task.batch_size=100 is not divisible by the 8 devices in use (device.num_devices=8)")
 
@@ -222,11 +238,13 @@ def test_two_processes_match_one(tmp_path):
     single = json.loads((tmp_path / "single" / "metrics.json").read_text())
     two = json.loads((shared / "metrics.json").read_text())
     assert two["devices"]["processes"] == 2 and two["devices"]["num_devices"] == 2
-    assert two["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=1e-5)
+    # As for 8 devices: measured 1.1e-7 (eval loss) and 1.7e-7 (states, per array) relative.
+    assert two["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=CURVE_REL, abs=0)
     for a, b in zip(*(jax.tree.leaves(serialization.msgpack_restore(
             (d / "checkpoints" / "step_8.msgpack").read_bytes()))
             for d in (shared, tmp_path / "single"))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert a.shape == b.shape and np.linalg.norm(a - b) <= STATE_REL * np.linalg.norm(b)
     # Process 0 alone wrote the run's files: one event file, one manifest attempt.
     assert len(list((shared / "tb").glob("events.out.tfevents.*"))) == 1
     assert len(json.loads((shared / "manifest.json").read_text())["attempts"]) == 1

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import run_cli
+from runner.checkpoint import list_checkpoints
 
 TINY_JOB = ["trainer.steps=4", "trainer.log_every=2", "trainer.eval_every=4",
             "trainer.checkpoint_every=4"]
@@ -52,13 +53,20 @@ def test_each_job_gets_its_own_dir_and_the_step_compiles_once_in_process(tmp_pat
 
 
 def test_persistent_compilation_cache_is_hit_across_processes(tmp_path):
-    cache = f"device.compilation_cache_dir={tmp_path}/cache"
+    """The second process loads every program the first one cached, the train step's
+    included: it adds no entry to the cache (a miss would write one) and hits once per entry."""
+    cache, entries = tmp_path / "cache", []
     for name in ("first", "second"):
-        run_cli([*TINY_JOB, cache, f"hydra.run.dir={tmp_path}/{name}"], cwd=tmp_path)
+        run_cli([*TINY_JOB, f"device.compilation_cache_dir={cache}",
+                 f"hydra.run.dir={tmp_path}/{name}"], cwd=tmp_path)
+        entries.append(sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache")))
     first, second = (json.loads((tmp_path / n / "metrics.json").read_text())
                      for n in ("first", "second"))
-    assert first["compile_cache_hits"] == 0 and second["compile_cache_hits"] > 0
-    assert any((tmp_path / "cache").iterdir())
+    # JAX names an entry after its jitted function: jit_<name>-<hash>-cache.
+    assert len([e for e in entries[0] if e.startswith("jit_train_steps-")]) == 1, entries[0]
+    assert entries[1] == entries[0]
+    assert (first["compile_cache_hits"], second["compile_cache_hits"]) == (0, len(entries[0]))
+    assert first["train_step_compiles"] == second["train_step_compiles"] == 1
 
 
 def test_optuna_search_records_the_best_params(tmp_path):
@@ -92,11 +100,13 @@ def test_shipped_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.gpus_per_node == 1 and launcher.timeout_min == 240
-    assert compose_config()  # the default config is untouched
+    # the default config is untouched
+    assert compose_config().task._target_ == "runner.tasks.linear_fit.LinearFit"
 
 
 def test_a_killed_sweep_rerun_completes_only_the_missing_jobs(tmp_path):
-    # Three ~3 s jobs; the sweep is killed while the second one runs.
+    # Three ~3 s jobs; the sweep is stopped (SIGSTOP) as the second one starts, so that it is
+    # still running however fast the machine, and killed.
     long_job = ["trainer.steps=200000", "trainer.log_every=100000", "trainer.eval_every=100000",
                 "trainer.checkpoint_every=100000", "trainer.progress_bar=false"]
     args = [sys.executable, "-m", "runner", "-m", "optimizer.lr=1e-3,2e-3,3e-3", *long_job,
@@ -104,13 +114,17 @@ def test_a_killed_sweep_rerun_completes_only_the_missing_jobs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    first = tmp_path / "sweep/0/metrics.json"
+    first, second = tmp_path / "sweep/0/metrics.json", tmp_path / "sweep/1"
     deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    stopped_at = {p.relative_to(tmp_path / "sweep").as_posix()
+                  for p in (tmp_path / "sweep").glob("*/metrics.json")}
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert first.exists() and not (tmp_path / "sweep/2/metrics.json").exists()
+    assert stopped_at == {"0/metrics.json"}  # job 0 done, job 1 running, job 2 not started
+    assert json.loads(first.read_text())["status"] == "completed"
     before = first.read_bytes()
 
     rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -119,7 +133,8 @@ def test_a_killed_sweep_rerun_completes_only_the_missing_jobs(tmp_path):
     assert "already completed: skipping it" in (tmp_path / "sweep/0/runner.log").read_text()
     rows = read_summary(tmp_path / "sweep")
     assert [r["status"] for r in rows] == ["completed"] * 3
-    assert [r["train_step_compiles"] for r in rows][1:] in (["1", "0"], ["0", "0"])
+    # the rerun's process compiled the step once, for job 1
+    assert [r["train_step_compiles"] for r in rows] == ["1", "1", "0"]
 
 
 def test_a_sweep_dir_of_other_jobs_is_not_overwritten(tmp_path):
@@ -144,11 +159,20 @@ def test_sigterm_stops_the_whole_sweep_and_a_rerun_resumes_it(tmp_path):
     ckpts = tmp_path / "sweep/0/checkpoints"
     deadline = time.monotonic() + 120
     while not list(ckpts.glob("step_*.msgpack")) and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.005)
+    # Stopped first, so that job 0 cannot run to its end before SIGTERM lands. The run stops
+    # at most two dispatches after its newest checkpoint (the one in flight may have checked
+    # for a stop request already), and those must not include the last (step 240000).
+    proc.send_signal(signal.SIGSTOP)
+    newest = list_checkpoints(ckpts)[-1][0]
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 1
+    proc.send_signal(signal.SIGCONT)
+    assert proc.wait(timeout=60) == 1, f"job 0 was past step {newest} of 240000 when stopped"
+    assert newest <= 240000 - 3 * 20000
     metrics = json.loads((tmp_path / "sweep/0/metrics.json").read_text())
     assert metrics["status"] == "interrupted"
+    assert metrics["steps"] - newest in (0, 20000, 40000)
+    assert list_checkpoints(ckpts)[-1][0] == metrics["steps"]
     assert not (tmp_path / "sweep/1").exists()  # the sweep stopped; job 1 never started
 
     rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
