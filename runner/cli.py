@@ -45,11 +45,17 @@ def main(cfg: DictConfig) -> float:
 
 
 def print_where(run_dir: Path, summary: Dict[str, Any]) -> None:
-    """A run's last line: where it went, its final eval metrics, how to look at it."""
+    """A run's last line: where it went, its final eval metrics, its best checkpoint's step and
+    metric, how to look at it."""
     shown = os.path.relpath(run_dir) if not os.path.relpath(run_dir).startswith("..") \
         else str(run_dir)
     metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(summary["eval"].items()))
-    print(f"done: {shown}  eval {metrics}  view: tensorboard --logdir {shown}", flush=True)
+    best = summary.get("best")
+    best = f"  best: step {best['step']} {best['metric']}={best['value']:.4g}" if best else ""
+    early = (f"  stopped early at step {summary['stopped_early_at']}"
+             if summary.get("stopped_early_at") is not None else "")
+    print(f"done: {shown}  eval {metrics}{best}{early}  view: tensorboard --logdir {shown}",
+          flush=True)
 
 
 def cli() -> None:

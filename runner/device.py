@@ -43,6 +43,7 @@ def configure_jax(cfg: DictConfig) -> List[jax.Device]:
         # Cache every compiled step, not only those over JAX's default 1 s of compile time:
         # sweep jobs in separate processes (joblib, SLURM) then compile each step once.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_debug_nans", bool(cfg.get("debug_nans")))
     if cfg.matmul_precision is not None:
         jax.config.update("jax_default_matmul_precision", str(cfg.matmul_precision.value))
     platform = Platform(cfg.platform)

@@ -13,9 +13,13 @@ class AlreadyComplete(RunnerError):
     """A resumed run that has nothing left to do: not a failure (requeue loops rerun the same
     resume command), and nothing in its run dir is touched."""
 
-    def __init__(self, run_dir, step: int):
-        super().__init__(f"{run_dir}: already complete at step {step}; give a larger "
-                         f"trainer.steps to train longer")
+    def __init__(self, run_dir, step: int, *, stopped_early: bool = False):
+        if stopped_early:
+            super().__init__(f"{run_dir}: already complete: stopped early at step {step} "
+                             f"(trainer.early_stop)")
+        else:
+            super().__init__(f"{run_dir}: already complete at step {step}; give a larger "
+                             f"trainer.steps to train longer")
 
 
 class WriteError(RunnerError):

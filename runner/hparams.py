@@ -19,7 +19,7 @@ def run_hparams(cfg: DictConfig, overrides: Sequence[str] = ()) -> Dict[str, Any
         "task": name("task"), "model": name("model"), "optimizer": name("optimizer"),
         "optimizer.lr": cfg.optimizer.lr, "seed": cfg.seed, "trainer.steps": cfg.trainer.steps,
         "device": cfg.device.platform.value if hasattr(cfg.device.platform, "value")
-        else str(cfg.device.platform)}
+        else str(cfg.device.platform), "experiment": cfg.get("experiment")}
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if (key.startswith("hydra") or "/" in key or "@" in key or key in hparams

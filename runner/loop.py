@@ -10,6 +10,7 @@ raises ``Interrupted``; finished figures are logged as they come back.
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -20,8 +21,10 @@ import numpy as np
 
 from runner import peers
 from runner.build import StepOptions
+from runner.early_stop import EarlyStop
 from runner.errors import RunnerError
 from runner.preemption import Interrupted, StopRequest
+from runner.profiling import StepProfiler
 from runner.steps import LAYER_GRAD_NORM, evaluate, train_steps
 
 log = logging.getLogger(__name__)
@@ -59,7 +62,8 @@ class HostLoop:
     def __init__(self, state, data, rng, *, task, schedule, trainer, chunk: int, logger,
                  checkpointer, stop: StopRequest, renderer=None,
                  options: Optional[StepOptions] = None,
-                 peak_flops: Optional[Tuple[float, float]] = None):
+                 peak_flops: Optional[Tuple[float, float]] = None,
+                 profiler: Optional[StepProfiler] = None):
         self.state, self.data, self.rng = state, data, rng
         self.task, self.schedule, self.trainer, self.chunk = task, schedule, trainer, chunk
         self.logger, self.checkpointer, self.stop = logger, checkpointer, stop
@@ -73,6 +77,10 @@ class HostLoop:
         self.eval_metrics: Dict[str, float] = {}
         self.checkpoint = None
         self.bar = _progress_bar(trainer, initial=self.step)
+        self.profiler = profiler or StepProfiler(None, None)
+        self.early_stop = EarlyStop(trainer, path=checkpointer.dir / "early_stop.json",
+                                    write=checkpointer.write, start_step=self.step)
+        self.stopped_early_at: Optional[int] = None
         self.actions: List[Every] = [Every(trainer.log_every, self.log_train),
                                      Every(trainer.eval_every, self.evaluate),
                                      Every(trainer.checkpoint_every, self.save)]
@@ -82,8 +90,9 @@ class HostLoop:
         dispatches, compiled = 0, False
         window_start, window_steps = time.perf_counter(), 0  # throughput between host syncs
         with self.bar or nullcontext():
-            while self.step < self.trainer.steps:
+            while self.step < self.trainer.steps and self.stopped_early_at is None:
                 self.dispatch()
+                self.profiler.after_dispatch(self.chunk, self.metrics)
                 if compiled:
                     window_steps += self.chunk
                 else:  # keep compilation out of steps/s: wait for it, start timing after
@@ -92,7 +101,7 @@ class HostLoop:
                 due = [a for a in self.actions if a.due(self.step, last)]
                 if due:
                     self.fetch(window_start, window_steps)
-                error = self.act(due)
+                error = self.act(due, last=last)
                 stopping, failed = _agreed(self.stop, dispatches, error)
                 dispatches += 1
                 peers.check(error, failed)
@@ -104,17 +113,25 @@ class HostLoop:
                     compiled, window_start, window_steps = True, time.perf_counter(), 0
                 if self.bar:
                     self.bar.update(self.chunk)
+        self.profiler.close()
         peers.agree(lambda: self.log_figures(wait=True))
-        return self.state, {"status": "completed", "steps": self.step,
-                            "train": self.train_metrics, "eval": self.eval_metrics,
-                            "checkpoint": str(self.checkpoint)}
+        summary = {"status": "completed", "steps": self.step, "train": self.train_metrics,
+                   "eval": self.eval_metrics, "checkpoint": str(self.checkpoint)}
+        if self.stopped_early_at is not None:
+            summary["stopped_early_at"] = self.stopped_early_at
+        return self.state, summary
 
-    def act(self, due: List[Every]) -> Optional[Exception]:
-        """The actions due, and the figures drawn meanwhile logged. In a multi-process run an
-        error is returned, for every process to learn of it first (``runner.peers``)."""
+    def act(self, due: List[Every], *, last: bool) -> Optional[Exception]:
+        """The actions due, and the figures drawn meanwhile logged; after an eval that stops
+        the run early, the rest of a last step's work (log, checkpoint). In a multi-process run
+        an error is returned, for every process to learn of it first (``runner.peers``)."""
         try:
             for action in due:
                 action.action()
+            if self.stopped_early_at is not None and not last:
+                for action in [a for a in self.actions if a not in due]:
+                    if action.action != self.evaluate:
+                        action.action()
             self.log_figures()
             if due:
                 self.logger.flush()
@@ -126,10 +143,14 @@ class HostLoop:
 
     def dispatch(self) -> None:
         self.start = self.step
-        self.state, self.metrics = train_steps(
-            self.state, self.data, self.rng, task=self.task, schedule=self.schedule,
-            num_steps=self.chunk, windows=self.windows,
-            layer_norms=self.trainer.log_histograms, **self.options._asdict())
+        try:
+            with self.profiler.annotate(self.step):
+                self.state, self.metrics = train_steps(
+                    self.state, self.data, self.rng, task=self.task, schedule=self.schedule,
+                    num_steps=self.chunk, windows=self.windows,
+                    layer_norms=self.trainer.log_histograms, **self.options._asdict())
+        except FloatingPointError as err:  # jax_debug_nans (debug=nans) found the operation
+            raise RunnerError(f"step {self.step + 1}: {err}{_code_line(err)}") from err
         self.step += self.chunk
 
     def fetch(self, window_start: float, window_steps: int) -> None:
@@ -170,9 +191,15 @@ class HostLoop:
             self.renderer.submit(self.step, jax.device_get(outputs))
         self.checkpointer.consider(self.state, self.step, self.eval_metrics)
         self.report(self.eval_metrics, prefix="eval")
+        if self.early_stop.update(self.step, self.eval_metrics[self.trainer.best_metric]):
+            self.stopped_early_at = self.step
+            log.info("step %d: eval/%s has not improved for %d evals "
+                     "(trainer.early_stop.patience): stopping early", self.step,
+                     self.trainer.best_metric, self.early_stop.rounds)
 
     def save(self) -> None:
         self.checkpoint = self.checkpointer.save(self.state, self.step)
+        self.early_stop.checkpointed(self.step)
 
     def interrupt(self, *, saved: bool, last: bool) -> None:
         """A stop request: save (if this dispatch did not) and stop, unless the run is done."""
@@ -234,6 +261,20 @@ def _check_finite(metrics, start: int, window: int) -> None:
             raise RunnerError(f"train/{key} is {float(metrics[key][bad[0]])} at step "
                               f"{start + (bad[0] + 1) * window}: training diverged (try a "
                               f"lower optimizer.lr)")
+
+
+def _code_line(err: BaseException) -> str:
+    """`` at <file>:<line> (<function>)``: the innermost frame of the error's traceback outside
+    JAX, flax and optax (the task's or model's code that made the value), if any."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if not any(f"{os.sep}{lib}{os.sep}" in f.filename
+                         for lib in ("jax", "jaxlib", "flax", "optax"))]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f" at {frame.filename}:{frame.lineno} ({frame.name}: {(frame.line or '').strip()})"
 
 
 def _progress_bar(trainer, *, initial: int):

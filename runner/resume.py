@@ -121,8 +121,11 @@ def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> Tuple[Path, Dict[s
 
 
 def _check_not_complete(done: Dict[str, Any], run_dir: Path, cfg: DictConfig) -> None:
+    """A completed run (an early-stopped one too: it is finished) raises AlreadyComplete."""
     if done.get("status") == "completed" and done.get("steps", 0) >= cfg.trainer.steps:
         raise AlreadyComplete(run_dir, done["steps"])
+    if done.get("status") == "completed" and done.get("stopped_early_at") is not None:
+        raise AlreadyComplete(run_dir, done["steps"], stopped_early=True)
 
 
 def _log_to(log_file: Path) -> None:

@@ -86,6 +86,16 @@ class DeviceConf:
     # XLA flags (name: value) added to XLA_FLAGS before JAX starts its backend; a flag the
     # environment's XLA_FLAGS already sets is left as it is. XLA reads them once per process.
     xla_flags: Dict[str, Any] = field(default_factory=dict)
+    # jax_debug_nans (debug=nans): a NaN fails the run at the operation that made it.
+    debug_nans: bool = False
+
+
+@dataclass
+class EarlyStopConf:
+    # Stop after this many evals in a row without eval/<trainer.best_metric> improving on its
+    # best by more than min_delta (null: never stop early).
+    patience: Optional[int] = bounded(None, gt=0)
+    min_delta: float = bounded(0.0, ge=0)
 
 
 @dataclass
@@ -102,10 +112,15 @@ class TrainerConf:
     keep_checkpoints: Optional[int] = bounded(None, gt=0)
     best_metric: str = "loss"
     best_mode: BestMode = BestMode.min
+    early_stop: EarlyStopConf = field(default_factory=EarlyStopConf)
+    # debug=profile: trace this many steps (after the compiling dispatch) into the run's tb/,
+    # for TensorBoard's Profile tab (null: no trace).
+    profile_steps: Optional[int] = bounded(None, gt=0)
 
 
 @dataclass
 class RunConf:
+    experiment: Optional[str] = None  # set by the experiment=<name> config chosen
     seed: int = bounded(0, ge=0, le=2**31 - 1)  # a jitted int32 argument
     resume: Optional[str] = None
     task: Any = MISSING

@@ -151,7 +151,11 @@ def train_steps(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
                                     layer_norms=layer_norms, compute_dtype=compute_dtype)
         return _constrain(state, mesh), metrics
 
-    state, metrics = jax.lax.scan(body, state, length=num_steps, unroll=unroll)
+    if num_steps == 1:  # no scan around a lone step: jax_debug_nans can name its operations
+        state, metrics = body(state, None)
+        metrics = jax.tree.map(lambda m: m[None], metrics)
+    else:
+        state, metrics = jax.lax.scan(body, state, length=num_steps, unroll=unroll)
     per_window = {k: v.reshape(windows, num_steps // windows) for k, v in metrics.items()}
     means = {k: jnp.mean(v, axis=1) for k, v in per_window.items()}
     return state, _constrain({**means, "lr": per_window["lr"][:, -1]}, mesh)

@@ -24,6 +24,7 @@ from runner.hparams import run_hparams
 from runner.loop import HostLoop
 from runner.manifest import write_manifest
 from runner.peers import PeerFailed, agree
+from runner.profiling import StepProfiler
 from runner.preemption import Interrupted, StopRequest, stop_on_signals
 from runner.schema import typed
 from runner.tb_logger import NullLogger, TensorBoardLogger
@@ -145,15 +146,19 @@ def _train(run: Run, overrides: Sequence[str], stop: StopRequest,
         renderer.set_data(task, jax.device_get(run.data))
     logger.text("config", OmegaConf.to_yaml(run.cfg, resolve=True))
     logger.text("model_summary", model_summary)
+    profiler = StepProfiler(run.run_dir / "tb" if run.writer else None, trainer.profile_steps)
+    closing.callback(profiler.close)
     loop = HostLoop(run.state, run.data, run.train_rng, task=task,
                     schedule=run.parts.optimizer.schedule, trainer=trainer, chunk=run.chunk,
                     logger=logger, checkpointer=checkpointer, stop=stop, renderer=renderer,
-                    options=run.options, peak_flops=run.peak_flops)
+                    options=run.options, peak_flops=run.peak_flops, profiler=profiler)
     _, result = loop.run()
     logger.scalars(result["steps"], "perf",
                    {"compile_s": compile_stats("train_steps")[1] - compile_s})
     result.update(best=checkpointer.best, devices=run.placement,
                   resumed_from=run.start_step if run.resume else None)
+    if run.cfg.experiment:
+        result["experiment"] = run.cfg.experiment
     summary.update(result)
     return summary
 

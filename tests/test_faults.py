@@ -32,10 +32,25 @@ UNBOUNDED = "trainer.steps=1000000000"  # a run a fault is meant to end never en
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+STARTED: list = []  # every process a test started: killed when the test ends, however it ends
+
+
+@pytest.fixture(autouse=True)
+def kill_leftovers():
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def popen(args, cwd, **kwargs):
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "XLA_FLAGS")}
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
+    STARTED.append(proc)
+    return proc
 
 
 def runner_args(*args):
