@@ -4,8 +4,9 @@ Every comparison is interleaved (A, B, A, B, ...) and repeated; figures are medi
 linear_fit steps/s (reference per-step loop vs runner's scan-fused loop), the CNN step (the
 reference's Flax step vs runner's, GFLOP/s against this machine's fp32 matmul, PyTorch when
 installed), overheads (compile time, whole-process wall vs bare imports, logging and
-checkpointing per 1,000 steps), compilations per run and per sweep, and an lr sweep against a
-single run. Writes a table to the console and everything to ``bench/results.json``.
+checkpointing per 1,000 steps), compilations per run and per sweep, an lr sweep on the basic
+and the fused launcher against a single run, and a CNN sweep's per-job time on both launchers.
+Writes a table to the console and everything to ``bench/results.json``.
 """
 
 import argparse
@@ -19,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from runner.bench_process import (SWEEP_LRS, bench_compiles, bench_process_wall, bench_sweep,
-                                  machine_info, median_times)
+from runner.bench_process import (SWEEP_LRS, bench_cnn_sweep, bench_compiles,
+                                  bench_process_wall, bench_sweep, machine_info, median_times)
 from runner.bench_table import print_table
 
 
@@ -267,6 +268,7 @@ def main(argv=None) -> None:
     results["overheads"] = bench_overheads(repeats)
     results["compiles"] = bench_compiles()
     results["sweep"] = bench_sweep(repeats, SWEEP_LRS[:2] if args.quick else SWEEP_LRS)
+    results["cnn_sweep"] = bench_cnn_sweep(repeats, quick=args.quick)
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

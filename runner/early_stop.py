@@ -13,8 +13,8 @@ class EarlyStop:
     ``patience`` of them have passed. Off when ``patience`` is null.
 
     The count survives a resume: each eval's (step, best, rounds) goes to ``path``
-    (``checkpoints/early_stop.json``, written by process 0), back to the eval at or before the newest
-    checkpoint, and a resumed run takes the one at or before the step it resumes from.
+    (``checkpoints/early_stop.json``, written by process 0), back to the eval at or before the
+    newest checkpoint, and a resumed run takes the one at or before the step it resumes from.
     """
 
     def __init__(self, trainer, *, path: Optional[Path], write: bool = True,

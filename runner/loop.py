@@ -115,11 +115,15 @@ class HostLoop:
                     self.bar.update(self.chunk)
         self.profiler.close()
         peers.agree(lambda: self.log_figures(wait=True))
+        return self.state, self.summary()
+
+    def summary(self) -> Dict[str, Any]:
+        """How the run ended: what ``metrics.json`` records of the loop."""
         summary = {"status": "completed", "steps": self.step, "train": self.train_metrics,
                    "eval": self.eval_metrics, "checkpoint": str(self.checkpoint)}
         if self.stopped_early_at is not None:
             summary["stopped_early_at"] = self.stopped_early_at
-        return self.state, summary
+        return summary
 
     def act(self, due: List[Every], *, last: bool) -> Optional[Exception]:
         """The actions due, and the figures drawn meanwhile logged; after an eval that stops
@@ -162,7 +166,7 @@ class HostLoop:
         if perf and self.peak_flops:  # model FLOPs utilisation of the devices' peak
             perf["mfu"] = perf["steps_per_sec"] * self.peak_flops[1] / self.peak_flops[0]
         self.perf = perf
-        _check_finite(self.metrics, self.start, self.chunk // self.windows)
+        check_finite(self.metrics, self.start, self.chunk // self.windows)
 
     def log_train(self) -> None:
         """The train metrics of every log window that ended in this dispatch."""
@@ -252,7 +256,7 @@ def _agreed(stop: StopRequest, dispatch: int,
     return preempted or bool(flags[:, 0].any()), int(failed[0]) if failed.size else None
 
 
-def _check_finite(metrics, start: int, window: int) -> None:
+def check_finite(metrics, start: int, window: int) -> None:
     """Stop the run at a non-finite loss or gradient norm (the last checkpoint stays good).
     ``metrics`` are a dispatch's from step ``start`` on, one entry per ``window`` steps."""
     for key in ("loss", "grad_norm"):

@@ -71,11 +71,11 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
     writer = launch_process_index(cfg.device) == 0  # one process of a multi-process job
     try:
         with lock.hold(run_dir) if writer else nullcontext():
-            resume = _interrupted_here(run_dir, overrides)
+            resume = interrupted_here(run_dir, overrides)
             if resume:
                 log.info("%s was interrupted: resuming it from its newest checkpoint", run_dir)
             elif writer:
-                _set_aside_earlier_attempt(run_dir)
+                set_aside_earlier_attempt(run_dir)
             return run(cfg, run_dir, overrides=overrides, resume=resume)["eval"]["loss"]
     except Interrupted as err:
         # SIGTERM/SIGINT is meant for the whole sweep (preemption, Ctrl-C): stop it here;
@@ -100,17 +100,22 @@ def _failed(reason: str, raise_failure: bool) -> float:
 def _failed_before_run(run_dir: Path, overrides: Sequence[str], err: RunnerError) -> str:
     """A job whose config is not valid: its ``metrics.json`` says so; the reason."""
     log.error("job %s (%s) failed: %s", run_dir.name, " ".join(overrides), err)
+    record_failure(run_dir, overrides, str(err))
+    return str(err)
+
+
+def record_failure(run_dir: Path, overrides: Sequence[str], reason: str) -> None:
+    """``metrics.json`` of a job that failed before its run started (holding its lock)."""
     text = json.dumps({"status": "failed", "steps": 0, "overrides": list(overrides),
-                       "reason": str(err)}, indent=2, sort_keys=True) + "\n"
+                       "reason": reason}, indent=2, sort_keys=True) + "\n"
     try:
         with lock.hold(run_dir):
             write_atomic(run_dir / "metrics.json", text.encode())
     except RunnerError as write_err:
         log.error("%s", write_err)
-    return str(err)
 
 
-def _interrupted_here(run_dir: Path, overrides: Sequence[str]) -> bool:
+def interrupted_here(run_dir: Path, overrides: Sequence[str]) -> bool:
     """Whether ``run_dir`` holds checkpoints of an unfinished attempt at this very job."""
     try:
         attempts = json.loads((run_dir / "manifest.json").read_text())["attempts"]
@@ -120,7 +125,7 @@ def _interrupted_here(run_dir: Path, overrides: Sequence[str]) -> bool:
         list_checkpoints(run_dir / "checkpoints"))
 
 
-def _set_aside_earlier_attempt(run_dir: Path) -> None:
+def set_aside_earlier_attempt(run_dir: Path) -> None:
     """Move what an interrupted or failed attempt left into ``attempts/<n>/`` (kept, not mixed
     into this attempt's TensorBoard curves and checkpoints)."""
     left = [p for p in (run_dir / "tb", run_dir / "checkpoints", run_dir / "metrics.json",

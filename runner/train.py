@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -45,41 +45,92 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (),
     writes it first, then closes its files (their own errors then only logged). The run holds
     the run dir's lock (``runner.lock``) throughout.
     """
-    start, compiles_before, hits_before = (time.perf_counter(), compile_stats("train_steps"),
-                                           cache_hits())
-    summary: Dict[str, Any] = {"status": "failed", "steps": 0, "overrides": list(overrides)}
-    writer = _launch_writer(cfg)
-    closing = ExitStack()  # the run's open files and threads, closed once metrics.json says how
-    try:
-        with lock.hold(run_dir) if writer else nullcontext(), stop_on_signals() as stop:
-            cfg = typed(cfg)
-            # Started first: its thread imports matplotlib while the run builds and compiles.
-            renderer = (closing.enter_context(FigureRenderer()) if cfg.trainer.log_images
-                        and writer else None)
-            summary.update(_train(build_run(cfg, run_dir, resume=resume), overrides, stop,
-                                  renderer, closing))
-            agree(closing.close)  # the last events and HParams flushed: a failure fails the run
-    except (AlreadyComplete, lock.Busy):
-        raise  # its metrics.json stays as the run that completed (or holds the dir) wrote it
-    except Exception as err:
-        summary["reason"] = describe_error(err) or f"{type(err).__name__}: {err}"
+    session = Session(cfg, run_dir, overrides=overrides, resume=resume)
+    with stop_on_signals() as stop:
+        try:
+            _, result = session.open(stop).run()
+            return session.finish(result)
+        except Exception as err:
+            session.fail(err)
+            raise
+
+
+class Session:
+    """One run's records around its host loop: ``open`` holds the run dir and builds the run
+    and its loop, ``finish`` (the loop's summary) or ``fail`` (its exception) closes its files
+    and writes ``metrics.json``. ``run`` does the three; a fused sweep (``runner.fused``)
+    opens several and drives their loops as one."""
+
+    def __init__(self, cfg, run_dir: Path, *, overrides: Sequence[str] = (),
+                 resume: bool = False):
+        self.cfg, self.run_dir, self.overrides, self.resume = cfg, run_dir, overrides, resume
+        self.compiled_name = "train_steps"
+        self.start, self.compiles_before, self.hits_before = (
+            time.perf_counter(), compile_stats(self.compiled_name), cache_hits())
+        self.summary: Dict[str, Any] = {"status": "failed", "steps": 0,
+                                        "overrides": list(overrides)}
+        self.writer = _launch_writer(cfg)
+        self.held = ExitStack()  # the run dir's lock, released last
+        self.closing = ExitStack()  # open files and threads, closed once metrics.json says how
+        self.run: Optional[Run] = None
+        self.loop: Optional[HostLoop] = None
+        self.result: Dict[str, Any] = {}  # the loop's summary, once it ends
+
+    def open(self, stop: StopRequest) -> HostLoop:
+        if self.writer:
+            self.held.enter_context(lock.hold(self.run_dir))
+        cfg = typed(self.cfg)
+        # Started first: its thread imports matplotlib while the run builds and compiles.
+        renderer = (self.closing.enter_context(FigureRenderer()) if cfg.trainer.log_images
+                    and self.writer else None)
+        self.run = build_run(cfg, self.run_dir, resume=self.resume)
+        self.loop = _prepare(self.run, self.overrides, stop, renderer, self.closing,
+                             self.result)
+        return self.loop
+
+    def finish(self, result: Dict[str, Any]) -> Dict[str, Any]:
+        """The loop's ``result`` completed: the last events, HParams and ``metrics.json``."""
+        run = self.run
+        self.loop.logger.scalars(result["steps"], "perf", {"compile_s": float(
+            compile_stats(self.compiled_name)[1] - self.compiles_before[1])})
+        result.update(best=self.loop.checkpointer.best, devices=run.placement,
+                      resumed_from=run.start_step if run.resume else None)
+        if run.cfg.experiment:
+            result["experiment"] = run.cfg.experiment
+        self.result.update(result)
+        self.summary.update(result)
+        agree(self.closing.close)  # the last events and HParams flushed: a failure fails it
+        if self.writer:
+            _write_metrics(self.run_dir, self._timed())
+        self.held.close()
+        return self.summary
+
+    def fail(self, err: BaseException) -> None:
+        """Record how the run ended (an exception), then close its files quietly."""
+        if isinstance(err, (AlreadyComplete, lock.Busy)):
+            # its metrics.json stays as the run that completed (or holds the dir) wrote it
+            _close_quietly(self.closing)
+            self.held.close()
+            return
+        self.summary["reason"] = describe_error(err) or f"{type(err).__name__}: {err}"
         if isinstance(err, Interrupted):
-            summary.update(status="interrupted", steps=err.step)
-        if writer or not isinstance(err, (Interrupted, PeerFailed)):
-            _write_metrics(run_dir, _timed(summary, start, compiles_before, hits_before))
-        _close_quietly(closing)
-        raise
-    if writer:
-        _write_metrics(run_dir, _timed(summary, start, compiles_before, hits_before))
-    return summary
+            self.summary.update(status="interrupted", steps=err.step)
+        if self.writer or not isinstance(err, (Interrupted, PeerFailed)):
+            _write_metrics(self.run_dir, self._timed())
+        _close_quietly(self.closing)
+        self.held.close()
 
+    def count_compiles(self, name: str) -> None:
+        """Report the compilations of the jitted function ``name`` (from now on)."""
+        self.compiled_name, self.compiles_before = name, compile_stats(name)
 
-def _timed(summary: Dict[str, Any], start: float, compiles_before, hits_before: int):
-    compiles, compile_s = np.subtract(compile_stats("train_steps"), compiles_before)
-    summary.update(wall_time_s=time.perf_counter() - start, compile_s=float(compile_s),
-                   train_step_compiles=int(compiles),
-                   compile_cache_hits=cache_hits() - hits_before)
-    return summary
+    def _timed(self) -> Dict[str, Any]:
+        compiles, compile_s = np.subtract(compile_stats(self.compiled_name),
+                                          self.compiles_before)
+        self.summary.update(wall_time_s=time.perf_counter() - self.start,
+                            compile_s=float(compile_s), train_step_compiles=int(compiles),
+                            compile_cache_hits=cache_hits() - self.hits_before)
+        return self.summary
 
 
 def _write_metrics(run_dir: Path, summary: Dict[str, Any]) -> None:
@@ -115,10 +166,12 @@ def _close_quietly(closing: ExitStack) -> None:
                         describe_error(err) or f"{type(err).__name__}: {err}")
 
 
-def _train(run: Run, overrides: Sequence[str], stop: StopRequest,
-           renderer: Optional[FigureRenderer], closing: ExitStack) -> Dict[str, Any]:
-    """The run's files, then its host loop, logging to TensorBoard; the loop's summary. The
-    logger's closing (HParams, flush) is left on ``closing``."""
+def _prepare(run: Run, overrides: Sequence[str], stop: StopRequest,
+             renderer: Optional[FigureRenderer], closing: ExitStack,
+             summary: Dict[str, Any]) -> HostLoop:
+    """The run's files, its TensorBoard logger and checkpointer, and its host loop. The logger's
+    closing (HParams, with ``summary``'s metrics once the run ends; flush) is left on
+    ``closing``."""
     if not run.writer:
         _log_to_console_only()
     else:
@@ -135,8 +188,6 @@ def _train(run: Run, overrides: Sequence[str], stop: StopRequest,
     checkpointer = Checkpointer(run.run_dir / "checkpoints", keep=trainer.keep_checkpoints,
                                 metric=trainer.best_metric, mode=trainer.best_mode,
                                 write=run.writer)
-    summary: Dict[str, Any] = {}
-    compile_s = compile_stats("train_steps")[1]
     closing.callback(logger.close)
     closing.callback(lambda: logger.hparams(run_hparams(run.cfg, overrides), _tags(summary),
                                             completed=bool(summary)))
@@ -152,15 +203,7 @@ def _train(run: Run, overrides: Sequence[str], stop: StopRequest,
                     schedule=run.parts.optimizer.schedule, trainer=trainer, chunk=run.chunk,
                     logger=logger, checkpointer=checkpointer, stop=stop, renderer=renderer,
                     options=run.options, peak_flops=run.peak_flops, profiler=profiler)
-    _, result = loop.run()
-    logger.scalars(result["steps"], "perf",
-                   {"compile_s": compile_stats("train_steps")[1] - compile_s})
-    result.update(best=checkpointer.best, devices=run.placement,
-                  resumed_from=run.start_step if run.resume else None)
-    if run.cfg.experiment:
-        result["experiment"] = run.cfg.experiment
-    summary.update(result)
-    return summary
+    return loop
 
 
 def _write_run_files(run: Run, overrides: Sequence[str]) -> str:

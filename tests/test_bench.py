@@ -14,7 +14,7 @@ def test_quick_benchmark_writes_the_results_schema(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "bench/results.json").read_text())
     assert {"machine", "linear_fit", "arrays", "cnn", "overheads", "compiles",
-            "sweep"} <= set(results)
+            "sweep", "cnn_sweep"} <= set(results)
     assert results["machine"]["versions"]["jax"]
     for key in ("reference_steps_per_s", "runner_steps_per_s", "runner_over_reference"):
         assert results["linear_fit"][key] > 0
@@ -27,8 +27,21 @@ def test_quick_benchmark_writes_the_results_schema(tmp_path):
         assert results["overheads"][task]["log_and_checkpoint_s_per_1000_steps"] > 0
     assert results["overheads"]["process"]["default_run_over_import"] > 0
     assert results["compiles"] == {"per_run": 1, "per_sweep": 1, "sweep_jobs": 3}
-    assert results["sweep"]["jobs"] == 2
+    sweep = results["sweep"]
+    assert sweep["jobs"] == 2 and sweep["fused_goal_over_single"] == 1.25
+    for images in ("images", "no_images"):  # one run, the basic sweep, the fused sweep
+        for key in ("single_run_s", "basic_sweep_s", "fused_sweep_s", "basic_over_single",
+                    "fused_over_single", "fused_over_basic", "basic_per_job_over_single",
+                    "fused_per_job_over_single"):
+            assert sweep[images][key] > 0
+        assert sweep[images]["fused_goal_met"] == (sweep[images]["fused_over_single"] <= 1.25)
+    cnn_sweep = results["cnn_sweep"]
+    assert cnn_sweep["jobs"] == 2 and "task=cnn_random_images" in cnn_sweep["overrides"]
+    for key in ("basic_per_job_s", "fused_per_job_s", "fused_over_basic"):
+        assert cnn_sweep[key] > 0
+    assert cnn_sweep["fused_not_slower"] == (cnn_sweep["fused_over_basic"] <= 1)
     assert "linear_fit: runner / reference" in proc.stdout
+    assert "2-job lr sweep / one run, log_images=false: fused" in proc.stdout
     # linear_fit ran in a process with the task config's XLA flag, as `python -m runner` runs
     assert ("--xla_cpu_enable_concurrency_optimized_scheduler=false"
             in results["linear_fit"]["xla_flags"].split())

@@ -157,13 +157,17 @@ def test_a_bad_value_for_a_user_task_is_one_line(project, override, message):
 
 @pytest.mark.slow
 def test_the_wheel_installs_runner_alone_and_runs_from_any_directory(tmp_path):
-    """`pip install .` adds one top-level module, ``runner``, with its configs."""
+    """`pip install .` adds one top-level module, ``runner``, with its configs, and (as Hydra's
+    own launchers ship) its launcher plugin in Hydra's ``hydra_plugins`` namespace."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                     "-q", "-w", str(tmp_path / "dist"), str(REPO)], check=True)
     (wheel,) = (tmp_path / "dist").glob("jax_yaml_runner-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(
-        ".dist-info")} == {"runner"}
+        ".dist-info")} == {"runner", "hydra_plugins"}
+    assert {name.split("/")[1] for name in names if name.startswith("hydra_plugins/")} == {
+        "runner_fused_launcher"}
+    assert "hydra_plugins/__init__.py" not in names  # a namespace package, shared
     assert {"runner/conf/config.yaml", "runner/conf/task/linear_fit.yaml",
             "runner/__main__.py", "runner/models/cnn.py", "runner/tasks/linear_fit.py"} <= set(
         names)
@@ -178,6 +182,12 @@ def test_the_wheel_installs_runner_alone_and_runs_from_any_directory(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert done(tmp_path / "run")["steps"] == 4
+    proc = subprocess.run([sys.executable, "-m", "runner", "-m", "hydra/launcher=fused",
+                           "optimizer.lr=1e-3,1e-2", *TINY, "hydra.sweep.dir=sweep"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "into one program (2 members)" in proc.stdout + proc.stderr
+    assert [done(tmp_path / "sweep" / job)["steps"] for job in ("0", "1")] == [4, 4]
 
 
 def test_hparams_search_without_the_optuna_extra_names_the_install_command(tmp_path):
