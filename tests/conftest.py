@@ -1,6 +1,7 @@
 """Shared fixtures: configs composed with Hydra's compose API (tiny sizes), and the real CLI."""
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,13 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 def group_options(group: str) -> List[str]:
     """Every option of a config group, as files in conf/ (e.g. "optimizer" -> adam, sgd...)."""
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (a coordinator's, a TensorBoard server's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(args: Sequence[str], *, cwd: Path, check: bool = True,

@@ -14,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from flax import serialization
 
-from conftest import TINY, compose_config, run_cli
+from conftest import TINY, compose_config, free_port, run_cli
 from runner import checkpoint
 from runner.checkpoint import list_checkpoints
 from runner.errors import WriteError
@@ -70,12 +72,17 @@ def checkpoints(run_dir: Path):
 
 
 def assert_all_valid(run_dir: Path) -> None:
-    """Every step checkpoint loads as this run's state; no temporary file is left."""
-    template = serialization.msgpack_restore(checkpoints(run_dir)[0][1].read_bytes())
+    """Every step checkpoint is whole: the state at the step its name says, with the
+    structure, shapes and dtypes of the run's first checkpoint."""
+    def spec(path: Path):
+        tree = serialization.msgpack_restore(path.read_bytes())
+        return tree, jax.tree.structure(tree), [(np.shape(x), np.asarray(x).dtype)
+                                                for x in jax.tree.leaves(tree)]
+
+    _, structure, shapes = spec(checkpoints(run_dir)[0][1])
     for step, path in checkpoints(run_dir):
-        restored = serialization.msgpack_restore(path.read_bytes())
-        assert int(restored["step"]) == step
-        assert serialization.to_state_dict(template).keys() == restored.keys()
+        tree, s, sh = spec(path)
+        assert (int(tree["step"]), s, sh) == (step, structure, shapes), path
 
 
 def final_state(run_dir: Path, step: int) -> bytes:
@@ -382,12 +389,6 @@ def test_a_stored_config_that_fails_validation_names_the_file_and_key(tmp_path, 
         assert one_error_line(proc.stderr).startswith(f"error: {stored}") and \
             message in proc.stderr
     assert snapshot(tmp_path / "run") == before
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

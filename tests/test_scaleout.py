@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from conftest import TINY, compose_config, run_cli
+from conftest import TINY, compose_config, free_port, run_cli
 import runner.build
 from runner import train
 from runner.checkpoint import Checkpointer, list_checkpoints
@@ -212,19 +211,13 @@ def test_eight_devices_match_one_device():
         "task.batch_size=100 is not divisible by the 8 devices in use (device.num_devices=8)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """jax.distributed over 2 local CPU processes (one device each): the same result as one
     process; only process 0 writes."""
     common = [*TINY, "trainer.steps=8", "trainer.checkpoint_every=4", "device=cpu"]
     run_cli([*common, f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
-    port, shared = _free_port(), tmp_path / "two"
+    port, shared = free_port(), tmp_path / "two"
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "XLA_FLAGS")}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "runner", *common, f"hydra.run.dir={shared}",
@@ -255,7 +248,7 @@ def test_two_processes_match_one(tmp_path):
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     """SIGTERM reaches one process of two (as a preemption notice may): JAX's preemption
     service makes both stop after the same dispatch; process 0 saves the checkpoint."""
-    port, shared = _free_port(), tmp_path / "run"
+    port, shared = free_port(), tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "XLA_FLAGS")}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "runner", "trainer.steps=10000000", "trainer.log_every=10",

@@ -4,7 +4,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import REPO, TINY, TINY_CNN, compose_config, run_cli
+from conftest import REPO, TINY, TINY_CNN, compose_config, free_port, run_cli
 from runner.errors import RunnerError
 from runner.train import run
 
@@ -118,9 +117,7 @@ def test_sweep_jobs_each_carry_their_swept_values(sweep_dir):
 @pytest.fixture(scope="module")
 def tensorboard_url(sweep_dir):
     """The real ``tensorboard --logdir <sweep_dir>`` on a free loopback port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir",
                              str(sweep_dir), "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
