@@ -21,8 +21,7 @@ class EarlyStop:
                  start_step: int = 0):
         self.patience = trainer.early_stop.patience
         self.min_delta = trainer.early_stop.min_delta
-        self.sign = 1.0 if str(getattr(trainer.best_mode, "value", trainer.best_mode)) == "min" \
-            else -1.0
+        self.sign = 1.0 if trainer.best_mode == "min" else -1.0  # BestMode is a str enum
         self.path = path if self.patience is not None else None
         self.write = write  # processes other than 0 read the record (on resume) but keep it
         self.best: Optional[float] = None

@@ -27,8 +27,7 @@ from runner.errors import RunnerError, describe_error
 from runner.fused_loop import COMPILED_NAME, MEMBER, FusedLoop, group_key, split_to_fit
 from runner.preemption import Interrupted, stop_on_signals
 from runner.schema import typed
-from runner.sweep import (JobFailed, interrupted_here, read_metrics, record_failure,
-                          set_aside_earlier_attempt)
+from runner.sweep import JobFailed, completed_value, record_failure, resume_or_set_aside
 from runner.train import Session
 
 log = logging.getLogger(__name__)
@@ -68,8 +67,16 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]],
         for members in groups.values():
             for start in range(0, len(members), cap):
                 capped = members[start:start + cap]
+                for job in capped:  # their wall time and compilations count from here
+                    job.session.begin(COMPILED_NAME if len(capped) > 1 else "train_steps")
                 by_loop = {id(j.loop): j for j in capped}
                 for part in split_to_fit([j.loop for j in capped]):
+                    if stop.requested:  # a signal: the groups not started stay for the rerun
+                        for job in (by_loop[id(loop)] for loop in part):
+                            _end(job, error=Interrupted(
+                                f"stopped by {stop.signal_name} before its group trained",
+                                job.loop.step))
+                        continue
                     interrupted |= _train([by_loop[id(loop)] for loop in part], stop)
     returns = [_job_return(launcher, job, optuna) for job in jobs]
     if interrupted:  # SIGTERM/SIGINT is meant for the whole sweep: rerun resumes it
@@ -96,14 +103,12 @@ def _register(launcher, idx: int, overrides: List[str]) -> Job:
     ret = run_job(hydra_context=launcher.hydra_context, task_function=record, config=config,
                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
     job = Job(idx, overrides, recorded["run_dir"], ret=ret)
-    previous = read_metrics(job.run_dir)
-    if previous.get("status") == "completed":
-        if previous.get("overrides") == overrides:
-            log.info("%s already completed: skipping it", job.run_dir)
-            job.value = previous["eval"]["loss"]
-            return job
-        return _fail_early(job, f"{job.run_dir} holds a completed job with other overrides; "
-                                f"use another hydra.sweep.dir", write=False)
+    try:
+        job.value = completed_value(job.run_dir, overrides)
+    except RunnerError as err:  # another sweep's job: touch nothing
+        return _fail_early(job, str(err), write=False)
+    if job.value is not None:
+        return job
     try:
         cfg = typed(recorded["cfg"])
     except RunnerError as err:
@@ -129,10 +134,7 @@ def _open(job: Job, stop, held: ExitStack) -> None:
     one, and build its run (a value that does not validate fails the job here)."""
     try:
         held.enter_context(lock.hold(job.run_dir))
-        resume = interrupted_here(job.run_dir, job.overrides)
-        if not resume:
-            set_aside_earlier_attempt(job.run_dir)
-        job.session.resume = resume
+        job.session.resume = resume_or_set_aside(job.run_dir, job.overrides, writer=True)
         job.loop = job.session.open(stop)
     except Exception as err:  # noqa: BLE001 (recorded as the job's failure)
         _end(job, error=err)
@@ -145,8 +147,6 @@ def _train(members: List[Job], stop) -> bool:
     else:
         log.info("fusing jobs %s into one program (%d members)",
                  ", ".join(str(j.idx) for j in members), len(members))
-        for job in members:  # their compilations are the fused program's
-            job.session.count_compiles(COMPILED_NAME)
         results = FusedLoop([j.loop for j in members], stop).run()
     for i, job in enumerate(members):
         result = results[i]

@@ -37,13 +37,16 @@ def train_steps_fused(states, data, rngs, alive, *, options):
     program (``lax.map``): XLA:CPU runs a batch of small matmuls no faster than one after
     another, and a batch of convolutions slower (a grouped convolution), while each member's
     own kernels are a single run's."""
-    def step(s, d, r):
-        return train_steps(s, d, r, **dict(options))
+    kwargs = dict(options)
+    batched = kwargs.pop("batched")
 
-    if jax.devices()[0].platform == "cpu":
-        new, metrics = jax.lax.map(lambda args: step(*args), (states, data, rngs))
-    else:
+    def step(s, d, r):
+        return train_steps(s, d, r, **kwargs)
+
+    if batched:
         new, metrics = jax.vmap(step)(states, data, rngs)
+    else:
+        new, metrics = jax.lax.map(lambda args: step(*args), (states, data, rngs))
 
     def keep(n, o):
         return jnp.where(alive.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
@@ -102,11 +105,12 @@ def split_to_fit(loops: List[HostLoop]) -> List[List[HostLoop]]:
 
 
 def _options(loop: HostLoop) -> tuple:
-    """The static arguments of ``train_steps`` for ``loop``'s runs (one device, no mesh)."""
+    """The static arguments of ``train_steps`` for ``loop``'s runs (one device, no mesh), and
+    whether the members are batched (``vmap``: not on the CPU, see ``train_steps_fused``)."""
     return tuple(sorted(dict(
         loop.options._replace(mesh=None)._asdict(), task=loop.task, schedule=loop.schedule,
-        num_steps=loop.chunk, windows=loop.windows,
-        layer_norms=loop.trainer.log_histograms).items()))
+        num_steps=loop.chunk, windows=loop.windows, layer_norms=loop.trainer.log_histograms,
+        batched=jax.devices()[0].platform != "cpu").items()))
 
 
 def _stack(trees: List[Any]) -> Any:
@@ -155,8 +159,11 @@ class FusedLoop:
             host_states, perf = None, {}
             if due or stopping:
                 # To the host once; each member's slice is then a numpy view (slicing on the
-                # device compiled a program per array shape).
-                host, host_states = jax.device_get((metrics, states))
+                # device compiled a program per array shape). The states only when an action
+                # reads them (eval, a checkpoint, histograms) or a stop saves them.
+                needs_state = stopping or self.trainer.log_histograms or any(
+                    self.loops[0].actions[k].action != self.loops[0].log_train for k in due)
+                host, host_states = jax.device_get((metrics, states if needs_state else None))
                 if window_steps:
                     perf = {"steps_per_sec": window_steps / (time.perf_counter() - window_start)}
             for i in np.flatnonzero(alive):
@@ -192,6 +199,7 @@ class FusedLoop:
                 loop.metrics = {k: v[i] for k, v in host.items()}
                 loop.perf = perf
                 check_finite(loop.metrics, loop.start, self.chunk // self.windows)
+            if states is not None:
                 loop.state = jax.tree.map(lambda x: x[i], states)
             loop.act([loop.actions[k] for k in due], last=last)
             if stopping:

@@ -105,7 +105,7 @@ class HostLoop:
                 stopping, failed = _agreed(self.stop, dispatches, error)
                 dispatches += 1
                 peers.check(error, failed)
-                if stopping:
+                if stopping and self.stopped_early_at is None:  # (an early stop saved)
                     if not due:
                         self.fetch(window_start, window_steps)
                     self.interrupt(saved=self.save in [a.action for a in due], last=last)

@@ -15,7 +15,7 @@ from runner import lock
 from runner.errors import (AlreadyComplete, ConfigError, RunnerError, describe_error,
                            first_line)
 from runner.inputs import use_recorded, verify
-from runner.schema import RunConf
+from runner.schema import typed
 
 GROUPS = ("task", "model", "optimizer", "device", "hparams_search")
 # A stored config may come from anyone (a shared or downloaded run dir), and building it calls
@@ -67,10 +67,9 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictC
                           f"({describe_error(err) or first_line(err)})") from None
     check_trusted(stored, stored_path)
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RunConf), stored)
-    except Exception as err:  # noqa: BLE001 (a value or key the schema rejects, named)
-        raise ConfigError(f"{stored_path}: {describe_error(err) or first_line(err)}") from None
-    OmegaConf.set_struct(cfg, True)  # as Hydra composes: a new key needs +key=value
+        cfg = typed(stored)  # struct, as Hydra composes: a new key needs +key=value
+    except ConfigError as err:  # a value or key the schema rejects, named
+        raise ConfigError(f"{stored_path}: {err}") from None
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(
         [o for o in overrides if not o.startswith("+")]))
     for override in (o[1:] for o in overrides if o.startswith("+")):

@@ -144,6 +144,8 @@ def typed(cfg: DictConfig) -> DictConfig:
     the key. Struct, as Hydra composes (a new key needs ``+key=value``)."""
     from runner.errors import ConfigError, describe_error
 
+    if OmegaConf.get_type(cfg) is RunConf:
+        return cfg  # typed already (a sweep job types it before its run)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConf), cfg)
     except Exception as err:  # noqa: BLE001 (OmegaConf's validation errors, named by key)

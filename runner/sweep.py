@@ -18,7 +18,7 @@ import shutil
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -52,15 +52,9 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
     would stop hydra-optuna-sweeper 1.3 with a ValueError of its own)."""
     from runner.train import run
 
-    previous = read_metrics(run_dir)
-    if previous.get("status") == "completed":
-        if previous.get("overrides") == list(overrides):
-            log.info("%s already completed: skipping it", run_dir)
-            return previous["eval"]["loss"]
-        # Another sweep's finished job: touch nothing, and stop this sweep.
-        raise RunnerError(f"{run_dir} holds a completed job with other overrides "
-                          f"({' '.join(previous.get('overrides', []))}); use another "
-                          f"hydra.sweep.dir")
+    done = completed_value(run_dir, overrides)  # another sweep's job there: stop this sweep
+    if done is not None:
+        return done
     try:
         cfg = typed(cfg)  # a value of the wrong type fails this job alone
     except RunnerError as err:
@@ -71,11 +65,7 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
     writer = launch_process_index(cfg.device) == 0  # one process of a multi-process job
     try:
         with lock.hold(run_dir) if writer else nullcontext():
-            resume = interrupted_here(run_dir, overrides)
-            if resume:
-                log.info("%s was interrupted: resuming it from its newest checkpoint", run_dir)
-            elif writer:
-                set_aside_earlier_attempt(run_dir)
+            resume = resume_or_set_aside(run_dir, overrides, writer=writer)
             return run(cfg, run_dir, overrides=overrides, resume=resume)["eval"]["loss"]
     except Interrupted as err:
         # SIGTERM/SIGINT is meant for the whole sweep (preemption, Ctrl-C): stop it here;
@@ -89,6 +79,32 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
         log.error("job %s (%s) failed: %s", run_dir.name, " ".join(overrides), reason,
                   exc_info=not isinstance(err, RunnerError))
         return _failed(reason, raise_failure)
+
+
+def completed_value(run_dir: Path, overrides: Sequence[str]) -> Optional[float]:
+    """The eval loss of this very job when ``run_dir`` holds it completed (skip it), else
+    None (run it). A completed job with other overrides (another sweep's) is a RunnerError:
+    nothing of it is touched."""
+    previous = read_metrics(run_dir)
+    if previous.get("status") != "completed":
+        return None
+    if previous.get("overrides") != list(overrides):
+        raise RunnerError(f"{run_dir} holds a completed job with other overrides "
+                          f"({' '.join(previous.get('overrides', []))}); use another "
+                          f"hydra.sweep.dir")
+    log.info("%s already completed: skipping it", run_dir)
+    return previous["eval"]["loss"]
+
+
+def resume_or_set_aside(run_dir: Path, overrides: Sequence[str], *, writer: bool) -> bool:
+    """Whether the job resumes (``run_dir`` holds an interrupted attempt at it); otherwise an
+    earlier attempt's files are set aside (by the writing process). Call it holding the lock."""
+    if interrupted_here(run_dir, overrides):
+        log.info("%s was interrupted: resuming it from its newest checkpoint", run_dir)
+        return True
+    if writer:
+        set_aside_earlier_attempt(run_dir)
+    return False
 
 
 def _failed(reason: str, raise_failure: bool) -> float:

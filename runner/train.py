@@ -120,9 +120,12 @@ class Session:
         _close_quietly(self.closing)
         self.held.close()
 
-    def count_compiles(self, name: str) -> None:
-        """Report the compilations of the jitted function ``name`` (from now on)."""
-        self.compiled_name, self.compiles_before = name, compile_stats(name)
+    def begin(self, compiled_name: str) -> None:
+        """Its training starts now (a fused sweep opens every job first): wall time,
+        compilations of the jitted function ``compiled_name`` and cache hits count from here."""
+        self.compiled_name = compiled_name
+        self.start, self.compiles_before, self.hits_before = (
+            time.perf_counter(), compile_stats(compiled_name), cache_hits())
 
     def _timed(self) -> Dict[str, Any]:
         compiles, compile_s = np.subtract(compile_stats(self.compiled_name),
@@ -177,6 +180,7 @@ def _prepare(run: Run, overrides: Sequence[str], stop: StopRequest,
     else:
         remove_stale_temps(run.run_dir)
         remove_stale_temps(run.run_dir / "checkpoints")
+        remove_stale_temps(run.run_dir / ".hydra")  # resume= rewrites its config there
         # A record from the start: how the run ends replaces it (in place if the disk is full).
         _write_metrics(run.run_dir, {"status": "running", "overrides": list(overrides),
                                      "steps": run.start_step})
