@@ -5,7 +5,10 @@ its fields are the config keys (typed by their annotations, defaults once, in th
 ``__post_init__`` checks their values (``runner.errors.check_range`` names the key). Being
 hashable lets it be a static argument of the jitted train step: runs whose task configs are
 equal share one compiled step. ``output_dim`` (a field or a property) is the size of the model's
-output: runner gives it to models whose ``out_features`` is left null.
+output: runner gives it to models whose ``out_features`` is left null. Before anything compiles,
+runner checks the model's output on ``example_input()`` against ``[batch, *output_shape]``
+(``runner.shapes``): a task whose loss wants another shape than ``(output_dim,)`` per example
+declares ``output_shape`` (optional; e.g. ``()`` for a scalar per example).
 """
 
 from typing import Any, Dict, Protocol, Tuple
@@ -33,7 +36,12 @@ class Task(Protocol):
         """Scalar loss (means over the batch) and a dict of scalar metrics."""
 
     def example_input(self) -> jax.Array:
-        """A one-example input batch, to initialise and summarise the model."""
+        """A one-example input batch, to initialise, summarise and shape-check the model."""
+
+    @property
+    def output_shape(self) -> Tuple[int, ...]:
+        """Optional (a field, a property or a method): one example's model output as ``loss``
+        takes it, checked before the first compile; without it, ``(output_dim,)``."""
 
     def figures(self, data: Data, outputs: jax.Array) -> Dict[str, Any]:
         """Optional: matplotlib figures of the model's eval ``outputs`` (stacked as
