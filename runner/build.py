@@ -19,6 +19,7 @@ from runner.device import DATA_AXIS, configure_jax, make_mesh, peak_flops, place
 from runner.errors import AlreadyComplete, ConfigError, RunnerError
 from runner.optim import Optimizer, make_optimizer
 from runner.schema import Precision, validate
+from runner.shapes import check_output
 from runner.steps import setup, step_flops
 from runner.targets import build, check
 
@@ -39,7 +40,8 @@ class Parts(NamedTuple):
 def build_parts(cfg: DictConfig) -> Parts:
     """The task, model and optimizer the config describes, each checked against its class's
     or factory's signature (types, keys) and by its own ``__post_init__`` (values). The model's
-    null ``out_features`` is the task's ``output_dim``."""
+    null ``out_features`` is the task's ``output_dim``; its output on the task's example input
+    must have the task's shape (``runner.shapes.check_output``)."""
     validate(cfg)
     task = build(check(cfg.task, "task"), "task")
     if cfg.model is None:
@@ -53,7 +55,11 @@ def build_parts(cfg: DictConfig) -> Parts:
             raise ConfigError(f"{key} ({cfg[key]._target_}): not hashable ({err}); runner "
                               f"compiles it into the step as a static argument: give it "
                               f"hashable fields (a frozen dataclass; tuples, not lists)") from None
-    return Parts(task, model, make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps))
+    optimizer = make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps)
+    # Here, so a run, a sweep job, resume and runner.eval all refuse a model whose output the
+    # task's loss cannot take, before anything compiles (traced abstractly: no device touched).
+    check_output(task, model)
+    return Parts(task, model, optimizer)
 
 
 class StepOptions(NamedTuple):
@@ -90,10 +96,11 @@ class Run:
         return (peak * self.mesh.size, flops) if peak and flops else None
 
 
-def build_run(cfg: DictConfig, run_dir: Path, *, resume: bool) -> Run:
-    """Set JAX up, build the parts, start the state from the seed (or the newest valid
-    checkpoint, with ``resume``) and decide the dispatch length."""
-    parts = build_parts(cfg)
+def build_run(cfg: DictConfig, run_dir: Path, *, resume: bool,
+              parts: Optional[Parts] = None) -> Run:
+    """Set JAX up, build the parts (unless given), start the state from the seed (or the
+    newest valid checkpoint, with ``resume``) and decide the dispatch length."""
+    parts = parts or build_parts(cfg)
     if resume:
         inputs.verify(parts.task, run_dir)
     devices = configure_jax(cfg.device)
@@ -151,10 +158,11 @@ def steps_per_dispatch(trainer: DictConfig, *, start_step: int = 0) -> int:
 def _restore(run_dir: Path, template, mesh: Mesh):
     """The newest valid checkpoint of the run, with this config's optimizer hyperparameters
     (so that e.g. ``optimizer.lr=...`` given with ``resume`` applies), replicated over
-    ``mesh`` (whatever devices it was saved from); else ``template``."""
+    ``mesh`` (whatever devices it was saved from); ``template`` when the run saved none
+    (stopped before its first checkpoint). Checkpoints that none fits stop the resume."""
     restored, path = restore_latest(run_dir / "checkpoints", template)
     if restored is None:
-        log.warning("no valid checkpoint in %s: starting from step 0", run_dir / "checkpoints")
+        log.warning("no checkpoint in %s: starting from step 0", run_dir / "checkpoints")
         return template
     log.info("resuming from %s (step %d)", path, int(restored.step))
     opt_state = restored.opt_state._replace(hyperparams=template.opt_state.hyperparams)

@@ -114,12 +114,20 @@ def load_checkpoint(path: Path, template: State) -> State:
 
 def restore_latest(ckpt_dir: Path, template: State) -> Tuple[Optional[State], Optional[Path]]:
     """The newest valid step checkpoint of ``ckpt_dir`` (skipping invalid ones, each with a
-    warning that names it and why), or (None, None) when there is none."""
-    for _, path in reversed(list_checkpoints(ckpt_dir)):
+    warning that names it and why), or (None, None) when there is none. Checkpoints none of
+    which restores are a RunnerError naming the newest one's mismatch: a resume must not
+    start over them from step 0."""
+    found = list_checkpoints(ckpt_dir)
+    errors = []
+    for _, path in reversed(found):
         try:
             return load_checkpoint(path, template), path
         except RunnerError as err:
             log.warning("skipping %s; falling back to an older checkpoint", err)
+            errors.append(err)
+    if errors:
+        raise RunnerError(f"{errors[0]}; none of the {len(found)} checkpoint(s) in {ckpt_dir} "
+                          f"fits this run's config, so nothing was resumed or written")
     return None, None
 
 

@@ -20,6 +20,7 @@ def main(cfg: DictConfig) -> float:
     """Train one job in its Hydra run dir; the returned eval loss is what sweepers minimise."""
     # Imported here, once Hydra has composed the config (bad overrides fail before them).
     from runner.console import print_config_tree
+    from runner.rundir import HydraJob, remove_if_unused
     from runner.sweep import run_sweep_job
     from runner.train import run
 
@@ -29,17 +30,22 @@ def main(cfg: DictConfig) -> float:
     gc.freeze()
     hydra_cfg = HydraConfig.get()
     run_dir, overrides = Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
+    job = HydraJob.current(cfg)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         parallel = "joblib" in str(hydra_cfg.launcher.get("_target_", "")).lower()
         optuna = "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower()
         return run_sweep_job(cfg, run_dir, overrides=overrides, parallel=parallel,
-                             raise_failure=optuna)
-    print_config_tree(cfg)
+                             raise_failure=optuna, hydra_job=job)
     try:
-        summary = run(cfg, run_dir, overrides=overrides)
+        summary = run(cfg, run_dir, overrides=overrides, hydra_job=job,
+                      announce=print_config_tree)
     except RunnerError as err:
+        remove_if_unused(run_dir)  # Hydra made it for a run that failed its checks
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except BaseException:
+        remove_if_unused(run_dir)
+        raise
     print_where(run_dir, summary)
     return summary["eval"]["loss"]
 

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -25,9 +24,11 @@ from omegaconf import OmegaConf
 from runner import lock
 from runner.errors import RunnerError, describe_error
 from runner.fused_loop import COMPILED_NAME, MEMBER, FusedLoop, group_key, split_to_fit
+from runner.hparams import job_choices
 from runner.preemption import Interrupted, stop_on_signals
 from runner.schema import typed
-from runner.sweep import JobFailed, completed_value, record_failure, resume_or_set_aside
+from runner.rundir import HydraJob
+from runner.sweep import JobFailed, completed_value, continue_or_restart, record_failure
 from runner.train import Session
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class Job:
     run_dir: Path
     ret: Optional[JobReturn] = None  # Hydra's record of the job (its config, its dir)
     value: Optional[float] = None  # known before training: a completed or failed job's
+    cfg: Any = None  # its typed config, until its session opens
+    hydra_job: Optional[HydraJob] = None  # its .hydra/ files, written once the dir is its own
+    choices: Dict[str, Any] = dataclasses.field(default_factory=dict)
     session: Optional[Session] = None
     loop: Any = None  # its HostLoop, once built
     reason: str = ""  # why it failed
@@ -52,12 +56,13 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]],
              "such a job trains alone, data-parallel)")
     jobs = [_register(launcher, idx, list(overrides))
             for idx, overrides in enumerate(job_overrides, initial_job_idx)]
-    with stop_on_signals() as stop, ExitStack() as held:
-        held.enter_context(_log_per_job([j for j in jobs if j.session is not None]))
+    with stop_on_signals() as stop:
+        # Opened after every job is composed: Hydra's set-up of a job resets the logging
+        # handlers (a session's runner.log among them).
         for job in jobs:
             if job.value is None:
                 with _as_member(job.run_dir):
-                    _open(job, stop, held)
+                    _open(job, stop)
         groups: Dict[Any, List[Job]] = {}
         for job in jobs:
             if job.loop is not None:
@@ -98,11 +103,13 @@ def _register(launcher, idx: int, overrides: List[str]) -> Job:
     recorded: Dict[str, Any] = {}
 
     def record(cfg):
-        recorded.update(cfg=cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
+        recorded.update(cfg=cfg, run_dir=Path(HydraConfig.get().runtime.output_dir),
+                        choices=job_choices(), hydra_job=HydraJob.current(cfg))
 
     ret = run_job(hydra_context=launcher.hydra_context, task_function=record, config=config,
                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-    job = Job(idx, overrides, recorded["run_dir"], ret=ret)
+    job = Job(idx, overrides, recorded["run_dir"], ret=ret, hydra_job=recorded["hydra_job"],
+              choices=recorded["choices"])
     try:
         job.value = completed_value(job.run_dir, overrides)
     except RunnerError as err:  # another sweep's job: touch nothing
@@ -110,34 +117,37 @@ def _register(launcher, idx: int, overrides: List[str]) -> Job:
     if job.value is not None:
         return job
     try:
-        cfg = typed(recorded["cfg"])
+        job.cfg = typed(recorded["cfg"])
     except RunnerError as err:
         return _fail_early(job, str(err))
-    if cfg.device.num_devices is None:
+    if job.cfg.device.num_devices is None:
         # A fused group runs on one device; a job given device.num_devices runs alone,
         # data-parallel (group_key).
-        cfg.device.num_devices = 1
-    job.session = Session(cfg, job.run_dir, overrides=overrides)
+        job.cfg.device.num_devices = 1
     return job
 
 
 def _fail_early(job: Job, reason: str, *, write: bool = True) -> Job:
     log.error("job %s (%s) failed: %s", job.idx, " ".join(job.overrides), reason)
     if write:
-        record_failure(job.run_dir, job.overrides, reason)
+        record_failure(job.run_dir, job.overrides, reason, job.hydra_job)
     job.value, job.session, job.reason = math.nan, None, reason
     return job
 
 
-def _open(job: Job, stop, held: ExitStack) -> None:
-    """Hold the job's run dir, set an earlier failed attempt aside or resume an interrupted
-    one, and build its run (a value that does not validate fails the job here)."""
+def _open(job: Job, stop) -> None:
+    """Open the job's session: its checks, its run dir claimed as a sweep job's (an
+    interrupted attempt resumes, an earlier failed one is set aside), its run built; a
+    failure is the job's alone."""
+    job.session = Session(job.cfg, job.run_dir, overrides=job.overrides,
+                          claim=continue_or_restart(job.overrides), hydra_job=job.hydra_job,
+                          choices=job.choices, log_filter=_OwnLines(job.run_dir))
     try:
-        held.enter_context(lock.hold(job.run_dir))
-        job.session.resume = resume_or_set_aside(job.run_dir, job.overrides, writer=True)
         job.loop = job.session.open(stop)
     except Exception as err:  # noqa: BLE001 (recorded as the job's failure)
         _end(job, error=err)
+        if not isinstance(err, lock.Busy):  # failed before its run started: its record
+            record_failure(job.run_dir, job.overrides, job.reason, job.hydra_job)
 
 
 def _train(members: List[Job], stop) -> bool:
@@ -199,32 +209,6 @@ class _OwnLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         member = MEMBER.get()
         return member is None or member == self.run_dir
-
-
-@contextlib.contextmanager
-def _log_per_job(jobs: List[Job]) -> Iterator[None]:
-    """Each job's log lines into its own ``runner.log`` (Hydra pointed the log file at the
-    last job it set up); the console keeps every line."""
-    root = logging.getLogger()
-    hydra_files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
-    formatter = hydra_files[0].formatter if hydra_files else logging.Formatter(
-        "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    for handler in hydra_files:
-        root.removeHandler(handler)
-        handler.close()
-    own = []
-    for job in jobs:
-        handler = logging.FileHandler(job.run_dir / "runner.log", mode="a")
-        handler.setFormatter(formatter)
-        handler.addFilter(_OwnLines(job.run_dir))
-        root.addHandler(handler)
-        own.append(handler)
-    try:
-        yield
-    finally:
-        for handler in own:
-            root.removeHandler(handler)
-            handler.close()
 
 
 def _job_return(launcher, job: Job, optuna: bool) -> JobReturn:

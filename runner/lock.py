@@ -24,9 +24,11 @@ _held: Dict[Path, int] = {}  # run dir -> the lock file's descriptor, for nested
 
 
 @contextlib.contextmanager
-def hold(run_dir: Path) -> Iterator[None]:
+def hold(run_dir: Path, *, signed: bool = True) -> Iterator[None]:
     """Hold ``run_dir``'s lock while inside (a hold nested in this process's own is a no-op);
-    RunnerError naming the holder's pid and host when another process holds it."""
+    RunnerError naming the holder's pid and host when another process holds it. Unless
+    ``signed``, the lock file keeps its bytes until ``sign``: a run that may still refuse the
+    dir (a resume no checkpoint fits) leaves it as it was."""
     key = Path(run_dir).resolve()
     if key in _held:
         yield
@@ -40,17 +42,49 @@ def hold(run_dir: Path) -> Iterator[None]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+        busy = _busy(run_dir, path, fd)
         os.close(fd)
-        raise Busy(f"{run_dir}: in use by {holder} (it holds {path}); a run dir takes "
-                          f"one process at a time: wait for that one to end, or stop it") \
-            from None
-    with contextlib.suppress(OSError):  # the holder's name is a courtesy (a full disk)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        raise busy from None
     _held[key] = fd
+    if signed:
+        sign(run_dir)
     try:
         yield
     finally:
         del _held[key]
         os.close(fd)  # releases the lock
+
+
+def sign(run_dir: Path) -> None:
+    """Write this process's name into the lock it holds on ``run_dir``, for the message a
+    second process gets."""
+    fd = _held[Path(run_dir).resolve()]
+    with contextlib.suppress(OSError):  # the holder's name is a courtesy (a full disk)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+
+def check_free(run_dir: Path) -> None:
+    """Busy when another process holds ``run_dir``'s lock. Creates and changes nothing: a
+    process that may yet refuse the dir must leave it as it was (the lock file included)."""
+    key = Path(run_dir).resolve()
+    if key in _held:
+        return
+    try:
+        fd = os.open(key / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: nobody holds it
+        return
+    try:
+        # A shared lock is refused while another process holds the exclusive one; closing
+        # this descriptor drops only this probe's lock.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(run_dir, key / LOCK_FILE, fd) from None
+    finally:
+        os.close(fd)
+
+
+def _busy(run_dir: Path, path: Path, fd: int) -> Busy:
+    holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+    return Busy(f"{run_dir}: in use by {holder} (it holds {path}); a run dir takes one "
+                f"process at a time: wait for that one to end, or stop it")

@@ -14,31 +14,22 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from runner import lock
 from runner.checkpoint import list_checkpoints, write_atomic
-from runner.device import launch_process_index
-from runner.errors import RunnerError, describe_error
+from runner.errors import RunnerError, describe_error, first_line
 from runner.preemption import Interrupted
+from runner.rundir import Claim, HydraJob, held_run, read_metrics, write_hydra_files
 from runner.schema import typed
 
 log = logging.getLogger(__name__)
-
-
-def read_metrics(run_dir: Path) -> Dict[str, Any]:
-    """The run's ``metrics.json``, or {} when there is none (never started, or killed)."""
-    try:
-        return json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 class JobFailed(RunnerError):
@@ -46,10 +37,12 @@ class JobFailed(RunnerError):
 
 
 def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
-                  parallel: bool, raise_failure: bool = False) -> float:
+                  parallel: bool, raise_failure: bool = False,
+                  hydra_job: Optional[HydraJob] = None) -> float:
     """Run one multirun job in ``run_dir``; returns its eval loss, NaN when it failed (or,
     with ``raise_failure``, raises JobFailed: Optuna marks the trial failed, where a NaN value
-    would stop hydra-optuna-sweeper 1.3 with a ValueError of its own)."""
+    would stop hydra-optuna-sweeper 1.3 with a ValueError of its own). ``hydra_job``: its
+    ``.hydra/`` files, written once the dir is the job's."""
     from runner.train import run
 
     done = completed_value(run_dir, overrides)  # another sweep's job there: stop this sweep
@@ -58,27 +51,20 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
     try:
         cfg = typed(cfg)  # a value of the wrong type fails this job alone
     except RunnerError as err:
-        return _failed(_failed_before_run(run_dir, overrides, err), raise_failure)
+        return _failed(_job_failed(run_dir, overrides, err, hydra_job), raise_failure)
     if parallel:  # several JAX processes share this machine's accelerator and terminal
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         cfg.trainer.progress_bar = False
-    writer = launch_process_index(cfg.device) == 0  # one process of a multi-process job
     try:
-        with lock.hold(run_dir) if writer else nullcontext():
-            resume = resume_or_set_aside(run_dir, overrides, writer=writer)
-            return run(cfg, run_dir, overrides=overrides, resume=resume)["eval"]["loss"]
+        return run(cfg, run_dir, overrides=overrides, claim=continue_or_restart(overrides),
+                   hydra_job=hydra_job)["eval"]["loss"]
     except Interrupted as err:
         # SIGTERM/SIGINT is meant for the whole sweep (preemption, Ctrl-C): stop it here;
         # rerunning the command resumes this job and runs the rest.
         log.error("%s", err)
         raise SystemExit(1) from None
     except Exception as err:  # noqa: BLE001  (isolate the failure; it is in metrics.json)
-        reason = (read_metrics(run_dir).get("reason") if not isinstance(err, lock.Busy)
-                  else None) or describe_error(err) or f"{type(err).__name__}: {err}"
-        # A RunnerError is the user's to fix: one line. Anything else keeps its traceback.
-        log.error("job %s (%s) failed: %s", run_dir.name, " ".join(overrides), reason,
-                  exc_info=not isinstance(err, RunnerError))
-        return _failed(reason, raise_failure)
+        return _failed(_job_failed(run_dir, overrides, err, hydra_job), raise_failure)
 
 
 def completed_value(run_dir: Path, overrides: Sequence[str]) -> Optional[float]:
@@ -96,15 +82,12 @@ def completed_value(run_dir: Path, overrides: Sequence[str]) -> Optional[float]:
     return previous["eval"]["loss"]
 
 
-def resume_or_set_aside(run_dir: Path, overrides: Sequence[str], *, writer: bool) -> bool:
-    """Whether the job resumes (``run_dir`` holds an interrupted attempt at it); otherwise an
-    earlier attempt's files are set aside (by the writing process). Call it holding the lock."""
-    if interrupted_here(run_dir, overrides):
-        log.info("%s was interrupted: resuming it from its newest checkpoint", run_dir)
-        return True
-    if writer:
-        set_aside_earlier_attempt(run_dir)
-    return False
+def continue_or_restart(overrides: Sequence[str]) -> Claim:
+    """A sweep job resumes when its dir holds an interrupted attempt at this very job, and
+    otherwise starts anew (an earlier attempt's files are then moved aside)."""
+    def claim(run_dir: Path, writer: bool) -> bool:
+        return interrupted_here(run_dir, overrides)
+    return claim
 
 
 def _failed(reason: str, raise_failure: bool) -> float:
@@ -113,19 +96,32 @@ def _failed(reason: str, raise_failure: bool) -> float:
     return math.nan
 
 
-def _failed_before_run(run_dir: Path, overrides: Sequence[str], err: RunnerError) -> str:
-    """A job whose config is not valid: its ``metrics.json`` says so; the reason."""
-    log.error("job %s (%s) failed: %s", run_dir.name, " ".join(overrides), err)
-    record_failure(run_dir, overrides, str(err))
-    return str(err)
+def _job_failed(run_dir: Path, overrides: Sequence[str], err: BaseException,
+                hydra_job: Optional[HydraJob]) -> str:
+    """Log a job's failure (a RunnerError is the user's to fix: one line; anything else keeps
+    its traceback); a job that failed before its run started gets its record (for
+    ``summary.csv``) unless its dir is another process's. Returns the reason."""
+    reason = describe_error(err) or f"{type(err).__name__}: {err}"
+    log.error("job %s (%s) failed: %s", run_dir.name, " ".join(overrides), reason,
+              exc_info=not isinstance(err, RunnerError))
+    if not isinstance(err, lock.Busy):
+        record_failure(run_dir, overrides, reason, hydra_job)
+    return reason
 
 
-def record_failure(run_dir: Path, overrides: Sequence[str], reason: str) -> None:
-    """``metrics.json`` of a job that failed before its run started (holding its lock)."""
+def record_failure(run_dir: Path, overrides: Sequence[str], reason: str,
+                   hydra_job: Optional[HydraJob] = None) -> None:
+    """``metrics.json`` (and ``.hydra/``) of a job that failed before its run started, holding
+    its lock; a dir that holds a run (or another process) keeps what it has."""
     text = json.dumps({"status": "failed", "steps": 0, "overrides": list(overrides),
                        "reason": reason}, indent=2, sort_keys=True) + "\n"
     try:
+        lock.check_free(run_dir)
+        if held_run(run_dir) is not None:
+            return
         with lock.hold(run_dir):
+            if hydra_job is not None:
+                write_hydra_files(run_dir, hydra_job)
             write_atomic(run_dir / "metrics.json", text.encode())
     except RunnerError as write_err:
         log.error("%s", write_err)
@@ -141,29 +137,36 @@ def interrupted_here(run_dir: Path, overrides: Sequence[str]) -> bool:
         list_checkpoints(run_dir / "checkpoints"))
 
 
-def set_aside_earlier_attempt(run_dir: Path) -> None:
-    """Move what an interrupted or failed attempt left into ``attempts/<n>/`` (kept, not mixed
-    into this attempt's TensorBoard curves and checkpoints)."""
-    left = [p for p in (run_dir / "tb", run_dir / "checkpoints", run_dir / "metrics.json",
-                        run_dir / "manifest.json", run_dir / "inputs.json") if p.exists()]
-    if not left:
-        return
-    dest = run_dir / "attempts" / str(len(list((run_dir / "attempts").glob("*"))) + 1)
-    dest.mkdir(parents=True)
-    for path in left:
-        shutil.move(str(path), str(dest / path.name))
-    log.info("set aside the earlier attempt's files in %s", dest)
+# The sweep dir's lock while its multirun runs. Not on the callback: Hydra pickles its
+# callbacks to send them to the joblib and SLURM launchers' jobs.
+_SWEEP_HELD = ExitStack()
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: ``<sweep_dir>/summary.csv`` and a table, best job marked."""
+    """A multirun's own dir: held (its lock) from the start, refused when it holds another
+    sweep, and at the end ``<sweep_dir>/summary.csv`` and a table, best job marked."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Called before the sweeper writes multirun.yaml: a refusal here leaves the dir as
+        # it was. Hydra turns a callback's exception into a warning: exit here instead.
+        sweep_dir, overrides = Path(config.hydra.sweep.dir), list(config.hydra.overrides.task)
+        try:
+            lock.check_free(sweep_dir)
+            refuse_other_sweep(sweep_dir, overrides)
+            _SWEEP_HELD.enter_context(lock.hold(sweep_dir))
+            refuse_other_sweep(sweep_dir, overrides)  # as it stands, held
+        except RunnerError as err:
+            _SWEEP_HELD.close()
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = summarize(sweep_dir)
-        if not rows:
-            return
-        _write_csv(sweep_dir / "summary.csv", rows)
+        with _SWEEP_HELD:
+            sweep_dir = Path(config.hydra.sweep.dir)
+            rows = summarize(sweep_dir)
+            if not rows:
+                return
+            _write_csv(sweep_dir / "summary.csv", rows)
         print(format_table(rows))
         print(f"summary: {sweep_dir / 'summary.csv'}")
         failed = [r for r in rows if r["status"] != "completed"]
@@ -173,6 +176,24 @@ class SweepSummary(Callback):
                 f"job {r['job']} ({r['overrides']}): {r['reason']}" for r in failed),
                 file=sys.stderr)
             sys.exit(1)
+
+
+def refuse_other_sweep(sweep_dir: Path, overrides: List[str]) -> None:
+    """A sweep dir holds one sweep: a multirun with other overrides is refused (rerunning the
+    same one finishes its missing jobs)."""
+    stored = sweep_dir / "multirun.yaml"
+    if not stored.is_file():
+        return
+    try:
+        before = OmegaConf.select(OmegaConf.load(stored), "hydra.overrides.task")
+    except Exception as err:  # noqa: BLE001 (yaml's and OmegaConf's errors for a bad file)
+        raise RunnerError(f"{stored}: not a readable sweep config ({first_line(err)}); use "
+                          f"another hydra.sweep.dir") from None
+    before = list(before) if before is not None else []
+    if before != overrides:
+        shown = " ".join(before) or "no overrides"
+        raise RunnerError(f"{sweep_dir} holds another sweep ({shown}); rerun that one to "
+                          f"finish it, or give this one another hydra.sweep.dir")
 
 
 def summarize(sweep_dir: Path) -> List[Dict[str, Any]]:

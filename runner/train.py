@@ -7,20 +7,20 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
 import numpy as np
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from runner import inputs, lock
-from runner.build import Run, build_run
+from runner import inputs, lock, rundir
+from runner.build import Run, build_parts, build_run
 from runner.checkpoint import Checkpointer, remove_stale_temps, write_atomic
 from runner.compiles import cache_hits, compile_stats
 from runner.device import launch_process_index
-from runner.errors import AlreadyComplete, WriteError, describe_error
+from runner.errors import WriteError, describe_error
 from runner.figures import FigureRenderer
-from runner.hparams import run_hparams
+from runner.hparams import job_choices, run_hparams
 from runner.loop import HostLoop
 from runner.manifest import write_manifest
 from runner.peers import PeerFailed, agree
@@ -28,27 +28,36 @@ from runner.profiling import StepProfiler
 from runner.preemption import Interrupted, StopRequest, stop_on_signals
 from runner.schema import typed
 from runner.tb_logger import NullLogger, TensorBoardLogger
+from runner.trust import resume_command
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (),
-        resume: bool = False) -> Dict[str, Any]:
+def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (), resume: bool = False,
+        claim: Optional[rundir.Claim] = None, hydra_job: Optional[rundir.HydraJob] = None,
+        announce: Optional[Callable[[DictConfig], None]] = None) -> Dict[str, Any]:
     """Train as ``cfg`` says, writing TensorBoard events, checkpoints, ``metrics.json``,
     ``manifest.json`` and ``model_summary.txt`` into ``run_dir``. Returns the run's summary
     (what ``metrics.json`` holds: ``summary["eval"]["loss"]`` is the final eval loss).
 
-    With ``resume``, continue from the newest valid checkpoint in ``run_dir``. SIGTERM and
-    SIGINT save a checkpoint at the current step and stop the run. ``metrics.json`` is written
-    however the run ends: ``"status"`` is ``completed``, ``interrupted`` or ``failed``, with the
-    ``reason``; ``overrides`` (the job's command-line overrides) are recorded. A failed run
-    writes it first, then closes its files (their own errors then only logged). The run holds
-    the run dir's lock (``runner.lock``) throughout.
+    With ``resume``, continue from the newest valid checkpoint in ``run_dir``; without it, a
+    dir that holds a run is refused (``cfg.overwrite`` moves that run aside). ``claim``
+    decides instead (``runner.rundir``). ``hydra_job``: the ``.hydra/`` files to write once
+    the dir is this run's; ``announce`` is called with the config once it is checked.
+    SIGTERM and SIGINT save a checkpoint at the current step and stop the run.
+    ``metrics.json`` is written however the run ends: ``"status"`` is ``completed``,
+    ``interrupted`` or ``failed``, with the ``reason``; ``overrides`` (the job's command-line
+    overrides) are recorded. A failed run writes it first, then closes its files (their own
+    errors then only logged). The run holds the run dir's lock (``runner.lock``) throughout;
+    nothing is written into the dir before its checks pass and the lock is held.
     """
-    session = Session(cfg, run_dir, overrides=overrides, resume=resume)
+    if claim is None:
+        claim = rundir.resuming if resume else rundir.fresh(
+            overwrite=bool(cfg.get("overwrite")))
+    session = Session(cfg, run_dir, overrides=overrides, claim=claim, hydra_job=hydra_job)
     with stop_on_signals() as stop:
         try:
-            _, result = session.open(stop).run()
+            _, result = session.open(stop, announce=announce).run()
             return session.finish(result)
         except Exception as err:
             session.fail(err)
@@ -56,37 +65,68 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (),
 
 
 class Session:
-    """One run's records around its host loop: ``open`` holds the run dir and builds the run
-    and its loop, ``finish`` (the loop's summary) or ``fail`` (its exception) closes its files
-    and writes ``metrics.json``. ``run`` does the three; a fused sweep (``runner.fused``)
-    opens several and drives their loops as one."""
+    """One run's records around its host loop: ``open`` checks the config, claims the run dir
+    (``claim``: see ``runner.rundir``) and builds the run and its loop, ``finish`` (the loop's
+    summary) or ``fail`` (its exception) closes its files and writes ``metrics.json``. ``run``
+    does the three; a fused sweep (``runner.fused``) opens several and drives their loops as
+    one."""
 
     def __init__(self, cfg, run_dir: Path, *, overrides: Sequence[str] = (),
-                 resume: bool = False):
-        self.cfg, self.run_dir, self.overrides, self.resume = cfg, run_dir, overrides, resume
+                 claim: rundir.Claim, hydra_job: Optional[rundir.HydraJob] = None,
+                 choices: Optional[Dict[str, Any]] = None,
+                 log_filter: Optional[logging.Filter] = None):
+        self.cfg, self.run_dir, self.overrides = cfg, run_dir, overrides
+        self.claim, self.hydra_job, self.resume = claim, hydra_job, False
+        self.committed = False  # the run dir is this run's: its files may be written
+        # The job's group options, for HParams (a fused group trains after Hydra's job ended)
+        self.choices = job_choices() if choices is None else choices
         self.compiled_name = "train_steps"
         self.start, self.compiles_before, self.hits_before = (
             time.perf_counter(), compile_stats(self.compiled_name), cache_hits())
         self.summary: Dict[str, Any] = {"status": "failed", "steps": 0,
                                         "overrides": list(overrides)}
         self.writer = _launch_writer(cfg)
-        self.held = ExitStack()  # the run dir's lock, released last
+        self.held = ExitStack()  # the run dir's lock and its log, released last
+        # The run's log lines wait in memory until the run dir is this run's.
+        self.log = self.held.enter_context(rundir.buffered_log(log_filter))
         self.closing = ExitStack()  # open files and threads, closed once metrics.json says how
         self.run: Optional[Run] = None
         self.loop: Optional[HostLoop] = None
         self.result: Dict[str, Any] = {}  # the loop's summary, once it ends
 
-    def open(self, stop: StopRequest) -> HostLoop:
-        if self.writer:
-            self.held.enter_context(lock.hold(self.run_dir))
+    def open(self, stop: StopRequest, *,
+             announce: Optional[Callable[[DictConfig], None]] = None) -> HostLoop:
         cfg = typed(self.cfg)
+        parts = build_parts(cfg)  # every value checked before the run dir is touched
+        if self.writer:
+            lock.check_free(self.run_dir)
+            self.claim(self.run_dir, True)  # a refusal reads only
+            self.held.enter_context(lock.hold(self.run_dir, signed=False))
+        self.resume = self.claim(self.run_dir, self.writer)  # as the dir stands, held
+        if announce:
+            announce(cfg)
         # Started first: its thread imports matplotlib while the run builds and compiles.
         renderer = (self.closing.enter_context(FigureRenderer()) if cfg.trainer.log_images
                     and self.writer else None)
-        self.run = build_run(cfg, self.run_dir, resume=self.resume)
+        self.run = build_run(cfg, self.run_dir, resume=self.resume, parts=parts)
+        if self.writer:
+            self._commit()
+        else:  # another process writes the run dir; this one records only its own failure
+            self.committed = True
         self.loop = _prepare(self.run, self.overrides, stop, renderer, self.closing,
-                             self.result)
+                             self.result, self.choices)
         return self.loop
+
+    def _commit(self) -> None:
+        """The run dir is this run's from here: an earlier attempt's files moved aside (unless
+        resumed), then its ``.hydra/`` files and its ``runner.log``."""
+        lock.sign(self.run_dir)
+        if not self.resume:
+            rundir.set_aside(self.run_dir)
+        if self.hydra_job is not None:
+            rundir.write_hydra_files(self.run_dir, self.hydra_job)
+        self.log.write_to(self.run_dir)
+        self.committed = True
 
     def finish(self, result: Dict[str, Any]) -> Dict[str, Any]:
         """The loop's ``result`` completed: the last events, HParams and ``metrics.json``."""
@@ -107,15 +147,13 @@ class Session:
 
     def fail(self, err: BaseException) -> None:
         """Record how the run ended (an exception), then close its files quietly."""
-        if isinstance(err, (AlreadyComplete, lock.Busy)):
-            # its metrics.json stays as the run that completed (or holds the dir) wrote it
-            _close_quietly(self.closing)
-            self.held.close()
-            return
         self.summary["reason"] = describe_error(err) or f"{type(err).__name__}: {err}"
         if isinstance(err, Interrupted):
             self.summary.update(status="interrupted", steps=err.step)
-        if self.writer or not isinstance(err, (Interrupted, PeerFailed)):
+        # Before the commit the dir is not this run's (a check failed, or it was refused):
+        # nothing is written. After it, process 0 records how the run ended (another
+        # process too when only it knows: its own failure).
+        if self.committed and (self.writer or not isinstance(err, (Interrupted, PeerFailed))):
             _write_metrics(self.run_dir, self._timed())
         _close_quietly(self.closing)
         self.held.close()
@@ -171,7 +209,7 @@ def _close_quietly(closing: ExitStack) -> None:
 
 def _prepare(run: Run, overrides: Sequence[str], stop: StopRequest,
              renderer: Optional[FigureRenderer], closing: ExitStack,
-             summary: Dict[str, Any]) -> HostLoop:
+             summary: Dict[str, Any], choices: Dict[str, Any]) -> HostLoop:
     """The run's files, its TensorBoard logger and checkpointer, and its host loop. The logger's
     closing (HParams, with ``summary``'s metrics once the run ends; flush) is left on
     ``closing``."""
@@ -193,8 +231,9 @@ def _prepare(run: Run, overrides: Sequence[str], stop: StopRequest,
                                 metric=trainer.best_metric, mode=trainer.best_mode,
                                 write=run.writer)
     closing.callback(logger.close)
-    closing.callback(lambda: logger.hparams(run_hparams(run.cfg, overrides), _tags(summary),
-                                            completed=bool(summary)))
+    hparams = run_hparams(run.cfg, overrides, choices=choices,
+                          platform=run.placement["platform"])
+    closing.callback(lambda: logger.hparams(hparams, _tags(summary), completed=bool(summary)))
     if not hasattr(task, "figures"):
         renderer = None
     elif renderer:
@@ -206,7 +245,8 @@ def _prepare(run: Run, overrides: Sequence[str], stop: StopRequest,
     loop = HostLoop(run.state, run.data, run.train_rng, task=task,
                     schedule=run.parts.optimizer.schedule, trainer=trainer, chunk=run.chunk,
                     logger=logger, checkpointer=checkpointer, stop=stop, renderer=renderer,
-                    options=run.options, peak_flops=run.peak_flops, profiler=profiler)
+                    options=run.options, peak_flops=run.peak_flops, profiler=profiler,
+                    resume_command=resume_command(run.run_dir, run.cfg))
     return loop
 
 
@@ -216,7 +256,10 @@ def _write_run_files(run: Run, overrides: Sequence[str]) -> str:
     # and run two small programs.
     example = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
                            jax.eval_shape(run.parts.task.example_input))
-    table = run.parts.model.tabulate(run.init_rng, example, console_kwargs={"width": 120})
+    # Plain text: the table goes to a file and to TensorBoard, where colour codes are noise
+    # (flax's tabulate forces a terminal's).
+    table = run.parts.model.tabulate(run.init_rng, example,
+                                     console_kwargs={"width": 120, "color_system": None})
     if run.writer:
         if not run.start_step:
             inputs.record(run.parts.task, run.run_dir)

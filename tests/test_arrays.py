@@ -245,8 +245,8 @@ def test_setup_checks_the_arrays_fit_before_placing_them(tmp_path, monkeypatch):
         start(["task=arrays", f"task.path={path}", "task.batch_size=10"])
 
 
-def test_a_fresh_run_in_a_used_dir_records_its_own_file(tmp_path):
+def test_a_run_overwriting_a_used_dir_records_its_own_file(tmp_path):
     for seed in (0, 1):
         path = write(tmp_path / f"d{seed}.npz", x_train=np.full((20, 3), seed, np.float32))
-        run(arrays(path, "task.batch_size=10"), tmp_path / "run")
+        run(arrays(path, "task.batch_size=10", "overwrite=true"), tmp_path / "run")
         assert json.loads((tmp_path / "run/inputs.json").read_text())["path"] == str(path)

@@ -35,7 +35,8 @@ def test_each_task_brings_its_model_and_model_still_overrides():
     task, model, _ = build_parts(compose_config(["task=cnn_random_images", "model=mlp"]))
     assert isinstance(model, MLP) and model.out_features == 10
     assert build_parts(compose_config(["model=cnn", *TINY_CNN[1:], "task=cnn_random_images",
-                                       "model.out_features=3"])).model.out_features == 3
+                                       "task.num_classes=3", "model.out_features=3"])
+                       ).model.out_features == 3
 
 
 def test_cnn_task_defaults_and_trainer_settings():
@@ -50,7 +51,7 @@ def test_every_option_of_every_group_composes_and_builds(group):
     for option in group_options(group):
         if option == "arrays":  # needs a file: tests/test_arrays.py
             continue
-        extra = TINY_CNN if option in ("cnn", "cnn_random_images") else []
+        extra = TINY_CNN if option in ("cnn", "cnn_small", "cnn_random_images") else []
         task, model, optimizer = build_parts(compose_config([*extra, f"{group}={option}"]))
         assert hash(task) == hash(build_parts(compose_config([*extra, f"{group}={option}"]))
                                   .task)

@@ -1,0 +1,202 @@
+"""Run dirs you can trust, at the seams: nothing is written by a process that does not own the
+dir (or is about to refuse it), a fresh run never mixes with an old one, a resume never
+restarts over checkpoints it cannot read, and what a run prints works as printed. Each test
+compares the dir byte for byte before and after."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict
+
+import pytest
+
+from conftest import TINY, run_cli
+from test_own_project import project  # noqa: F401 (a fixture: the user's own package)
+
+
+def snapshot(root: Path) -> Dict[str, bytes]:
+    """Every file under ``root`` (hidden ones too) and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def assert_same(before: Dict[str, bytes], root: Path) -> None:
+    after = snapshot(root)
+    assert sorted(after) == sorted(before), set(after) ^ set(before)
+    changed = [name for name in before if before[name] != after[name]]
+    assert not changed, changed
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The run failed with exit 1 and said why on one stderr line (and printed no config)."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: "), errors
+    assert "config" not in proc.stdout or "├" not in proc.stdout, proc.stdout[-2000:]
+    return errors[0]
+
+
+def wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while text not in (path.read_text() if path.exists() else ""):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"no {text!r} in {path}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_fresh_run_never_reuses_a_run_dir(tmp_path):
+    run_cli([*TINY, "hydra.run.dir=runs/same"], cwd=tmp_path)
+    before = snapshot(tmp_path / "runs/same")
+    again = run_cli([*TINY, "hydra.run.dir=runs/same", "optimizer.lr=0.01", "seed=3"],
+                    cwd=tmp_path, check=False)
+    line = one_error_line(again)
+    assert "runs/same holds a run (completed at step 4)" in line
+    assert "python -m runner resume=runs/same" in line and "overwrite=true" in line
+    assert_same(before, tmp_path / "runs/same")
+    # overwrite=true: the old run is moved aside whole, never deleted nor mixed in.
+    run_cli([*TINY, "trainer.steps=6", "hydra.run.dir=runs/same", "overwrite=true"],
+            cwd=tmp_path)
+    old = tmp_path / "runs/same/attempts/1"
+    assert {k: v for k, v in before.items() if k != ".lock"} == snapshot(old)
+    assert sorted(p.name for p in (tmp_path / "runs/same/checkpoints").iterdir()) == \
+        ["best.json", "best.msgpack", "step_2.msgpack", "step_4.msgpack", "step_6.msgpack"]
+    assert json.loads((tmp_path / "runs/same/metrics.json").read_text())["steps"] == 6
+    assert len(list((tmp_path / "runs/same/tb").glob("events.*"))) == 1
+
+
+@pytest.mark.slow
+def test_a_fresh_run_into_an_interrupted_dir_points_at_resume(tmp_path):
+    run_cli([*TINY, "hydra.run.dir=runs/x"], cwd=tmp_path)
+    metrics = tmp_path / "runs/x/metrics.json"
+    record = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps({**record, "status": "interrupted", "steps": 2}))
+    before = snapshot(tmp_path / "runs/x")
+    line = one_error_line(run_cli([*TINY, "hydra.run.dir=runs/x"], cwd=tmp_path, check=False))
+    assert "holds a run (interrupted at step 2)" in line and "resume=runs/x" in line
+    assert_same(before, tmp_path / "runs/x")
+
+
+@pytest.mark.slow
+def test_a_resume_that_no_checkpoint_fits_writes_nothing(tmp_path):
+    run_cli([*TINY, "hydra.run.dir=runs/r"], cwd=tmp_path)
+    stored = tmp_path / "runs/r/.hydra/config.yaml"
+    stored.write_text(stored.read_text().replace("- 128\n", "- 48\n", 1))  # another model
+    before = snapshot(tmp_path / "runs/r")
+    line = one_error_line(run_cli(["resume=runs/r", "trainer.steps=8"], cwd=tmp_path,
+                                  check=False))
+    assert re.search(r"checkpoint .*step_4\.msgpack: does not match this run's state \(.*"
+                     r"params\['Dense_0'\]\['bias'\] is float32\[128\], expected float32\[48\]\)", line), line
+    assert "none of the 2 checkpoint(s)" in line
+    assert_same(before, tmp_path / "runs/r")
+
+
+@pytest.mark.slow
+def test_checks_that_fail_leave_no_run_dir_and_print_no_config(tmp_path):
+    for bad in ("trainer.steps=abc", "optimizer.lr=-1", "model=nope"):
+        line = one_error_line(run_cli([bad], cwd=tmp_path, check=False))
+        assert bad.split("=")[0] in line, line
+    assert not (tmp_path / "outputs").exists()
+    (tmp_path / "afile").write_text("x")
+    line = one_error_line(run_cli(["resume=afile"], cwd=tmp_path, check=False))
+    assert line == "error: resume=afile: a file; give the run's dir (the one that holds " \
+                   ".hydra/ and checkpoints/)"
+
+
+@pytest.mark.slow
+def test_hydra_files_are_written_by_the_run_as_hydra_names_them(tmp_path):
+    run_cli([*TINY, "hydra.run.dir=runs/h", "optimizer.lr=0.003"], cwd=tmp_path)
+    hydra = tmp_path / "runs/h/.hydra"
+    assert sorted(p.name for p in hydra.iterdir()) == ["config.yaml", "hydra.yaml",
+                                                     "overrides.yaml"]
+    assert "lr: 0.003" in (hydra / "config.yaml").read_text()
+    assert "output_subdir: .hydra" in (hydra / "hydra.yaml").read_text()
+    assert "- optimizer.lr=0.003" in (hydra / "overrides.yaml").read_text()
+    log = (tmp_path / "runs/h/runner.log").read_text()
+    assert "[runner.build][INFO] - devices:" in log and "eval/loss=" in log
+    assert "\x1b" not in (tmp_path / "runs/h/model_summary.txt").read_text()
+
+
+@pytest.mark.slow
+def test_a_process_refused_by_the_lock_writes_nothing(tmp_path):
+    """Run A trains in runs/x; B (another task) into runs/x is refused before any write: A's
+    config stays A's, and resume rebuilds A's task."""
+    args = [sys.executable, "-m", "runner", "trainer.steps=100000000", "trainer.log_every=50",
+            "trainer.eval_every=null", "trainer.checkpoint_every=null",
+            "trainer.log_images=false", "trainer.progress_bar=false",
+            "trainer.steps_per_dispatch=50", "hydra.run.dir=runs/x"]
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "XLA_FLAGS")}
+    a = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(tmp_path / "runs/x/runner.log", "step 50/", a)
+        before = {k: v for k, v in snapshot(tmp_path / "runs/x").items()
+                  if k.startswith(".hydra") or k in (".lock", "metrics.json",
+                                                     "model_summary.txt", "manifest.json")}
+        b = run_cli(["task=cnn_random_images", "hydra.run.dir=runs/x"], cwd=tmp_path,
+                    check=False)
+        line = one_error_line(b)
+        assert f"in use by pid {a.pid}" in line, line
+        after = snapshot(tmp_path / "runs/x")
+        assert {k: after[k] for k in before} == before
+    finally:
+        a.send_signal(signal.SIGTERM)
+        _, err = a.communicate(timeout=120)
+    assert a.returncode == 1 and "stopped by SIGTERM" in err, err[-2000:]
+    resumed = run_cli(["resume=runs/x", "trainer.steps=200"], cwd=tmp_path, check=False)
+    # A stopped past step 200: already complete, on linear_fit's own model, not the CNN.
+    assert resumed.returncode == 0 and "already complete" in resumed.stdout, resumed.stderr
+    assert "LinearFit" in (tmp_path / "runs/x/.hydra/config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_refused_sweep_changes_no_file_of_the_finished_sweep(tmp_path):
+    sweep = ["-m", *TINY, "trainer.log_images=false", "hydra.sweep.dir=sweep"]
+    run_cli([*sweep, "optimizer.lr=0.001,0.01"], cwd=tmp_path)
+    before = snapshot(tmp_path / "sweep")
+    other = run_cli([*sweep, "optimizer.lr=0.1,1.0"], cwd=tmp_path, check=False)
+    line = one_error_line(other)
+    assert "sweep holds another sweep (" in line and "optimizer.lr=0.001,0.01)" in line, line
+    assert_same(before, tmp_path / "sweep")
+    # The same sweep again: every job completed is skipped, none of its files touched.
+    again = run_cli([*sweep, "optimizer.lr=0.001,0.01"], cwd=tmp_path)
+    assert again.stdout.count("already completed: skipping it") == 2, again.stdout
+    after = snapshot(tmp_path / "sweep")
+    assert {k: after[k] for k in before if k.split("/")[0] in ("0", "1")} == \
+        {k: v for k, v in before.items() if k.split("/")[0] in ("0", "1")}
+
+
+@pytest.mark.slow
+def test_the_printed_resume_command_works_as_printed(project):  # noqa: F811
+    """A user's task and model: the command a stopped run prints names RUNNER_TRUST."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "XLA_FLAGS",
+                                                            "RUNNER_TRUST")}
+    a = subprocess.Popen(
+        [sys.executable, "-m", "runner", "--config-dir", "myconf", "task=sine",
+         "model=two_layer", "trainer.steps=3000000", "trainer.log_every=100",
+         "trainer.steps_per_dispatch=100",
+         "trainer.eval_every=null", "trainer.checkpoint_every=null", "device=cpu",
+         "trainer.log_images=false", "trainer.progress_bar=false", "hydra.run.dir=out/s"],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(project / "out/s/runner.log", "step 100/", a)
+    finally:
+        a.send_signal(signal.SIGTERM)
+        _, err = a.communicate(timeout=120)
+    printed = re.search(r"continue with: (.*)$", err, re.M)
+    assert printed, err[-2000:]
+    command = printed.group(1)
+    assert command.startswith("RUNNER_TRUST=myproj python -m runner resume="), command
+    stopped = json.loads((project / "out/s/metrics.json").read_text())["steps"]
+    resumed = subprocess.run(
+        f"{command} trainer.steps={stopped + 100}",
+        shell=True, cwd=project, capture_output=True, text=True, timeout=300,
+        env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((project / "out/s/metrics.json").read_text())["status"] == "completed"
