@@ -85,13 +85,26 @@ def test_a_write_that_fails_part_way_leaves_the_previous_checkpoints(tmp_path):
 
 
 def test_overwrite_is_atomic_and_complete(tmp_path):
+    """Overwriting a file: a write that fails part-way (the disk fills up) leaves the old
+    bytes under the name, whole, and no other file (a temporary one included); a write in
+    place would have truncated it. A write that succeeds leaves the new state, alone."""
     state, _, _ = make_state()
-    save_checkpoint(tmp_path, state, step=0)
-    state = state.replace(params=jax.tree.map(lambda p: p + 1, state.params))
     path = save_checkpoint(tmp_path, state, step=0)
+    old = path.read_bytes()
+    new = state.replace(params=jax.tree.map(lambda p: p + 1, state.params))
+    assert len(serialization.to_bytes(new)) == len(old)  # the same size: only atomicity tells
+    with disk_full_after(len(old) // 2):
+        with pytest.raises(Exception) as failed:
+            save_checkpoint(tmp_path, new, step=0)
+    chain = [failed.value, failed.value.__cause__, failed.value.__context__]
+    assert any(isinstance(e, OSError) and e.errno == errno.EFBIG for e in chain), chain
+    assert [p.name for p in tmp_path.iterdir()] == ["step_0.msgpack"]
+    assert path.read_bytes() == old, "the old checkpoint was overwritten part-way"
+    assert save_checkpoint(tmp_path, new, step=0) == path
+    assert [p.name for p in tmp_path.iterdir()] == ["step_0.msgpack"]
     restored = load_checkpoint(path, make_state()[0])
-    np.testing.assert_array_equal(restored.params["Dense_0"]["bias"],
-                                  state.params["Dense_0"]["bias"])
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(new.params)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00garbage\xff" * 10])

@@ -246,12 +246,15 @@ def test_on_several_devices_a_group_takes_one_and_a_data_parallel_job_runs_alone
 
 
 def test_the_batched_program_accelerators_run_agrees_with_the_members_one_by_one():
-    """``jax.vmap`` over the members (what accelerators run) against the CPU's ``lax.map``
-    (each member a single run's kernels): the same steps to float32 round-off."""
+    """``jax.vmap`` over the members (what accelerators run) and the CPU's ``lax.map`` against
+    each member trained alone by ``runner.steps.train_steps`` (a single run's, the basic
+    launcher's, path, outside the fused program): ``lax.map`` the same to the bit on the CPU,
+    ``vmap`` to float32 round-off (RTOL, STATE_RTOL)."""
     import jax.numpy as jnp
 
     from conftest import start
     from runner.fused_loop import train_steps_fused
+    from runner.steps import train_steps
 
     starts = [start(["task.batch_size=16", f"optimizer.lr={lr}"], seed=seed)
               for lr, seed in ((1e-3, 0), (1e-2, 1))]
@@ -268,10 +271,20 @@ def test_the_batched_program_accelerators_run_agrees_with_the_members_one_by_one
             stacked(lambda s: s.state), stacked(lambda s: s.data),
             stacked(lambda s: s.train_rng), jnp.ones(2, bool),
             options=tuple(sorted({**options, "batched": batched}.items()))))
-    (state_map, metrics_map), (state_vmap, metrics_vmap) = runs[False], runs[True]
-    np.testing.assert_allclose(metrics_vmap["loss"], metrics_map["loss"], rtol=RTOL)
-    for a, b in zip(jax.tree.leaves(state_vmap), jax.tree.leaves(state_map)):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        assert np.linalg.norm(a - b) <= STATE_RTOL * max(np.linalg.norm(b), 1e-30)
-    assert not np.array_equal(state_map.params["Dense_0"]["kernel"][0],
-                              state_map.params["Dense_0"]["kernel"][1])  # two members
+    # Last: train_steps donates the states the stacks above were copied from.
+    alone = [jax.device_get(train_steps(s.state, s.data, s.train_rng, **options))
+             for _, s in starts]
+    for batched, (rtol, state_rtol) in ((False, (0 if EXACT else RTOL, 0 if EXACT else
+                                                 STATE_RTOL)), (True, (RTOL, STATE_RTOL))):
+        fused_state, fused_metrics = runs[batched]
+        for i, (state, metrics) in enumerate(alone):
+            np.testing.assert_allclose(fused_metrics["loss"][i], metrics["loss"], rtol=rtol,
+                                       err_msg=f"batched={batched}, member {i}")
+            for a, b in zip(jax.tree.leaves(fused_state), jax.tree.leaves(state)):
+                a, b = np.asarray(a[i], np.float64), np.asarray(b, np.float64)
+                assert a.shape == b.shape
+                assert np.linalg.norm(a - b) <= state_rtol * max(np.linalg.norm(b), 1e-30), \
+                    (batched, i)
+    assert int(alone[0][0].step) == 20  # both members trained, each from its own start
+    assert not np.array_equal(alone[0][0].params["Dense_0"]["kernel"],
+                              alone[1][0].params["Dense_0"]["kernel"])

@@ -85,18 +85,38 @@ def test_optimizers_of_one_structure_share_the_transformation_not_the_values():
         cfg(), total_steps=20).tx
 
 
+# Each option as written by hand with optax itself (its own defaults for every other key), the
+# independent side of the comparison below; a new option needs its line here.
+OPTAX_BY_HAND = {
+    "adam": lambda: optax.adam(0.05),
+    "adamw": lambda: optax.adamw(0.05),
+    "rmsprop": lambda: optax.rmsprop(0.05, initial_scale=0.5),
+    "sgd": lambda: optax.sgd(0.05, momentum=0.9),
+}
+
+
 @pytest.mark.parametrize("name", group_options("optimizer"))
 def test_a_run_starts_from_optax_own_initial_state(name):
     """The run's set-up call (shared by runs of one structure) starts the optimizer state from
-    this run's values, where a factory's init reads one: rmsprop's initial_scale."""
+    this run's values, where a factory's init reads one (rmsprop's initial_scale): its first
+    two updates from that state are those of the optax optimizer written by hand."""
     from conftest import start
 
     overrides = [f"optimizer={name}", "optimizer.lr=0.05"]
     if name == "rmsprop":
         overrides.append("optimizer.initial_scale=0.5")  # every optax key is in the schema
     (_, _, optimizer), (state, *_) = start(overrides)
-    expected = optimizer.init(state.params)  # optax's own init, with the values themselves
-    for got, want in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(got, want)
+    assert float(state.opt_state.hyperparams["learning_rate"]) == pytest.approx(0.05)
+    reference = OPTAX_BY_HAND[name]()
+    ref_state, params = reference.init(state.params), state.params
+    run_state = state.opt_state
+    for seed in (1, 2):  # two steps: the second reads the state the first left
+        keys = iter(jax.random.split(jax.random.PRNGKey(seed), len(jax.tree.leaves(params))))
+        grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
+        got, run_state = optimizer.tx.update(grads, run_state, params)
+        want, ref_state = reference.update(grads, ref_state, params)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+        params = optax.apply_updates(params, want)
     if name == "rmsprop":
         assert float(state.opt_state.inner_state[0].nu["Dense_0"]["kernel"][0, 0]) == 0.5
