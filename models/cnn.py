@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 
-from runner.errors import ConfigError, check_range
+from runner.errors import ConfigError, check_range, chosen
 from runner.models.conv import conv_general_dilated
 from runner.models.init import Init
 from runner.models.pooling import max_pool
@@ -37,8 +37,8 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 4:
-            raise ConfigError(f"model=cnn needs images [batch, height, width, channels]; the "
-                              f"task gives inputs of shape {tuple(x.shape)}")
+            raise ConfigError(f"{chosen('model', 'cnn')} needs images [batch, height, width, "
+                              f"channels]; the task gives inputs of shape {tuple(x.shape)}")
         for i, (features, size) in enumerate(zip(self.conv_features, self.kernel_sizes)):
             init = {"kernel_init": self.first_kernel_init} if i == 0 else {}
             conv = nn.Conv(features, kernel_size=(size, size), **init,
@@ -46,9 +46,9 @@ class CNN(nn.Module):
             x = nn.relu(conv(x))
             if min(x.shape[1:3]) < self.pool_size:
                 raise ConfigError(
-                    f"model=cnn: conv layer {i} gives {x.shape[1]}x{x.shape[2]} images, smaller "
-                    f"than model.pool_size={self.pool_size}: use fewer model.conv_features, a "
-                    f"smaller pool_size or larger images")
+                    f"{chosen('model', 'cnn')}: conv layer {i} gives {x.shape[1]}x{x.shape[2]} "
+                    f"images, smaller than model.pool_size={self.pool_size}: use fewer "
+                    f"model.conv_features, a smaller pool_size or larger images")
             x = max_pool(x, (self.pool_size, self.pool_size))
         x = x.reshape(x.shape[0], -1)
         for features in self.dense_features:

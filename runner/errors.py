@@ -50,6 +50,16 @@ def check_range(key: str, value, *, gt=None, ge=None, le=None) -> None:
                 raise ConfigError(f"{key}={shown}: must be {word} {bound}")
 
 
+def chosen(group: str, default: str) -> str:
+    """``group=<option>`` as chosen for this job (Hydra records the choice: ``model=cnn_small``,
+    though its class is the CNN), else ``group=<default>`` (no Hydra job: a class used
+    directly). For a class's messages, which name the option the user typed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    option = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+    return f"{group}={option or default}"
+
+
 # Config options that an optional extra of the distribution installs: (group, name) -> extra.
 EXTRAS = {("hydra/sweeper", "optuna"): "optuna"}
 
@@ -72,6 +82,9 @@ def describe_error(err: BaseException) -> "str | None":
         if isinstance(e, OSError) and e.filename:
             return f"{e.filename}: {os_reason(e)}"
     for e in chain:
+        unchosen = _unchosen_group(e) if isinstance(e, ConfigCompositionException) else None
+        if unchosen:
+            return f"{unchosen}: no option chosen; pick one with {unchosen}=<name>"
         if isinstance(e, MissingConfigException):
             group, _, name = (e.missing_cfg_file or "").rpartition("/")
             if (group, name) in EXTRAS:
@@ -81,18 +94,26 @@ def describe_error(err: BaseException) -> "str | None":
                 return f"{group}={name}: no such option; available: {', '.join(e.options)}"
             return first_line(e)
         if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and getattr(e, "full_key", None):
-            valid = _valid_keys(e)
-            return (f"{e.full_key}: unknown key" + (f"; valid keys: {valid}" if valid else "")
-                    + " (use +key=value to add a new one)")
+            return _unknown_key(e)
         if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
             return f"{e.full_key}: {first_line(e)}"
     for e in chain:
         if isinstance(e, OverrideParseException):
             return f"cannot parse override '{e.override}': {first_line(e)}"
-        if isinstance(e, (ConfigCompositionException,
-                          InstantiationException, OmegaConfBaseException)):
+        if isinstance(e, ConfigCompositionException):  # its fix may be on a later line
+            return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        if isinstance(e, (InstantiationException, OmegaConfBaseException)):
             return first_line(e)
     return None
+
+
+def _unchosen_group(err: BaseException) -> "str | None":
+    """The group whose choice the defaults list interpolates (conf/config.yaml's
+    ``model_${model}``) when it has none (``~model``), from Hydra's message."""
+    import re
+
+    found = re.match(r"Error resolving interpolation '[^']*\$\{([\w/]+)\}", first_line(err))
+    return found.group(1) if found else None
 
 
 def first_line(err: BaseException) -> str:
@@ -116,3 +137,42 @@ def _valid_keys(err: BaseException) -> str:
     else:
         keys = []
     return ", ".join(str(k) for k in keys if k != "_target_")
+
+
+def _unknown_key(err: BaseException) -> str:
+    """``key: unknown key; valid keys: ...``. The ``+key=value`` hint only where it adds the
+    key for good: to a dict of free keys (``device.xla_flags``), or for a target's parameter
+    whose default no config holds (a function: ``runner.targets.signature_schema`` leaves it
+    out). Elsewhere the job rejects the key anyway, and the user may have written the ``+``."""
+    from omegaconf import DictConfig
+
+    key, valid, parent = err.full_key, _valid_keys(err), getattr(err, "parent_node", None)
+    target = parent.get("_target_") if isinstance(parent, DictConfig) else None
+    if isinstance(target, str) and _is_parameter(target, str(key).rsplit(".", 1)[-1]):
+        return (f"{key}: a parameter of {target} that the config leaves out (its default is no "
+                f"config value); set it with +{key}=...")
+    return (f"{key}: unknown key" + (f"; valid keys: {valid}" if valid else "")
+            + (" (use +key=value to add a new one)" if _free_keys(key) else ""))
+
+
+def _is_parameter(target: str, name: str) -> bool:
+    from runner.targets import import_object, parameters
+
+    try:
+        return name in parameters(import_object(target))
+    except Exception:  # noqa: BLE001 (a target that does not import: the job says so)
+        return False
+
+
+def _free_keys(key) -> bool:
+    """Whether ``key``'s parent is a dict of free keys in runner's schema (``RunConf``)."""
+    import dataclasses
+    import typing
+
+    from runner.schema import RunConf
+
+    kind: typing.Any = RunConf
+    for name in str(key).split(".")[:-1]:
+        kind = {f.name: f.type for f in dataclasses.fields(kind)}.get(name) \
+            if dataclasses.is_dataclass(kind) else None
+    return typing.get_origin(kind) is dict

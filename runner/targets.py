@@ -16,12 +16,15 @@ steps take them as static arguments, and sweep jobs with equal configs share one
 import collections.abc
 import dataclasses
 import enum
+import importlib
+import importlib.resources
 import inspect
+import re
 import typing
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
-from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -37,11 +40,33 @@ def load_target(path: Any, key: str) -> Callable:
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{key}._target_: missing (the class or function to build)")
     try:
-        return get_object(path)
-    except Exception as err:  # noqa: BLE001 (ImportError, AttributeError, ValueError...)
-        cause = err.__cause__ or err
-        raise ConfigError(f"{key}._target_={path}: cannot import it ({first_line(cause)})") \
+        return import_object(path)
+    except Exception as err:  # noqa: BLE001 (ImportError, AttributeError, a module's own)
+        raise ConfigError(f"{key}._target_={path}: cannot import it ({first_line(err)})") \
             from None
+
+
+def import_object(path: str) -> Any:
+    """The object a dotted path names (its longest prefix that imports, then attributes), or
+    Python's error for the missing part, or the module's own (hydra.utils.get_object would also
+    log an error block of its own)."""
+    parts, missing = path.split("."), None
+    for end in range(len(parts), 0, -1):
+        name = ".".join(parts[:end])
+        try:
+            obj = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if end == 1 or not (name == err.name or name.startswith(f"{err.name}.")):
+                raise  # a module the target's module imports is missing: that is the cause
+            missing = missing or err  # not a module (an attribute?): try a shorter prefix
+            continue
+        if (end + 1 < len(parts) and not hasattr(obj, parts[end]) and missing is not None
+                and missing.name == f"{name}.{parts[end]}"):
+            raise missing from None  # pkg.nomod.Class: the module nomod is what is missing
+        for attribute in parts[end:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise AssertionError("unreachable: the one-part path's import raised")
 
 
 def parameters(target: Callable, skip=()) -> Dict[str, inspect.Parameter]:
@@ -187,3 +212,89 @@ def _field(default: Any) -> Any:
     if isinstance(default, list) or dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=lambda: default)
     return dataclasses.field(default=default)
+
+
+# ---- a user's options: every parameter of their target a key, as for runner's own -----------
+SIGNATURES = "signature"  # conf/config.yaml: optional signature@model: model_${model}
+
+
+def register_signatures(args: Sequence[str], groups: Mapping[str, Mapping[str, Any]]) -> None:
+    """For each option of ``groups`` (group -> ``signature_schema`` keywords) in the config
+    dirs the command line ``args`` add whose YAML names a ``_target_``: ConfigStore's
+    ``signature/<group>_<option>``, every parameter of the target with its default, untyped
+    (the job types the values: ``runner.schema.untyped``). So ``model.depth=3`` needs no ``+``
+    and ``--cfg job`` lists every key, as for runner's options (whose YAMLs extend
+    ``schema/<group>/<name>``). None where the target does not import: the job says why."""
+    from hydra.core.config_store import ConfigStore
+
+    from runner.schema import untyped
+
+    dirs = config_dirs(args)
+    for group, keywords in groups.items() if dirs else ():
+        for option, target in user_options(dirs, group).items():
+            try:
+                schema = signature_schema(import_object(target), path=target, **keywords)
+            except Exception:  # noqa: BLE001 (a user's module can raise anything on import)
+                continue
+            ConfigStore.instance().store(group=SIGNATURES, name=f"{group}_{option}",
+                                         node=untyped(schema))
+
+
+def config_dirs(args: Sequence[str]) -> List[Any]:
+    """The existing config dirs a command line adds to runner's, in Hydra's search order: the
+    last ``--config-dir`` (``-cd``), then ``hydra.searchpath``'s (``file://``, ``pkg://``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = [value for flag, value in zip(args, args[1:]) if flag in ("--config-dir", "-cd")]
+    given += [arg.split("=", 1)[1] for arg in args if arg.startswith(("--config-dir=", "-cd="))]
+    entries = given[-1:]
+    for arg in [arg for arg in args if arg.startswith("hydra.searchpath=")][:1]:
+        try:
+            value = OverridesParser.create().parse_overrides([arg])[0].value()
+        except Exception:  # noqa: BLE001 (a bad override: Hydra reports it)
+            value = None
+        entries += value if isinstance(value, list) else []
+    return [d for d in map(_config_dir, map(str, entries)) if d is not None]
+
+
+def user_options(dirs: Sequence[Any], group: str) -> Dict[str, str]:
+    """``{option: _target_}`` for ``group``'s YAMLs in ``dirs`` that name one; the first dir
+    holding an option wins, and runner's own options (searched first) hide the user's."""
+    found: Dict[str, str] = {}
+    shipped = {f.name for f in _yamls(importlib.resources.files("runner.conf") / group)}
+    for file in (f for d in dirs for f in _yamls(d / group) if f.name not in shipped):
+        option, target = file.name[:-len(".yaml")], _target_of(file.read_text(), group)
+        if target is not None:
+            found.setdefault(option, target)
+    return found
+
+
+def _config_dir(entry: str) -> Optional[Any]:
+    """A search path entry's directory (``file://dir``, a bare dir, ``pkg://package``)."""
+    scheme, _, where = entry.rpartition("://")
+    if scheme not in ("", "file", "pkg"):
+        return None
+    try:
+        directory = Path(where) if scheme != "pkg" else importlib.resources.files(
+            where.replace("/", ".").strip("."))  # Hydra's pkg://a/b is the package a.b
+        return directory if directory.is_dir() else None
+    except Exception:  # noqa: BLE001 (a package that does not import: Hydra says so)
+        return None
+
+
+def _yamls(directory: Any) -> List[Any]:
+    files = directory.iterdir() if directory.is_dir() else ()
+    return sorted((f for f in files if f.name.endswith(".yaml") and f.is_file()),
+                  key=lambda f: f.name)
+
+
+def _target_of(text: str, group: str) -> Optional[str]:
+    """The ``_target_`` an option's YAML names (``<group>._target_`` in a ``# @package
+    _global_`` one), if it names one as a plain string."""
+    header = re.search(r"^#\s*@package\s+_global_\s*$", text, re.MULTILINE)
+    try:
+        target = OmegaConf.select(OmegaConf.create(text),
+                                  f"{group}._target_" if header else "_target_")
+    except Exception:  # noqa: BLE001 (a YAML Hydra cannot read either: Hydra reports it)
+        return None
+    return target if isinstance(target, str) and target else None

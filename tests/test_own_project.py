@@ -113,7 +113,7 @@ def test_runs_from_a_directory_with_its_own_models_tasks_and_conf(project):
 @pytest.mark.slow
 def test_a_user_task_and_model_from_their_own_package(project, monkeypatch):
     run_cli(["--config-dir", "myconf", *TINY, "task=sine", "model=two_layer",
-             "+task.freq=2", "hydra.run.dir=out/own"], cwd=project)
+             "task.freq=2", "hydra.run.dir=out/own"], cwd=project)
     metrics = done(project / "out/own")
     assert set(metrics["eval"]) == {"loss", "mse"}
     summary = (project / "out/own/model_summary.txt").read_text()
