@@ -131,6 +131,7 @@ class FusedLoop:
         self.options = _options(first)
         for loop in loops:
             loop.bar = None  # one bar per process, not per member
+            loop.group_members = len(loops)  # its perf scalars are the group's
 
     def run(self) -> Dict[int, Union[Dict[str, Any], BaseException]]:
         states = _stack([m.state for m in self.loops])
@@ -165,7 +166,11 @@ class FusedLoop:
                     self.loops[0].actions[k].action != self.loops[0].log_train for k in due)
                 host, host_states = jax.device_get((metrics, states if needs_state else None))
                 if window_steps:
-                    perf = {"steps_per_sec": window_steps / (time.perf_counter() - window_start)}
+                    # One dispatch advances every member: a member's own rate is the group
+                    # program's, named so (a perf/steps_per_sec would read as a run's alone,
+                    # N times slower); the group trains group_members times as many steps.
+                    perf = {"group_steps_per_sec":
+                            window_steps / (time.perf_counter() - window_start)}
             for i in np.flatnonzero(alive):
                 try:
                     self._member_work(self.loops[i], int(i), host_states, host, perf, due,
@@ -200,7 +205,10 @@ class FusedLoop:
                 loop.perf = perf
                 check_finite(loop.metrics, loop.start, self.chunk // self.windows)
             if states is not None:
-                loop.state = jax.tree.map(lambda x: x[i], states)
+                # Arrays, as a single run's state is: x[i] of a 1-D leaf (``step``) is a numpy
+                # scalar, which flax's msgpack encodes as another type (the checkpoint's bytes
+                # then differed from the basic launcher's for equal values).
+                loop.state = jax.tree.map(lambda x: np.asarray(x[i]), states)
             loop.act([loop.actions[k] for k in due], last=last)
             if stopping:
                 loop.interrupt(saved=any(loop.actions[k].action == loop.save for k in due),

@@ -1,6 +1,6 @@
 """The hyperparameters a run shows in TensorBoard's HPARAMS tab."""
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -10,16 +10,28 @@ NOT_HPARAMS = {"trainer.progress_bar", "trainer.log_images", "trainer.log_histog
                "device.compilation_cache_dir"}
 
 
-def run_hparams(cfg: DictConfig, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+def job_choices() -> Dict[str, Any]:
+    """The config group options of the job Hydra is running now (``task: linear_fit``, ...);
+    {} outside Hydra. Taken when a job starts: a fused launcher trains its jobs later, under
+    the sweep's own Hydra config."""
+    if not HydraConfig.initialized():
+        return {}
+    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
+
+
+def run_hparams(cfg: DictConfig, overrides: Sequence[str] = (), *,
+                choices: Optional[Mapping[str, Any]] = None,
+                platform: Optional[str] = None) -> Dict[str, Any]:
     """The run's main choices (task, model, optimizer, lr, seed, steps, device) plus every key
-    its overrides set, so a sweep's table has a column for each swept key."""
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    its overrides set, so a sweep's table has a column for each swept key. ``choices`` are the
+    job's group options (``job_choices``; default: the current Hydra job's); ``platform`` is
+    the platform that ran (``cpu``), else the configured one (``auto``)."""
+    choices = job_choices() if choices is None else choices
     name = lambda group: choices.get(group) or cfg[group]._target_.rsplit(".", 1)[-1]  # noqa
     hparams: Dict[str, Any] = {
         "task": name("task"), "model": name("model"), "optimizer": name("optimizer"),
         "optimizer.lr": cfg.optimizer.lr, "seed": cfg.seed, "trainer.steps": cfg.trainer.steps,
-        "device": cfg.device.platform.value if hasattr(cfg.device.platform, "value")
-        else str(cfg.device.platform), "experiment": cfg.get("experiment")}
+        "device": platform or _plain(cfg.device.platform), "experiment": cfg.get("experiment")}
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if (key.startswith("hydra") or "/" in key or "@" in key or key in hparams

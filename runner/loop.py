@@ -63,8 +63,9 @@ class HostLoop:
                  checkpointer, stop: StopRequest, renderer=None,
                  options: Optional[StepOptions] = None,
                  peak_flops: Optional[Tuple[float, float]] = None,
-                 profiler: Optional[StepProfiler] = None):
+                 profiler: Optional[StepProfiler] = None, resume_command: str = ""):
         self.state, self.data, self.rng = state, data, rng
+        self.resume_command = resume_command  # printed when a signal stops the run
         self.task, self.schedule, self.trainer, self.chunk = task, schedule, trainer, chunk
         self.logger, self.checkpointer, self.stop = logger, checkpointer, stop
         self.renderer, self.peak_flops = renderer, peak_flops
@@ -73,6 +74,9 @@ class HostLoop:
         self.step = self.start = int(state.step)
         self.metrics: Dict[str, Any] = {}  # the last dispatch's, on the host once fetched
         self.perf: Dict[str, float] = {}
+        # > 1: a member of a fused group of that many runs (runner.fused_loop), whose
+        # throughput and compile time are the group's and named so (log_compile)
+        self.group_members = 1
         self.train_metrics: Dict[str, float] = {}
         self.eval_metrics: Dict[str, float] = {}
         self.checkpoint = None
@@ -92,7 +96,8 @@ class HostLoop:
         with self.bar or nullcontext():
             while self.step < self.trainer.steps and self.stopped_early_at is None:
                 self.dispatch()
-                self.profiler.after_dispatch(self.chunk, self.metrics)
+                # The trace's start and its writing (debug=profile) are no steps: left out
+                window_start += self.profiler.after_dispatch(self.chunk, self.metrics)
                 if compiled:
                     window_steps += self.chunk
                 else:  # keep compilation out of steps/s: wait for it, start timing after
@@ -148,11 +153,10 @@ class HostLoop:
     def dispatch(self) -> None:
         self.start = self.step
         try:
-            with self.profiler.annotate(self.step):
-                self.state, self.metrics = train_steps(
-                    self.state, self.data, self.rng, task=self.task, schedule=self.schedule,
-                    num_steps=self.chunk, windows=self.windows,
-                    layer_norms=self.trainer.log_histograms, **self.options._asdict())
+            self.state, self.metrics = self.profiler.step(self.step, lambda: train_steps(
+                self.state, self.data, self.rng, task=self.task, schedule=self.schedule,
+                num_steps=self.chunk, windows=self.windows,
+                layer_norms=self.trainer.log_histograms, **self.options._asdict()))
         except FloatingPointError as err:  # jax_debug_nans (debug=nans) found the operation
             raise RunnerError(f"step {self.step + 1}: {err}{_code_line(err)}") from err
         self.step += self.chunk
@@ -167,6 +171,16 @@ class HostLoop:
             perf["mfu"] = perf["steps_per_sec"] * self.peak_flops[1] / self.peak_flops[0]
         self.perf = perf
         check_finite(self.metrics, self.start, self.chunk // self.windows)
+
+    def log_compile(self, step: int, seconds: float) -> None:
+        """The run's compile time, once it ended: ``perf/compile_s``. A fused member's is its
+        group's one compile, the same on every member (summed over them it would count N
+        times): ``perf/group_compile_s``, beside ``perf/group_members``."""
+        if self.group_members > 1:
+            self.logger.scalars(step, "perf", {"group_compile_s": seconds,
+                                               "group_members": self.group_members})
+        else:
+            self.logger.scalars(step, "perf", {"compile_s": seconds})
 
     def log_train(self) -> None:
         """The train metrics of every log window that ended in this dispatch."""
@@ -210,9 +224,11 @@ class HostLoop:
         if not saved:
             self.save()
         if not last:
+            resume = self.resume_command or \
+                f"python -m runner resume={self.checkpointer.dir.parent}"
             raise Interrupted(f"stopped by {self.stop.signal_name} at step {self.step}, "
-                              f"checkpoint {self.checkpoint}; continue with: python -m runner "
-                              f"resume={self.checkpointer.dir.parent}", self.step)
+                              f"checkpoint {self.checkpoint}; continue with: {resume}",
+                              self.step)
 
     def log_figures(self, *, wait: bool = False) -> None:
         if self.renderer:

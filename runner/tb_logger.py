@@ -3,7 +3,7 @@
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
@@ -90,18 +90,27 @@ class TensorBoardLogger:
             self._summary(summaries.histogram(f"{prefix}/{name}", np.asarray(leaf),
                                               HISTOGRAM_BINS), step)
 
-    def hparams(self, hparams: Mapping[str, Any], metric_tags: Iterable[str], *,
-                completed: bool) -> None:
-        """This run's hyperparameters and metric tags for the HPARAMS tab.
+    def hparams(self, hparams: Mapping[str, Any], *, completed: bool) -> None:
+        """This run's row of the HPARAMS tab: its hyperparameters (a session start info) and,
+        for a run that completed, a session end. Written into the run's own event file:
+        tensorboardX's ``add_hparams`` would write them into a separate sub-run, giving two
+        rows per run.
 
-        Written into the run's own event file: tensorboardX's ``add_hparams`` would write them
-        into a separate sub-run, giving two rows per run. The metric values are the run's own
-        scalars under those tags. A run that did not complete gets no session-end record.
+        No experiment summary (its list of columns): TensorBoard takes the first one it finds
+        under its logdir for every run, so under ``--logdir outputs`` a linear_fit run's list
+        left the CNN runs without ``eval/accuracy``. Without one, TensorBoard takes the union
+        of every run's hyperparameters and scalar tags as the columns, those that differ
+        between runs first (the metric columns are the runs' own scalars).
+
+        Integers are written as text: TensorBoard shows every number to 5 significant digits
+        (``seed`` 0 as ``0.0000``, ``trainer.steps`` 200 as ``200.00``).
         """
-        experiment, session_start, session_end = summaries.hparams(
-            dict(hparams), {tag: 0.0 for tag in metric_tags})
-        for summary in (experiment, session_start, session_end)[:3 if completed else 2]:
-            self._summary(summary)
+        values = {k: str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                  for k, v in hparams.items()}
+        _, session_start, session_end = summaries.hparams(values, {})
+        self._summary(session_start)
+        if completed:
+            self._summary(session_end)
 
     def flush(self) -> None:
         self._io(self.events.flush)

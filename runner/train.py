@@ -51,9 +51,8 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (), resume: bool = Fal
     errors then only logged). The run holds the run dir's lock (``runner.lock``) throughout;
     nothing is written into the dir before its checks pass and the lock is held.
     """
-    if claim is None:
-        claim = rundir.resuming if resume else rundir.fresh(
-            overwrite=bool(cfg.get("overwrite")))
+    if resume and claim is None:
+        claim = rundir.resuming
     session = Session(cfg, run_dir, overrides=overrides, claim=claim, hydra_job=hydra_job)
     with stop_on_signals() as stop:
         try:
@@ -72,11 +71,15 @@ class Session:
     one."""
 
     def __init__(self, cfg, run_dir: Path, *, overrides: Sequence[str] = (),
-                 claim: rundir.Claim, hydra_job: Optional[rundir.HydraJob] = None,
+                 claim: Optional[rundir.Claim] = None,
+                 hydra_job: Optional[rundir.HydraJob] = None,
                  choices: Optional[Dict[str, Any]] = None,
                  log_filter: Optional[logging.Filter] = None):
         self.cfg, self.run_dir, self.overrides = cfg, run_dir, overrides
-        self.claim, self.hydra_job, self.resume = claim, hydra_job, False
+        # A fresh run's by default: a dir that holds a run is refused (or, overwrite=true,
+        # set aside).
+        self.claim = claim or rundir.fresh(overwrite=bool(cfg.get("overwrite")))
+        self.hydra_job, self.resume = hydra_job, False
         self.committed = False  # the run dir is this run's: its files may be written
         # The job's group options, for HParams (a fused group trains after Hydra's job ended)
         self.choices = job_choices() if choices is None else choices
@@ -101,7 +104,10 @@ class Session:
         if self.writer:
             lock.check_free(self.run_dir)
             self.claim(self.run_dir, True)  # a refusal reads only
-            self.held.enter_context(lock.hold(self.run_dir, signed=False))
+            before = self.held.enter_context(lock.hold(self.run_dir))
+            # Refused after all (the run's own checks, a resume no checkpoint fits): the lock
+            # file gets its bytes back, as every other file in the dir keeps its own.
+            self.held.callback(lambda: self.committed or lock.sign(self.run_dir, before))
         self.resume = self.claim(self.run_dir, self.writer)  # as the dir stands, held
         if announce:
             announce(cfg)
@@ -118,21 +124,21 @@ class Session:
         return self.loop
 
     def _commit(self) -> None:
-        """The run dir is this run's from here: an earlier attempt's files moved aside (unless
-        resumed), then its ``.hydra/`` files and its ``runner.log``."""
-        lock.sign(self.run_dir)
+        """The run dir is this run's from here (a failure now is recorded in it): an earlier
+        attempt's files moved aside (unless resumed), then its ``.hydra/`` files and its
+        ``runner.log``."""
+        self.committed = True
         if not self.resume:
             rundir.set_aside(self.run_dir)
         if self.hydra_job is not None:
             rundir.write_hydra_files(self.run_dir, self.hydra_job)
         self.log.write_to(self.run_dir)
-        self.committed = True
 
     def finish(self, result: Dict[str, Any]) -> Dict[str, Any]:
         """The loop's ``result`` completed: the last events, HParams and ``metrics.json``."""
         run = self.run
-        self.loop.logger.scalars(result["steps"], "perf", {"compile_s": float(
-            compile_stats(self.compiled_name)[1] - self.compiles_before[1])})
+        self.loop.log_compile(result["steps"], float(
+            compile_stats(self.compiled_name)[1] - self.compiles_before[1]))
         result.update(best=self.loop.checkpointer.best, devices=run.placement,
                       resumed_from=run.start_step if run.resume else None)
         if run.cfg.experiment:
@@ -233,7 +239,7 @@ def _prepare(run: Run, overrides: Sequence[str], stop: StopRequest,
     closing.callback(logger.close)
     hparams = run_hparams(run.cfg, overrides, choices=choices,
                           platform=run.placement["platform"])
-    closing.callback(lambda: logger.hparams(hparams, _tags(summary), completed=bool(summary)))
+    closing.callback(lambda: logger.hparams(hparams, completed=bool(summary)))
     if not hasattr(task, "figures"):
         renderer = None
     elif renderer:
@@ -272,12 +278,6 @@ def _write_run_files(run: Run, overrides: Sequence[str]) -> str:
 def _launch_writer(cfg) -> bool:
     """Whether this process will be process 0 (known before JAX starts)."""
     return launch_process_index(cfg.device) == 0
-
-
-def _tags(summary: Dict[str, Any]):
-    """The HParams tab's metric columns: every eval metric, and the train loss."""
-    return ["eval/loss", *(f"eval/{k}" for k in summary.get("eval", {}) if k != "loss"),
-            "train/loss"]
 
 
 def _log_to_console_only() -> None:

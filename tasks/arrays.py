@@ -19,7 +19,7 @@ import optax
 from runner.errors import ConfigError, check_range
 from runner.tasks.arrays_io import KINDS, ArraysInfo, check, read, resolve
 from runner.tasks.base import Batch, Data
-from runner.tasks.figures import confusion_matrix, pyplot, sample_grid
+from runner.tasks.figures import TEXT_PT, card_figure, confusion_matrix, sample_grid
 from runner.tasks.sampling import distinct_indices
 
 
@@ -138,7 +138,7 @@ class Arrays:
         labels, predicted = np.asarray(data["eval"]["y"])[:n], outputs.argmax(-1)
         figures = {"confusion_matrix": confusion_matrix(labels, predicted, self.output_dim)}
         if len(self.info.x_shape) == 3 and self.info.x_shape[-1] in (1, 3, 4):
-            figures["samples"] = sample_grid(np.asarray(data["eval"]["x"])[:16], labels,
+            figures["samples"] = sample_grid(np.asarray(data["eval"]["x"])[:8], labels,
                                              predicted)
         return figures
 
@@ -156,11 +156,12 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
 
 
 def _scatter(true: np.ndarray, predicted: np.ndarray):
-    fig, ax = pyplot().subplots(figsize=(4.5, 4.5), dpi=80)
+    fig, axes = card_figure(3.3)  # legible on TensorBoard's image card (tasks.figures)
+    ax = axes[0, 0]
     ax.scatter(true, predicted, s=8, alpha=0.6)
     lo, hi = float(min(true.min(), predicted.min())), float(max(true.max(), predicted.max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-    ax.set_xlabel("true")
-    ax.set_ylabel("predicted")
-    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.12, top=0.97)
+    ax.set_xlabel("true", fontsize=TEXT_PT, labelpad=1)
+    ax.set_ylabel("predicted", fontsize=TEXT_PT, labelpad=1)
+    fig.subplots_adjust(left=0.2, right=0.97, bottom=0.15, top=0.97)
     return fig

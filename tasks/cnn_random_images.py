@@ -82,5 +82,5 @@ class CNNRandomImages:
         """Sample eval images with true/predicted labels, and the eval confusion matrix."""
         images, labels = np.asarray(data["eval"]["x"]), np.asarray(data["eval"]["y"])
         predicted = np.asarray(outputs).reshape(len(labels), -1).argmax(-1)
-        return {"samples": sample_grid(images[:16], labels, predicted),
+        return {"samples": sample_grid(images[:8], labels, predicted),
                 "confusion_matrix": confusion_matrix(labels, predicted, self.num_classes)}
