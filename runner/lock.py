@@ -10,7 +10,7 @@ import fcntl
 import os
 import socket
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 from runner.errors import RunnerError, WriteError
 
@@ -24,14 +24,14 @@ _held: Dict[Path, int] = {}  # run dir -> the lock file's descriptor, for nested
 
 
 @contextlib.contextmanager
-def hold(run_dir: Path, *, signed: bool = True) -> Iterator[None]:
+def hold(run_dir: Path) -> Iterator[bytes]:
     """Hold ``run_dir``'s lock while inside (a hold nested in this process's own is a no-op);
-    RunnerError naming the holder's pid and host when another process holds it. Unless
-    ``signed``, the lock file keeps its bytes until ``sign``: a run that may still refuse the
-    dir (a resume no checkpoint fits) leaves it as it was."""
+    RunnerError naming the holder's pid and host when another process holds it. Yields the
+    lock file's bytes from before (``sign`` puts them back, for a run that refuses the dir
+    after all: it leaves the dir as it was)."""
     key = Path(run_dir).resolve()
     if key in _held:
-        yield
+        yield os.pread(_held[key], 256, 0)
         return
     path = key / LOCK_FILE
     try:
@@ -46,22 +46,23 @@ def hold(run_dir: Path, *, signed: bool = True) -> Iterator[None]:
         os.close(fd)
         raise busy from None
     _held[key] = fd
-    if signed:
-        sign(run_dir)
+    before = os.pread(fd, 256, 0)
+    sign(run_dir)
     try:
-        yield
+        yield before
     finally:
         del _held[key]
         os.close(fd)  # releases the lock
 
 
-def sign(run_dir: Path) -> None:
-    """Write this process's name into the lock it holds on ``run_dir``, for the message a
-    second process gets."""
+def sign(run_dir: Path, text: Optional[bytes] = None) -> None:
+    """Write this process's name (or ``text``) into the lock it holds on ``run_dir``, for the
+    message a second process gets."""
     fd = _held[Path(run_dir).resolve()]
+    text = f"pid {os.getpid()} on {socket.gethostname()}\n".encode() if text is None else text
     with contextlib.suppress(OSError):  # the holder's name is a courtesy (a full disk)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(fd, text, 0)
 
 
 def check_free(run_dir: Path) -> None:

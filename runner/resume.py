@@ -1,12 +1,11 @@
 """``python -m runner resume=<run_dir> [key=value ...]``: continue a run in its own dir."""
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import (AlreadyComplete, ConfigError, RunnerError, describe_error,
                            first_line)

@@ -15,7 +15,7 @@ import logging.handlers
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -174,9 +174,13 @@ class RunLog:
         self.buffer.capacity = 0  # every later line goes straight through
 
     def close(self) -> None:
-        self.buffer.close()
+        # A log the disk cannot take any more (ENOSPC) is not the run's error to report: the
+        # write that failed first says why, once.
+        with contextlib.suppress(OSError):
+            self.buffer.close()
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):
+                self.file.close()
 
 
 def remove_if_unused(run_dir: Path) -> None:

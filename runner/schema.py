@@ -123,6 +123,8 @@ class RunConf:
     experiment: Optional[str] = None  # set by the experiment=<name> config chosen
     seed: int = bounded(0, ge=0, le=2**31 - 1)  # a jitted int32 argument
     resume: Optional[str] = None
+    # A run into a dir that holds another run: move that one to <dir>/attempts/<n> first.
+    overwrite: bool = False
     task: Any = MISSING
     model: Any = MISSING
     optimizer: Any = MISSING

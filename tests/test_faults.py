@@ -20,6 +20,10 @@ import pytest
 from flax import serialization
 
 from conftest import TINY, compose_config, free_port, run_cli
+from test_run_dirs import assert_same
+from test_run_dirs import snapshot as dir_bytes
+from test_run_dirs import one_error_line as only_error_line
+from test_run_dirs import wait_for as wait_for_text
 from runner import checkpoint
 from runner.checkpoint import list_checkpoints
 from runner.errors import WriteError
@@ -144,12 +148,17 @@ def test_a_full_disk_ends_the_run_in_one_line_and_a_resume_carries_on(tmp_path):
 
 
 def test_a_checkpoint_write_that_fails_keeps_every_earlier_one(tmp_path, monkeypatch):
-    """Without a tmpfs: the disk fills half-way through the checkpoint of step 6."""
+    """Without a tmpfs: the disk fills half-way through the checkpoint of step 6. The fault
+    keys on what is written (the bytes of step 6's state, as the uninterrupted run wrote
+    them), whatever file they go to: a write in place would fail here too, and leave a
+    partial step_6.msgpack."""
     class FullDisk:
         def __init__(self, file):
             self.file = file
 
         def write(self, data):
+            if bytes(data) != step_6:
+                return self.file.write(data)
             self.file.write(data[:len(data) // 2])
             raise OSError(28, "No space left on device")
 
@@ -164,10 +173,11 @@ def test_a_checkpoint_write_that_fails_keeps_every_earlier_one(tmp_path, monkeyp
 
     def fill_at_step_6(path, mode="r", *args, **kwargs):
         file = open(path, mode, *args, **kwargs)
-        return FullDisk(file) if Path(path).name.startswith(".step_6.") else file
+        return FullDisk(file) if any(m in mode for m in "wax+") else file
 
     cfg = compose_config([*TINY, "trainer.steps=10", "trainer.eval_every=null"])
     run(cfg, tmp_path / "reference")
+    step_6 = final_state(tmp_path / "reference", 6)
     monkeypatch.setattr(checkpoint, "open", fill_at_step_6, raising=False)
     with pytest.raises(WriteError, match=r"cannot write .*/checkpoints/step_6\.msgpack: "
                                          r"\[Errno 28\] No space left on device"):
@@ -412,3 +422,50 @@ def test_when_process_0_cannot_write_both_processes_stop_at_once(tmp_path):
         assert "No space left on device" in one_error_line(errors[0])
         assert one_error_line(errors[1]).startswith("error: process 0 of this run failed")
         assert_all_valid(disk / "run")
+
+
+@pytest.mark.slow
+def test_a_process_refused_by_the_lock_writes_nothing(tmp_path):
+    """Run A trains in runs/x; B (another task) into runs/x is refused before any write: A's
+    config stays A's, and resume rebuilds A's task."""
+    args = runner_args("trainer.steps=100000000", "trainer.log_every=50",
+                       "trainer.eval_every=null", "trainer.checkpoint_every=null",
+                       "trainer.log_images=false", "trainer.progress_bar=false",
+                       "trainer.steps_per_dispatch=50", "hydra.run.dir=runs/x")
+    a = popen(args, tmp_path)
+    try:
+        wait_for_text(tmp_path / "runs/x/runner.log", "step 50/", a)
+        before = {k: v for k, v in dir_bytes(tmp_path / "runs/x").items()
+                  if k.startswith(".hydra") or k in (".lock", "metrics.json",
+                                                     "model_summary.txt", "manifest.json")}
+        b = run_cli(["task=cnn_random_images", "hydra.run.dir=runs/x"], cwd=tmp_path,
+                    check=False)
+        line = only_error_line(b)
+        assert f"in use by pid {a.pid}" in line, line
+        after = dir_bytes(tmp_path / "runs/x")
+        assert {k: after[k] for k in before} == before
+    finally:
+        a.send_signal(signal.SIGTERM)
+        _, err = a.communicate(timeout=120)
+    assert a.returncode == 1 and "stopped by SIGTERM" in err, err[-2000:]
+    resumed = run_cli(["resume=runs/x", "trainer.steps=200"], cwd=tmp_path, check=False)
+    # A stopped past step 200: already complete, on linear_fit's own model, not the CNN.
+    assert resumed.returncode == 0 and "already complete" in resumed.stdout, resumed.stderr
+    assert "LinearFit" in (tmp_path / "runs/x/.hydra/config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_refused_sweep_changes_no_file_of_the_finished_sweep(tmp_path):
+    sweep = ["-m", *TINY, "trainer.log_images=false", "hydra.sweep.dir=sweep"]
+    run_cli([*sweep, "optimizer.lr=0.001,0.01"], cwd=tmp_path)
+    before = dir_bytes(tmp_path / "sweep")
+    other = run_cli([*sweep, "optimizer.lr=0.1,1.0"], cwd=tmp_path, check=False)
+    line = only_error_line(other)
+    assert "sweep holds another sweep (" in line and "optimizer.lr=0.001,0.01)" in line, line
+    assert_same(before, tmp_path / "sweep")
+    # The same sweep again: every job completed is skipped, none of its files touched.
+    again = run_cli([*sweep, "optimizer.lr=0.001,0.01"], cwd=tmp_path)
+    assert again.stdout.count("already completed: skipping it") == 2, again.stdout
+    after = dir_bytes(tmp_path / "sweep")
+    assert {k: after[k] for k in before if k.split("/")[0] in ("0", "1")} == \
+        {k: v for k, v in before.items() if k.split("/")[0] in ("0", "1")}

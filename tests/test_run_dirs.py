@@ -124,55 +124,6 @@ def test_hydra_files_are_written_by_the_run_as_hydra_names_them(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_process_refused_by_the_lock_writes_nothing(tmp_path):
-    """Run A trains in runs/x; B (another task) into runs/x is refused before any write: A's
-    config stays A's, and resume rebuilds A's task."""
-    args = [sys.executable, "-m", "runner", "trainer.steps=100000000", "trainer.log_every=50",
-            "trainer.eval_every=null", "trainer.checkpoint_every=null",
-            "trainer.log_images=false", "trainer.progress_bar=false",
-            "trainer.steps_per_dispatch=50", "hydra.run.dir=runs/x"]
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "XLA_FLAGS")}
-    a = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(tmp_path / "runs/x/runner.log", "step 50/", a)
-        before = {k: v for k, v in snapshot(tmp_path / "runs/x").items()
-                  if k.startswith(".hydra") or k in (".lock", "metrics.json",
-                                                     "model_summary.txt", "manifest.json")}
-        b = run_cli(["task=cnn_random_images", "hydra.run.dir=runs/x"], cwd=tmp_path,
-                    check=False)
-        line = one_error_line(b)
-        assert f"in use by pid {a.pid}" in line, line
-        after = snapshot(tmp_path / "runs/x")
-        assert {k: after[k] for k in before} == before
-    finally:
-        a.send_signal(signal.SIGTERM)
-        _, err = a.communicate(timeout=120)
-    assert a.returncode == 1 and "stopped by SIGTERM" in err, err[-2000:]
-    resumed = run_cli(["resume=runs/x", "trainer.steps=200"], cwd=tmp_path, check=False)
-    # A stopped past step 200: already complete, on linear_fit's own model, not the CNN.
-    assert resumed.returncode == 0 and "already complete" in resumed.stdout, resumed.stderr
-    assert "LinearFit" in (tmp_path / "runs/x/.hydra/config.yaml").read_text()
-
-
-@pytest.mark.slow
-def test_a_refused_sweep_changes_no_file_of_the_finished_sweep(tmp_path):
-    sweep = ["-m", *TINY, "trainer.log_images=false", "hydra.sweep.dir=sweep"]
-    run_cli([*sweep, "optimizer.lr=0.001,0.01"], cwd=tmp_path)
-    before = snapshot(tmp_path / "sweep")
-    other = run_cli([*sweep, "optimizer.lr=0.1,1.0"], cwd=tmp_path, check=False)
-    line = one_error_line(other)
-    assert "sweep holds another sweep (" in line and "optimizer.lr=0.001,0.01)" in line, line
-    assert_same(before, tmp_path / "sweep")
-    # The same sweep again: every job completed is skipped, none of its files touched.
-    again = run_cli([*sweep, "optimizer.lr=0.001,0.01"], cwd=tmp_path)
-    assert again.stdout.count("already completed: skipping it") == 2, again.stdout
-    after = snapshot(tmp_path / "sweep")
-    assert {k: after[k] for k in before if k.split("/")[0] in ("0", "1")} == \
-        {k: v for k, v in before.items() if k.split("/")[0] in ("0", "1")}
-
-
-@pytest.mark.slow
 def test_the_printed_resume_command_works_as_printed(project):  # noqa: F811
     """A user's task and model: the command a stopped run prints names RUNNER_TRUST."""
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "XLA_FLAGS",
