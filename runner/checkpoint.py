@@ -113,18 +113,21 @@ def load_checkpoint(path: Path, template: State) -> State:
 
 
 def restore_latest(ckpt_dir: Path, template: State) -> Tuple[Optional[State], Optional[Path]]:
-    """The newest valid step checkpoint of ``ckpt_dir`` (skipping invalid ones, each with a
-    warning that names it and why), or (None, None) when there is none. Checkpoints none of
-    which restores are a RunnerError naming the newest one's mismatch: a resume must not
-    start over them from step 0."""
+    """The newest valid step checkpoint of ``ckpt_dir`` (the newer invalid ones skipped, each
+    with a warning that names it and why), or (None, None) when there is none. Checkpoints
+    none of which restores are a RunnerError naming the newest one's mismatch: a resume must
+    not start over them from step 0."""
     found = list_checkpoints(ckpt_dir)
-    errors = []
+    errors: List[RunnerError] = []
     for _, path in reversed(found):
         try:
-            return load_checkpoint(path, template), path
+            restored = load_checkpoint(path, template)
         except RunnerError as err:
-            log.warning("skipping %s; falling back to an older checkpoint", err)
             errors.append(err)
+            continue
+        for err in errors:
+            log.warning("skipping %s; falling back to an older checkpoint", err)
+        return restored, path
     if errors:
         raise RunnerError(f"{errors[0]}; none of the {len(found)} checkpoint(s) in {ckpt_dir} "
                           f"fits this run's config, so nothing was resumed or written")

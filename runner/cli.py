@@ -64,6 +64,21 @@ def print_where(run_dir: Path, summary: Dict[str, Any]) -> None:
           flush=True)
 
 
+# Hydra would write .hydra/ (or open a log file) in the run dir before runner's checks could
+# refuse it; runner writes them itself (runner.rundir), so these stay as conf/config.yaml sets.
+HYDRA_WRITERS = ("hydra.output_subdir", "hydra/job_logging", "hydra.job_logging.handlers",
+                 "hydra.job_logging.root.handlers")
+
+
+def refuse_hydra_writers(args) -> None:
+    """One line for an override that would let Hydra write into a run dir first."""
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key.startswith(HYDRA_WRITERS):
+            raise RunnerError(f"{arg}: runner writes .hydra/ and runner.log into a run dir "
+                              f"itself, once the dir is the run's; leave {key} as it is")
+
+
 def cli() -> None:
     """Run ``main`` (or, for ``resume=<run_dir>``, continue that run in place, outside Hydra's
     new-run-dir machinery); a user error (bad override, bad value, missing GPU, bad checkpoint)
@@ -89,6 +104,7 @@ def cli() -> None:
             # Every parameter of the target of an option in the user's config dirs is a key,
             # as for runner's own options (conf/config.yaml: signature@...).
             register_signatures(args, {"task": {}, "model": {}, "optimizer": OPTIMIZER_SCHEMA})
+            refuse_hydra_writers(args)
             main()
     except AlreadyComplete as done:  # requeue loops rerun the resume command: not a failure
         print(done)

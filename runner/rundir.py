@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from runner.checkpoint import list_checkpoints, write_atomic
+from runner.errors import RunnerError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ HYDRA_DIR = ".hydra"  # Hydra's own name (hydra.output_subdir's default)
 LOG_FILE = "runner.log"  # Hydra's ${hydra.job.name}.log
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging
 ATTEMPTS = "attempts"
+MULTIRUN_FILE = "multirun.yaml"  # a sweep dir's (Hydra's sweepers write it)
 # What a run writes at its top level: an earlier run's are moved aside together.
 RUN_FILES = (HYDRA_DIR, "tb", "checkpoints", "metrics.json", "manifest.json", "inputs.json",
              "model_summary.txt", LOG_FILE)
@@ -42,15 +44,19 @@ def read_metrics(run_dir: Path) -> Dict[str, Any]:
 
 def held_run(run_dir: Path) -> Optional[str]:
     """What run ``run_dir`` holds, in words ("completed at step 200", ...), or None when it
-    holds none (no ``metrics.json``, checkpoint or TensorBoard event)."""
+    holds none (no ``metrics.json``, checkpoint, sweep, nor any file a run writes: a run
+    overwrites no file of the user's either)."""
     metrics = read_metrics(run_dir)
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     if metrics:
         return f"{metrics.get('status', 'unknown')} at step {metrics.get('steps', '?')}"
     if checkpoints:
         return f"checkpoints up to step {checkpoints[-1][0]}"
-    if any((run_dir / "tb").glob("events.out.tfevents.*")):
-        return "TensorBoard events"
+    if (run_dir / MULTIRUN_FILE).is_file():
+        return "a sweep"
+    left = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if left:  # a run's files, or a file of the user's own under a name a run writes
+        return f"files a run writes: {', '.join(left)}"
     return None
 
 
@@ -58,12 +64,12 @@ def refuse_fresh_run(run_dir: Path, *, overwrite: bool) -> None:
     """A run without ``resume=`` never writes into a dir that holds another run: one line
     naming the ways on (resume it, ``overwrite=true``, another dir)."""
     held = held_run(run_dir)
-    if held is None or overwrite:
-        return
-    from runner.errors import RunnerError
-
     shown = os.path.relpath(run_dir) if not os.path.relpath(run_dir).startswith("..") \
         else str(run_dir)
+    if (run_dir / MULTIRUN_FILE).is_file():  # its jobs are its subdirs: no run goes on top
+        raise RunnerError(f"{shown} holds a sweep; give the run another hydra.run.dir")
+    if held is None or overwrite:
+        return
     raise RunnerError(f"{shown} holds a run ({held}): continue it with python -m runner "
                       f"resume={shown} (trainer.steps=N to train longer), or start over there "
                       f"with overwrite=true (the old run is moved to {shown}/{ATTEMPTS}/), or "

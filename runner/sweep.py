@@ -26,7 +26,8 @@ from runner import lock
 from runner.checkpoint import list_checkpoints, write_atomic
 from runner.errors import RunnerError, describe_error, first_line
 from runner.preemption import Interrupted
-from runner.rundir import Claim, HydraJob, held_run, read_metrics, write_hydra_files
+from runner.rundir import (MULTIRUN_FILE, Claim, HydraJob, held_run, read_metrics,
+                           write_hydra_files)
 from runner.schema import typed
 
 log = logging.getLogger(__name__)
@@ -181,8 +182,12 @@ class SweepSummary(Callback):
 def refuse_other_sweep(sweep_dir: Path, overrides: List[str]) -> None:
     """A sweep dir holds one sweep: a multirun with other overrides is refused (rerunning the
     same one finishes its missing jobs)."""
-    stored = sweep_dir / "multirun.yaml"
+    stored = sweep_dir / MULTIRUN_FILE
     if not stored.is_file():
+        held = held_run(sweep_dir)
+        if held:  # a single run's dir
+            raise RunnerError(f"{sweep_dir} holds a run ({held}), not a sweep; give the "
+                              f"multirun another hydra.sweep.dir")
         return
     try:
         before = OmegaConf.select(OmegaConf.load(stored), "hydra.overrides.task")

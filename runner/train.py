@@ -125,10 +125,10 @@ class Session:
 
     def _commit(self) -> None:
         """The run dir is this run's from here (a failure now is recorded in it): an earlier
-        attempt's files moved aside (unless resumed), then its ``.hydra/`` files and its
-        ``runner.log``."""
+        run's or attempt's files moved aside (unless resumed; a dir without one keeps
+        whatever else it holds), then its ``.hydra/`` files and its ``runner.log``."""
         self.committed = True
-        if not self.resume:
+        if not self.resume and rundir.held_run(self.run_dir):  # overwrite=true, a sweep job
             rundir.set_aside(self.run_dir)
         if self.hydra_job is not None:
             rundir.write_hydra_files(self.run_dir, self.hydra_job)

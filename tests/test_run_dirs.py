@@ -151,3 +151,36 @@ def test_the_printed_resume_command_works_as_printed(project):  # noqa: F811
         env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((project / "out/s/metrics.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_runs_and_sweeps_keep_to_their_own_dirs(tmp_path):
+    """A run never goes on top of a sweep, nor a sweep into a run's dir; Hydra is not let
+    write .hydra/ first; a dir of the user's own files (no run) keeps them where they are."""
+    run_cli([*TINY, "hydra.run.dir=run"], cwd=tmp_path)
+    run_cli(["-m", *TINY, "trainer.log_images=false", "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    before = {name: snapshot(tmp_path / name) for name in ("run", "sweep")}
+    for args, said in ((["hydra.run.dir=sweep", "overwrite=true"], "sweep holds a sweep"),
+                       (["-m", "hydra.sweep.dir=run"], "run holds a run (completed at step 4), "
+                                                       "not a sweep"),
+                       (["hydra.run.dir=run", "hydra.output_subdir=.hydra"],
+                        "hydra.output_subdir=.hydra: runner writes .hydra/"),
+                       (["hydra.run.dir=run", "hydra/job_logging=default"],
+                        "hydra/job_logging=default: runner writes")):
+        assert said in one_error_line(run_cli([*TINY, *args] if args[0] != "-m" else
+                                              ["-m", *TINY, *args[1:]], cwd=tmp_path,
+                                              check=False))
+    for name, files in before.items():
+        assert_same(files, tmp_path / name)
+    own = tmp_path / "own"
+    (own / "notes").mkdir(parents=True)
+    (own / "notes/plan.txt").write_text("mine")
+    (own / "model_summary.txt").write_text("my own summary")  # a name a run writes too
+    before = snapshot(own)
+    line = one_error_line(run_cli([*TINY, "hydra.run.dir=."], cwd=own, check=False))
+    assert ". holds a run (files a run writes: model_summary.txt)" in line, line
+    assert_same(before, own)
+    (own / "model_summary.txt").unlink()
+    run_cli([*TINY, "hydra.run.dir=."], cwd=own)
+    assert (own / "notes/plan.txt").read_text() == "mine"
+    assert not (own / "attempts").exists() and (own / "metrics.json").is_file()
