@@ -189,6 +189,18 @@ class RunLog:
                 self.file.close()
 
 
+def log_error_line(run_dir: Path, logger: str, message: str) -> None:
+    """Append one ERROR line to ``run_dir/runner.log`` as a run's log has it (for a job that
+    failed before its run, and so its log, started)."""
+    handler = logging.FileHandler(run_dir / LOG_FILE, mode="a")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    try:
+        handler.handle(logging.makeLogRecord(
+            {"name": logger, "levelno": logging.ERROR, "levelname": "ERROR", "msg": message}))
+    finally:
+        handler.close()
+
+
 def remove_if_unused(run_dir: Path) -> None:
     """Remove ``run_dir`` when it is empty (Hydra made it for a run that failed its checks),
     and the parents below the working dir that it leaves empty (``outputs/<date>``)."""

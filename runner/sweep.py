@@ -26,8 +26,8 @@ from runner import lock
 from runner.checkpoint import list_checkpoints, write_atomic
 from runner.errors import RunnerError, describe_error, first_line
 from runner.preemption import Interrupted
-from runner.rundir import (MULTIRUN_FILE, Claim, HydraJob, held_run, read_metrics,
-                           write_hydra_files)
+from runner.rundir import (MULTIRUN_FILE, Claim, HydraJob, held_run, log_error_line,
+                           read_metrics, write_hydra_files)
 from runner.schema import typed
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,9 @@ def _job_failed(run_dir: Path, overrides: Sequence[str], err: BaseException,
 
 def record_failure(run_dir: Path, overrides: Sequence[str], reason: str,
                    hydra_job: Optional[HydraJob] = None) -> None:
-    """``metrics.json`` (and ``.hydra/``) of a job that failed before its run started, holding
-    its lock; a dir that holds a run (or another process) keeps what it has."""
+    """``metrics.json``, ``.hydra/`` and a ``runner.log`` line of a job that failed before its
+    run started, holding its lock; a dir that holds a run (or another process) keeps what it
+    has."""
     text = json.dumps({"status": "failed", "steps": 0, "overrides": list(overrides),
                        "reason": reason}, indent=2, sort_keys=True) + "\n"
     try:
@@ -124,7 +125,9 @@ def record_failure(run_dir: Path, overrides: Sequence[str], reason: str,
             if hydra_job is not None:
                 write_hydra_files(run_dir, hydra_job)
             write_atomic(run_dir / "metrics.json", text.encode())
-    except RunnerError as write_err:
+            log_error_line(run_dir, __name__, f"job {run_dir.name} ({' '.join(overrides)}) "
+                                              f"failed: {reason}")
+    except (RunnerError, OSError) as write_err:
         log.error("%s", write_err)
 
 

@@ -352,6 +352,10 @@ def test_a_sweep_value_of_the_wrong_type_fails_that_job_alone(tmp_path, launcher
     steps_error = "trainer.steps: Value 'abc' of type 'str' could not be converted to Integer"
     assert reasons == {"0": steps_error, "2": steps_error, "1": (
         "optimizer.lr: Value 'abc' of type 'str' could not be converted to Float")}
+    # Each failed job's dir says so in its own log and config too, as a run's would.
+    assert "][runner.sweep][ERROR] - job 1 (optimizer.lr=abc trainer.steps=4" in (
+        tmp_path / "1/runner.log").read_text()
+    assert "lr: abc" in (tmp_path / "1/.hydra/config.yaml").read_text()
     error = one_error_line(proc.stderr)
     assert error.startswith("error: 3 of 4 jobs failed: job 0 (optimizer.lr=abc "
                             "trainer.steps=abc ") and "Traceback" not in proc.stdout
