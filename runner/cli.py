@@ -98,13 +98,13 @@ def cli() -> None:
                                           [a for a in args if a not in resume])
             print_where(run_dir, summary)
         else:
+            refuse_hydra_writers(args)  # before anything is imported or composed
             from runner.optim import SCHEMA as OPTIMIZER_SCHEMA
             from runner.targets import register_signatures
 
             # Every parameter of the target of an option in the user's config dirs is a key,
             # as for runner's own options (conf/config.yaml: signature@...).
             register_signatures(args, {"task": {}, "model": {}, "optimizer": OPTIMIZER_SCHEMA})
-            refuse_hydra_writers(args)
             main()
     except AlreadyComplete as done:  # requeue loops rerun the resume command: not a failure
         print(done)

@@ -79,12 +79,13 @@ def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> Tuple[Path, Dict[s
     cfg, all_overrides = load_run_config(run_dir, overrides)
     # Every value checked, and the task's files against the record, before anything in the
     # run dir is rewritten.
-    verify(build_stored(cfg, run_dir, overrides).task, run_dir)
+    parts = build_stored(cfg, run_dir, overrides)
+    verify(parts.task, run_dir)
     _log_to_console()
     # The run dir's config is the run's as it now stands (for later resumes and runner.eval).
     job = HydraJob(cfg, None, all_overrides)
     return run_dir, run(cfg, run_dir, overrides=all_overrides, claim=_unless_complete(cfg),
-                        hydra_job=job)
+                        hydra_job=job, parts=parts)
 
 
 def _unless_complete(cfg: DictConfig):

@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from runner import inputs, lock, rundir
-from runner.build import Run, build_parts, build_run
+from runner.build import Parts, Run, build_parts, build_run
 from runner.checkpoint import Checkpointer, remove_stale_temps, write_atomic
 from runner.compiles import cache_hits, compile_stats
 from runner.device import launch_process_index
@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (), resume: bool = False,
         claim: Optional[rundir.Claim] = None, hydra_job: Optional[rundir.HydraJob] = None,
-        announce: Optional[Callable[[DictConfig], None]] = None) -> Dict[str, Any]:
+        announce: Optional[Callable[[DictConfig], None]] = None,
+        parts: Optional[Parts] = None) -> Dict[str, Any]:
     """Train as ``cfg`` says, writing TensorBoard events, checkpoints, ``metrics.json``,
     ``manifest.json`` and ``model_summary.txt`` into ``run_dir``. Returns the run's summary
     (what ``metrics.json`` holds: ``summary["eval"]["loss"]`` is the final eval loss).
@@ -43,7 +44,8 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (), resume: bool = Fal
     With ``resume``, continue from the newest valid checkpoint in ``run_dir``; without it, a
     dir that holds a run is refused (``cfg.overwrite`` moves that run aside). ``claim``
     decides instead (``runner.rundir``). ``hydra_job``: the ``.hydra/`` files to write once
-    the dir is this run's; ``announce`` is called with the config once it is checked.
+    the dir is this run's; ``announce`` is called with the config once it is checked;
+    ``parts``: the config's task, model and optimizer when the caller built them already.
     SIGTERM and SIGINT save a checkpoint at the current step and stop the run.
     ``metrics.json`` is written however the run ends: ``"status"`` is ``completed``,
     ``interrupted`` or ``failed``, with the ``reason``; ``overrides`` (the job's command-line
@@ -53,7 +55,8 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (), resume: bool = Fal
     """
     if resume and claim is None:
         claim = rundir.resuming
-    session = Session(cfg, run_dir, overrides=overrides, claim=claim, hydra_job=hydra_job)
+    session = Session(cfg, run_dir, overrides=overrides, claim=claim, hydra_job=hydra_job,
+                      parts=parts)
     with stop_on_signals() as stop:
         try:
             _, result = session.open(stop, announce=announce).run()
@@ -74,12 +77,12 @@ class Session:
                  claim: Optional[rundir.Claim] = None,
                  hydra_job: Optional[rundir.HydraJob] = None,
                  choices: Optional[Dict[str, Any]] = None,
-                 log_filter: Optional[logging.Filter] = None):
+                 log_filter: Optional[logging.Filter] = None, parts: Optional[Parts] = None):
         self.cfg, self.run_dir, self.overrides = cfg, run_dir, overrides
         # A fresh run's by default: a dir that holds a run is refused (or, overwrite=true,
         # set aside).
         self.claim = claim or rundir.fresh(overwrite=bool(cfg.get("overwrite")))
-        self.hydra_job, self.resume = hydra_job, False
+        self.hydra_job, self.resume, self.parts = hydra_job, False, parts
         self.committed = False  # the run dir is this run's: its files may be written
         # The job's group options, for HParams (a fused group trains after Hydra's job ended)
         self.choices = job_choices() if choices is None else choices
@@ -100,7 +103,8 @@ class Session:
     def open(self, stop: StopRequest, *,
              announce: Optional[Callable[[DictConfig], None]] = None) -> HostLoop:
         cfg = typed(self.cfg)
-        parts = build_parts(cfg)  # every value checked before the run dir is touched
+        # every value checked before the run dir is touched
+        parts = self.parts or build_parts(cfg)
         if self.writer:
             lock.check_free(self.run_dir)
             self.claim(self.run_dir, True)  # a refusal reads only
