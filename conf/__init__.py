@@ -1,16 +1,16 @@
 """runner's config groups. Importing this package (Hydra does, to read ``pkg://runner.conf``)
 registers the schemas the YAML files extend: ``run_schema`` (runner's own keys,
-``runner.schema``) and, for each built-in option below, ``schema/<group>/<name>``: every
-parameter of its class or optax factory, with the code's defaults (``runner.targets``). So
+``runner.config.schema``) and, for each built-in option below, ``schema/<group>/<name>``: every
+parameter of its class or optax factory, with the code's defaults (``runner.config.targets``). So
 ``--cfg job`` lists every key, and ``task.num_train=500`` needs no ``+``. They are stored
-untyped (keys and defaults): the job types and checks the values (``runner.schema.typed``,
-``runner.targets.check``), where a sweep isolates a bad one."""
+untyped (keys and defaults): the job types and checks the values (``runner.config.schema.typed``,
+``runner.config.targets.check``), where a sweep isolates a bad one."""
 
 from hydra.core.config_store import ConfigStore
 
-from runner.optim import SCHEMA as OPTIMIZER_SCHEMA
-from runner.schema import RunConf, untyped
-from runner.targets import load_target, signature_schema
+from runner.core.optim import SCHEMA as OPTIMIZER_SCHEMA
+from runner.config.schema import RunConf, untyped
+from runner.config.targets import load_target, signature_schema
 
 BUILT_IN = {
     "task": {"linear_fit": "runner.tasks.linear_fit.LinearFit",

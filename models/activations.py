@@ -4,7 +4,7 @@ from typing import Callable, Optional
 
 import jax
 
-from runner.errors import ConfigError
+from runner.config.errors import ConfigError
 
 # Names in jax.nn that are elementwise activations (jax.nn also holds softmax, one_hot, ...).
 ACTIVATIONS = ("relu", "gelu", "silu", "swish", "tanh", "sigmoid", "elu", "selu", "celu",

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 
-from runner.errors import ConfigError, check_range, chosen
+from runner.config.errors import ConfigError, check_range, chosen
 from runner.models.conv import conv_general_dilated
 from runner.models.init import Init
 from runner.models.pooling import max_pool

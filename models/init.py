@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from runner.errors import ConfigError
+from runner.config.errors import ConfigError
 
 # The initializers of flax.linen.initializers a config may name, with the argument each takes.
 INITIALIZERS = {"lecun_normal": (), "he_normal": (), "xavier_uniform": (), "zeros_init": (),

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from runner.errors import check_range
+from runner.config.errors import check_range
 from runner.models.activations import get_activation
 from runner.models.init import Init
 

@@ -12,17 +12,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from runner.errors import AlreadyComplete, RunnerError, describe_error
+from runner.config.errors import AlreadyComplete, RunnerError, describe_error
 
 
 @hydra.main(version_base=None, config_path="pkg://runner.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one job in its Hydra run dir; the returned eval loss is what sweepers minimise."""
     # Imported here, once Hydra has composed the config (bad overrides fail before them).
-    from runner.console import print_config_tree
-    from runner.rundir import HydraJob, remove_if_unused
-    from runner.sweep import run_sweep_job
-    from runner.train import run
+    from runner.run.console import print_config_tree
+    from runner.io.rundir import HydraJob, remove_if_unused
+    from runner.run.sweep import run_sweep_job
+    from runner.run.train import run
 
     # The modules imported so far hold ~10^5 objects that live as long as the process: frozen,
     # the garbage collector's passes skip them (unfrozen, the passes during the run's first
@@ -65,7 +65,7 @@ def print_where(run_dir: Path, summary: Dict[str, Any]) -> None:
 
 
 # Hydra would write .hydra/ (or open a log file) in the run dir before runner's checks could
-# refuse it; runner writes them itself (runner.rundir), so these stay as conf/config.yaml sets.
+# refuse it; runner writes them itself (runner.io.rundir), so these stay as conf/config.yaml sets.
 HYDRA_WRITERS = ("hydra.output_subdir", "hydra/job_logging", "hydra.job_logging.handlers",
                  "hydra.job_logging.root.handlers")
 
@@ -92,15 +92,15 @@ def cli() -> None:
     resume = [a for a in args if a.startswith("resume=")]
     try:
         if resume and not {"-m", "--multirun"} & set(args):
-            from runner.resume import resume_run
+            from runner.run.resume import resume_run
 
             run_dir, summary = resume_run(resume[0].split("=", 1)[1],
                                           [a for a in args if a not in resume])
             print_where(run_dir, summary)
         else:
             refuse_hydra_writers(args)  # before anything is imported or composed
-            from runner.optim import SCHEMA as OPTIMIZER_SCHEMA
-            from runner.targets import register_signatures
+            from runner.core.optim import SCHEMA as OPTIMIZER_SCHEMA
+            from runner.config.targets import register_signatures
 
             # Every parameter of the target of an option in the user's config dirs is a key,
             # as for runner's own options (conf/config.yaml: signature@...).

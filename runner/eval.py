@@ -10,20 +10,20 @@ import json
 import sys
 from pathlib import Path
 
-from runner.errors import RunnerError, describe_error
+from runner.config.errors import RunnerError, describe_error
 
 
 def evaluate_run(run_dir: Path, which: str = "last") -> dict:
     """Eval metrics of checkpoint ``which`` (``last``, ``best`` or a step) of ``run_dir``."""
     import jax
 
-    from runner.build import COMPUTE_DTYPES
-    from runner.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-    from runner.device import configure_jax
-    from runner.inputs import verify
-    from runner.resume import build_stored, load_run_config
-    from runner.schema import Precision
-    from runner.steps import evaluate, setup
+    from runner.run.build import COMPUTE_DTYPES
+    from runner.io.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+    from runner.platform.device import configure_jax
+    from runner.io.inputs import verify
+    from runner.run.resume import build_stored, load_run_config
+    from runner.config.schema import Precision
+    from runner.core.steps import evaluate, setup
 
     cfg, _ = load_run_config(run_dir)
     parts = build_stored(cfg, run_dir)

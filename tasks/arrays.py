@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from runner.errors import ConfigError, check_range
+from runner.config.errors import ConfigError, check_range
 from runner.tasks.arrays_io import KINDS, ArraysInfo, check, read, resolve
 from runner.tasks.base import Batch, Data
 from runner.tasks.figures import TEXT_PT, card_figure, confusion_matrix, sample_grid

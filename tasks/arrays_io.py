@@ -10,7 +10,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from runner.errors import ConfigError
+from runner.config.errors import ConfigError
 
 KEYS = ("x_train", "y_train", "x_eval", "y_eval")
 KINDS = ("classification", "regression")

@@ -2,12 +2,12 @@
 
 A task is a frozen (hashable) dataclass built from ``conf/task/<name>.yaml`` via ``_target_``:
 its fields are the config keys (typed by their annotations, defaults once, in the class), and
-``__post_init__`` checks their values (``runner.errors.check_range`` names the key). Being
+``__post_init__`` checks their values (``runner.config.errors.check_range`` names the key). Being
 hashable lets it be a static argument of the jitted train step: runs whose task configs are
 equal share one compiled step. ``output_dim`` (a field or a property) is the size of the model's
 output: runner gives it to models whose ``out_features`` is left null. Before anything compiles,
 runner checks the model's output on ``example_input()`` against ``[batch, *output_shape]``
-(``runner.shapes``): a task whose loss wants another shape than ``(output_dim,)`` per example
+(``runner.core.shapes``): a task whose loss wants another shape than ``(output_dim,)`` per example
 declares ``output_shape`` (optional; e.g. ``()`` for a scalar per example).
 """
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from runner.errors import ConfigError, check_range
+from runner.config.errors import ConfigError, check_range
 from runner.tasks.base import Batch, Data
 from runner.tasks.figures import confusion_matrix, sample_grid
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runner.errors import ConfigError, check_range
+from runner.config.errors import ConfigError, check_range
 from runner.tasks.base import Batch, Data
 from runner.tasks.figures import TEXT_PT, TICK_PT, card_figure
 

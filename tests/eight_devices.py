@@ -19,8 +19,8 @@ from flax import serialization
 from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from runner.errors import RunnerError
-from runner.train import run
+from runner.config.errors import RunnerError
+from runner.run.train import run
 
 TINY = ["trainer.steps=8", "trainer.log_every=2", "trainer.eval_every=4",
         "trainer.checkpoint_every=4", "trainer.progress_bar=false", "trainer.log_images=false"]
@@ -55,9 +55,9 @@ def max_rel(a, b):
 def compiled_step_facts():
     """What XLA made of the 8-device step: an all-reduce (of the gradients), and per-device
     batch shapes (64 samples / 8 devices = 8 rows each)."""
-    from runner.build import build_parts
-    from runner.device import make_mesh
-    from runner.steps import setup, train_steps
+    from runner.run.build import build_parts
+    from runner.core.sharding import make_mesh
+    from runner.core.steps import setup, train_steps
 
     cfg = config(*TASKS["linear_fit"], "device.num_devices=8")
     mesh = make_mesh(cfg.device, jax.devices())

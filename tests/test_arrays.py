@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from conftest import TINY, compose_config, run_cli, start
-from runner.build import build_parts
-from runner.checkpoint import load_checkpoint
-from runner.device import check_fits
-from runner.errors import ConfigError, RunnerError
+from runner.run.build import build_parts
+from runner.io.checkpoint import load_checkpoint
+from runner.core.sharding import check_fits
+from runner.config.errors import ConfigError, RunnerError
 from runner.tasks.arrays_io import read
-from runner.train import run
+from runner.run.train import run
 from test_resume import newest_step, wait_past
 from test_resume import start as start_cli
 
@@ -234,12 +234,12 @@ def test_a_sigkilled_arrays_run_resumes_bit_exact(data_dir, tmp_path):
 
 
 def test_setup_checks_the_arrays_fit_before_placing_them(tmp_path, monkeypatch):
-    import runner.steps
+    import runner.core.steps
 
     def refuse(host, devices):
         raise RunnerError(f"checked {sorted(host)} on {len(devices)} device(s)")
 
-    monkeypatch.setattr(runner.steps, "check_fits", refuse)
+    monkeypatch.setattr(runner.core.steps, "check_fits", refuse)
     path = write(tmp_path / "d.npz")
     with pytest.raises(RunnerError, match=r"checked \['eval', 'stats', 'train'\] on 1 device"):
         start(["task=arrays", f"task.path={path}", "task.batch_size=10"])

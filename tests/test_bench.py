@@ -49,8 +49,8 @@ def test_quick_benchmark_writes_the_results_schema(tmp_path):
 
 
 def test_gpu_check_reads_step_time_back_from_a_run(tmp_path):
-    """`python -m runner.gpu_check`'s reading of one CLI run (here on the CPU: same path)."""
-    from runner.gpu_check import run_case
+    """`python -m runner.bench.gpu_check`'s reading of one CLI run (here on the CPU: same path)."""
+    from runner.bench.gpu_check import run_case
 
     case = run_case("linear fit (cpu)", ["trainer.steps=40", "trainer.log_every=10",
                                          "trainer.eval_every=20", "trainer.checkpoint_every=20",
@@ -71,7 +71,7 @@ SWEEP_TIMES = {("images", "single"): 2.0, ("images", "basic"): 6.0, ("images", "
 
 def test_sweep_ratios_of_known_times(monkeypatch):
     """The sweep sections' ratios and verdicts from known median times, worked by hand."""
-    from runner import bench_process
+    from runner.bench import process as bench_process
 
     def process(tmp, runs, *overrides, lrs=None, fused=False):  # no process: its known time
         def call():
@@ -113,7 +113,7 @@ def test_gpu_check_figures_of_known_events(tmp_path, monkeypatch):
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-    from runner import gpu_check
+    from runner.bench import gpu_check
 
     def fake_run(cmd, **kwargs):  # the run a `python -m runner` process would leave
         run_dir = Path(next(a for a in cmd if a.startswith("hydra.run.dir=")).split("=", 1)[1])

@@ -11,10 +11,10 @@ import pytest
 from flax import serialization
 
 from conftest import start
-from runner.checkpoint import (checkpoint_path, load_checkpoint, restore_latest,
+from runner.io.checkpoint import (checkpoint_path, load_checkpoint, restore_latest,
                                save_checkpoint)
-from runner.errors import RunnerError
-from runner.steps import train_steps
+from runner.config.errors import RunnerError
+from runner.core.steps import train_steps
 
 
 def make_state(seed=0):

@@ -24,10 +24,10 @@ from test_run_dirs import assert_same
 from test_run_dirs import snapshot as dir_bytes
 from test_run_dirs import one_error_line as only_error_line
 from test_run_dirs import wait_for as wait_for_text
-from runner import checkpoint
-from runner.checkpoint import list_checkpoints
-from runner.errors import WriteError
-from runner.train import run
+from runner.io import checkpoint
+from runner.io.checkpoint import list_checkpoints
+from runner.config.errors import WriteError
+from runner.run.train import run
 
 # linear_fit in minibatches (each step draws its batch), a checkpoint every 2,000 steps.
 CKPT = 2000
@@ -353,7 +353,7 @@ def test_a_sweep_value_of_the_wrong_type_fails_that_job_alone(tmp_path, launcher
     assert reasons == {"0": steps_error, "2": steps_error, "1": (
         "optimizer.lr: Value 'abc' of type 'str' could not be converted to Float")}
     # Each failed job's dir says so in its own log and config too, as a run's would.
-    assert "][runner.sweep][ERROR] - job 1 (optimizer.lr=abc trainer.steps=4" in (
+    assert "][runner.run.sweep][ERROR] - job 1 (optimizer.lr=abc trainer.steps=4" in (
         tmp_path / "1/runner.log").read_text()
     assert "lr: abc" in (tmp_path / "1/.hydra/config.yaml").read_text()
     error = one_error_line(proc.stderr)
@@ -408,7 +408,7 @@ def test_a_stored_config_that_fails_validation_names_the_file_and_key(tmp_path, 
 @pytest.mark.slow
 def test_when_process_0_cannot_write_both_processes_stop_at_once(tmp_path):
     """2 processes; the run dir's disk fills: process 0 fails writing, and process 1, which
-    writes nothing, stops with it (runner.peers) instead of waiting in its next collective."""
+    writes nothing, stops with it (runner.platform.peers) instead of waiting in its next collective."""
     with small_disk(tmp_path / "disk", "200k") as disk:
         port = free_port()
         every = [f"trainer.{k}=100" for k in ("log_every", "eval_every", "checkpoint_every",

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from runner.errors import RunnerError
-from runner.figures import FigureRenderer, draw
+from runner.config.errors import RunnerError
+from runner.io.figures import FigureRenderer, draw
 from runner.tasks.linear_fit import LinearFit
 
 

@@ -17,8 +17,8 @@ from flax import serialization
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY_CNN, run_cli
-from runner.checkpoint import list_checkpoints
-from runner.errors import RunnerError
+from runner.io.checkpoint import list_checkpoints
+from runner.config.errors import RunnerError
 
 # linear_fit in minibatches (each step draws its batch from the seed and step), 4 lrs x 2 seeds.
 SWEEP = ["optimizer.lr=1e-3,3e-3,1e-2,3e-2", "seed=0,1"]
@@ -210,10 +210,10 @@ def test_a_group_too_large_for_the_free_memory_is_split(tmp_path, monkeypatch, c
     """Before it runs, a group's program is compiled and its memory compared with the
     device's free memory (accelerators report it; here it is pretended)."""
     from conftest import compose_config
-    from runner import fused_loop
-    from runner.preemption import StopRequest
-    from runner.schema import typed
-    from runner.train import Session
+    from runner.loop.host import fused as fused_loop
+    from runner.platform.preemption import StopRequest
+    from runner.config.schema import typed
+    from runner.run.train import Session
 
     sessions = [Session(typed(compose_config([f"optimizer.lr={lr}", *COMMON])),
                         tmp_path / str(i)) for i, lr in enumerate((1e-3, 3e-3, 1e-2, 3e-2))]
@@ -247,14 +247,14 @@ def test_on_several_devices_a_group_takes_one_and_a_data_parallel_job_runs_alone
 
 def test_the_batched_program_accelerators_run_agrees_with_the_members_one_by_one():
     """``jax.vmap`` over the members (what accelerators run) and the CPU's ``lax.map`` against
-    each member trained alone by ``runner.steps.train_steps`` (a single run's, the basic
+    each member trained alone by ``runner.core.steps.train_steps`` (a single run's, the basic
     launcher's, path, outside the fused program): ``lax.map`` the same to the bit on the CPU,
     ``vmap`` to float32 round-off (RTOL, STATE_RTOL)."""
     import jax.numpy as jnp
 
     from conftest import start
-    from runner.fused_loop import train_steps_fused
-    from runner.steps import train_steps
+    from runner.loop.fused import train_steps_fused
+    from runner.core.steps import train_steps
 
     starts = [start(["task.batch_size=16", f"optimizer.lr={lr}"], seed=seed)
               for lr, seed in ((1e-3, 0), (1e-2, 1))]

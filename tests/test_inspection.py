@@ -19,8 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import (CONF, TINY_CNN, compose_config, free_port, group_options,
                       run_cli)
-from runner.checkpoint import list_checkpoints
-from runner.hparams import run_hparams
+from runner.io.checkpoint import list_checkpoints
+from runner.run.hparams import run_hparams
 from test_tb_logger import ARTIFACTS, CHROMIUM_ARGS
 
 # linear_fit with plain SGD at a tiny rate: the eval loss creeps down by ~2e-4 per 10 steps,

@@ -7,9 +7,9 @@ import optax
 import pytest
 
 from conftest import compose_config, group_options
-from runner.errors import ConfigError
-from runner.optim import LRSchedule, make_optimizer
-from runner.schema import Schedule
+from runner.config.errors import ConfigError
+from runner.core.optim import LRSchedule, make_optimizer
+from runner.config.schema import Schedule
 
 
 @pytest.mark.parametrize("name", group_options("optimizer"))

@@ -16,9 +16,9 @@ import pytest
 from flax import serialization
 
 from conftest import TINY, compose_config, run_cli
-from runner.checkpoint import list_checkpoints
-from runner.errors import RunnerError
-from runner.train import run
+from runner.io.checkpoint import list_checkpoints
+from runner.config.errors import RunnerError
+from runner.run.train import run
 
 # Minibatch training (per-step data randomness), 20,000 steps (~0.3 s) per dispatch, a
 # checkpoint after each.
@@ -308,7 +308,7 @@ def test_resume_overrides_can_add_keys_with_plus(tmp_path):
     override of a key the run does not have stays an error."""
     from omegaconf import OmegaConf
 
-    from runner.resume import load_run_config
+    from runner.run.resume import load_run_config
 
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(compose_config([]), tmp_path / ".hydra" / "config.yaml")
@@ -342,7 +342,7 @@ def test_a_crafted_run_dir_calls_nothing_outside_the_trusted_modules(tmp_path):
 def test_targets_inside_lists_are_checked_too(tmp_path):
     from omegaconf import OmegaConf
 
-    from runner.resume import check_trusted
+    from runner.run.resume import check_trusted
 
     cfg = OmegaConf.create({"model": {"_target_": "runner.models.mlp.MLP", "layers": [
         {"_target_": "runner.models.init.Init"}, {"_target_": "os.mkdir", "path": "x"}]}})

@@ -119,7 +119,7 @@ def test_hydra_files_are_written_by_the_run_as_hydra_names_them(tmp_path):
     assert "output_subdir: .hydra" in (hydra / "hydra.yaml").read_text()
     assert "- optimizer.lr=0.003" in (hydra / "overrides.yaml").read_text()
     log = (tmp_path / "runs/h/runner.log").read_text()
-    assert "[runner.build][INFO] - devices:" in log and "eval/loss=" in log
+    assert "[runner.run.build][INFO] - devices:" in log and "eval/loss=" in log
     assert "\x1b" not in (tmp_path / "runs/h/model_summary.txt").read_text()
 
 

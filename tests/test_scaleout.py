@@ -15,13 +15,13 @@ import pytest
 from flax import serialization
 
 from conftest import TINY, compose_config, free_port, run_cli
-import runner.build
-from runner import train
-from runner.checkpoint import Checkpointer, list_checkpoints
-from runner.device import peak_flops
-from runner.errors import RunnerError
-from runner.schema import Precision
-from runner.tb_logger import NullLogger
+import runner.run.build
+from runner.run import train
+from runner.io.checkpoint import Checkpointer, list_checkpoints
+from runner.core.sharding import peak_flops
+from runner.config.errors import RunnerError
+from runner.config.schema import Precision
+from runner.io.tb_logger import NullLogger
 
 HERE = Path(__file__).resolve().parent
 # 8 simulated CPU devices against 1 (and 2 processes against 1), bounded by a float32 argument
@@ -64,7 +64,7 @@ def test_peak_flops_by_device_kind_and_precision():
 
 
 def test_mfu_and_flops_are_logged_where_the_peak_is_known(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner.build, "peak_flops", lambda *args: 1e12)  # a CPU with a peak
+    monkeypatch.setattr(runner.run.build, "peak_flops", lambda *args: 1e12)  # a CPU with a peak
     train.run(compose_config(["trainer.steps=8", "trainer.log_every=2"]), tmp_path)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -86,7 +86,7 @@ class _FakeDevice:
 def test_device_gpu_accepts_what_jax_calls_a_cuda_device(monkeypatch, platform):
     """A CUDA device says platform "gpu" (jaxlib 0.11 on an H100): device=gpu must take it, and
     list the CPU after it (the step's FLOPs are analysed there)."""
-    from runner import device
+    from runner.platform import device
 
     updates = {}
     monkeypatch.setattr(device.jax.config, "update", lambda k, v: updates.__setitem__(k, v))
@@ -106,10 +106,10 @@ def test_device_gpu_accepts_what_jax_calls_a_cuda_device(monkeypatch, platform):
 def test_step_flops_where_lowered_programs_are_not_analysed(monkeypatch):
     """GPU plugins answer no cost analysis of a lowered program (and their compiled analysis
     counts no cuDNN convolution FLOPs): the step is then lowered for the CPU and analysed."""
-    from runner import steps
-    from runner.bench import _runner_parts
+    from runner.core import steps
+    from runner.bench.suite import runner_parts_of
 
-    cfg, task, optimizer, state, data, rng = _runner_parts(
+    cfg, task, optimizer, state, data, rng = runner_parts_of(
         ["task=cnn_random_images", "task.image_size=8", "task.batch_size=4", "task.num_eval=8"])
     on_cpu = steps.step_flops(state, data, rng, task=task, schedule=optimizer.schedule)
     real_analysis, real_devices = jax.stages.Lowered.cost_analysis, jax.devices
@@ -137,7 +137,7 @@ def test_step_flops_where_lowered_programs_are_not_analysed(monkeypatch):
 
 
 def test_xla_flags_join_xla_flags_before_jax_starts(monkeypatch, caplog):
-    from runner import device
+    from runner.platform import device
 
     env = "--xla_force_host_platform_device_count=2 --xla_cpu_a=1"
     monkeypatch.setenv("XLA_FLAGS", env)

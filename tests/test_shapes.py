@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY, run_cli
-from runner.errors import ConfigError
+from runner.config.errors import ConfigError
 from runner.models.mlp import MLP
-from runner.shapes import check_output, expected_shape
+from runner.core.shapes import check_output, expected_shape
 from runner.tasks.linear_fit import LinearFit
 
 
@@ -194,7 +194,7 @@ def test_the_check_starts_no_backend():
     """It runs before ``configure_jax``, which sets XLA_FLAGS, the platform and distributed
     set-up: all read once, when JAX's backend starts."""
     code = ("import os, jax; from conftest import compose_config; "
-            "from runner.build import build_parts; build_parts(compose_config()); "
+            "from runner.run.build import build_parts; build_parts(compose_config()); "
             "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=3'; "
             "print(jax.device_count())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import run_cli
-from runner.checkpoint import list_checkpoints
+from runner.io.checkpoint import list_checkpoints
 
 TINY_JOB = ["trainer.steps=4", "trainer.log_every=2", "trainer.eval_every=4",
             "trainer.checkpoint_every=4"]

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from runner.errors import ConfigError
+from runner.config.errors import ConfigError
 from runner.tasks.cnn_random_images import CNNRandomImages
 from runner.tasks.linear_fit import LinearFit
 

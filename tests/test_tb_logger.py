@@ -15,8 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import REPO, TINY, TINY_CNN, compose_config, free_port, run_cli
-from runner.errors import RunnerError
-from runner.train import run
+from runner.config.errors import RunnerError
+from runner.run.train import run
 
 ARTIFACTS = REPO / "test-artifacts"  # screenshots of the browser test, kept after the run
 
@@ -87,7 +87,7 @@ def test_a_failed_run_has_an_hparams_row_without_session_end(tmp_path):
 
 
 def test_no_images_and_no_matplotlib_when_images_are_off(tmp_path):
-    code = ("import sys; from conftest import compose_config; from runner.train import run; "
+    code = ("import sys; from conftest import compose_config; from runner.run.train import run; "
             f"run(compose_config(['trainer.log_images=false']), __import__('pathlib').Path("
             f"{str(tmp_path)!r})); print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,

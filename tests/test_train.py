@@ -9,11 +9,11 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY_CNN, compose_config, start
-from runner.build import MAX_AUTO_DISPATCH, steps_per_dispatch
-from runner.errors import RunnerError
-from runner.loop import log_windows
-from runner.steps import train_steps
-from runner.train import run
+from runner.run.build import MAX_AUTO_DISPATCH, steps_per_dispatch
+from runner.config.errors import RunnerError
+from runner.loop.host import log_windows
+from runner.core.steps import train_steps
+from runner.run.train import run
 
 LINEAR_40 = ["trainer.steps=40", "trainer.log_every=10", "trainer.eval_every=20",
              "trainer.checkpoint_every=20"]
@@ -149,15 +149,15 @@ def test_steps_per_sec_counts_the_device_time_up_to_the_fetch(tmp_path, monkeypa
     metrics reach the host (here each fetch waits 0.1 s more), not when the call returns."""
     import time
 
-    import runner.loop
+    import runner.loop.host
 
-    fetch = runner.loop.jax.device_get
+    fetch = runner.loop.host.jax.device_get
 
     def slow_fetch(tree):
         time.sleep(0.1)
         return fetch(tree)
 
-    monkeypatch.setattr(runner.loop.jax, "device_get", slow_fetch)
+    monkeypatch.setattr(runner.loop.host.jax, "device_get", slow_fetch)
     run(compose_config(LINEAR_40), tmp_path)
     rates = [v for _, v in scalars(tmp_path, "perf/steps_per_sec")]
     assert rates and all(rate <= 20 / 0.1 for rate in rates)  # 20 steps per dispatch

@@ -1,4 +1,4 @@
-"""A Hydra launcher that trains a batch of runner jobs as vmapped groups (``runner.fused``).
+"""A Hydra launcher that trains a batch of runner jobs as vmapped groups (``runner.run.fused``).
 
 Jobs of any other task function, and any job runner cannot fuse, run one after another in
 this process, as Hydra's basic launcher runs them.
@@ -36,7 +36,7 @@ class FusedLauncher(Launcher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         log.info(f"Launching {len(job_overrides)} jobs, fused where they share a program")
         if _is_runner(self.task_function):
-            from runner.fused import launch
+            from runner.run.fused import launch
 
             return launch(self, job_overrides, initial_job_idx)
         return [self.run_one(idx, overrides, self.task_function)

@@ -1,0 +1,5 @@
+"""``python -m runner.bench``: see ``runner.bench.suite``."""
+
+from runner.bench.suite import main
+
+main()

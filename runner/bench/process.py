@@ -1,0 +1,159 @@
+"""Whole-process figures of ``python -m runner.bench`` (a run's wall time against the bare
+imports, compilations per run and per sweep, an lr sweep on the basic and the fused launcher
+against one run, a CNN sweep's per-job time on both launchers) and the machine."""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+SWEEP_LRS = ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"]
+NO_CACHE = ["device.compilation_cache_dir=null", "trainer.progress_bar=false"]
+FUSED_GOAL = 1.25  # the fused sweep's wall against one run's: the fused launcher's aim
+SWEEP_ROUNDS = 3  # at most, for the sweep sections (6 and 2 whole processes a round)
+# The CNN sweep: the reference CNN on 32x32 images (84x84 takes ~0.3 s a step on 2 cores).
+CNN_SWEEP = ["task=cnn_random_images", "task.image_size=32", "task.num_eval=64",
+             "trainer.steps=20", "trainer.log_every=10", "trainer.eval_every=20",
+             "trainer.checkpoint_every=20", "trainer.log_images=false"]
+CNN_SWEEP_QUICK = ["task=cnn_random_images", "task.image_size=16", "task.num_eval=32",
+                   "trainer.steps=2", "trainer.log_every=1", "trainer.eval_every=2",
+                   "trainer.checkpoint_every=2", "trainer.log_images=false"]
+
+
+def median_times(fns: Dict[str, Callable[[], None]], repeats: int, *,
+                 warmup: bool = False) -> Dict[str, float]:
+    """The median seconds of each fn over ``repeats`` rounds, called in turn; ``warmup``: call
+    each once first (to compile). Whole processes need no warm-up: each starts cold anyway."""
+    for fn in fns.values() if warmup else ():
+        fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_process_wall(repeats: int) -> dict:
+    """The default run's whole-process wall time against ``import jax, flax, optax``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = iter(range(10**6))
+        t = median_times({
+            "import": lambda: _run([sys.executable, "-c", "import jax, flax, optax"], tmp),
+            "runner": lambda: _run([sys.executable, "-m", "runner",
+                                    f"hydra.run.dir={tmp}/{next(runs)}"], tmp),
+            "runner_no_images": lambda: _run([sys.executable, "-m", "runner",
+                                              "trainer.log_images=false",
+                                              f"hydra.run.dir={tmp}/{next(runs)}"], tmp)},
+            repeats)
+    return {"bare_import_s": t["import"], "default_run_s": t["runner"],
+            "default_run_over_import": t["runner"] / t["import"],
+            "no_images_run_s": t["runner_no_images"],
+            "no_images_over_import": t["runner_no_images"] / t["import"]}
+
+
+def bench_compiles(jobs: int = 3) -> dict:
+    """Train-step compilations of one run, and of a ``jobs``-job lr sweep in one process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["-m", "optimizer.lr=" + ",".join(SWEEP_LRS[:jobs]), "trainer.steps=20",
+                "trainer.log_every=10", *NO_CACHE, f"hydra.sweep.dir={tmp}/sweep"]
+        _run([sys.executable, "-m", "runner", *args], tmp)
+        per_job = [json.loads((Path(tmp) / "sweep" / str(i) / "metrics.json").read_text())
+                   ["train_step_compiles"] for i in range(jobs)]
+    return {"per_run": per_job[0], "per_sweep": sum(per_job), "sweep_jobs": jobs}
+
+
+def bench_sweep(repeats: int, lrs: List[str]) -> dict:
+    """Median wall time of one run, of a len(lrs)-job lr sweep on Hydra's basic launcher and
+    of the same sweep on the fused one (``hydra/launcher=fused``: one program), with
+    images logged (the default) and without: six whole processes per round, interleaved,
+    ``SWEEP_ROUNDS`` rounds at most."""
+    fns, rounds = {}, min(repeats, SWEEP_ROUNDS)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = iter(range(10**6))
+        for images in ("true", "false"):
+            flag = f"trainer.log_images={images}"
+            fns[f"single_{images}"] = _process(tmp, runs, flag)
+            fns[f"basic_{images}"] = _process(tmp, runs, flag, lrs=lrs)
+            fns[f"fused_{images}"] = _process(tmp, runs, flag, lrs=lrs, fused=True)
+        t = median_times(fns, rounds)
+    result: Dict[str, Any] = {"jobs": len(lrs), "rounds": rounds,
+                              "fused_goal_over_single": FUSED_GOAL}
+    for images, key in (("true", "images"), ("false", "no_images")):
+        single, basic, fused = (t[f"{arm}_{images}"] for arm in ("single", "basic", "fused"))
+        result[key] = {"single_run_s": single, "basic_sweep_s": basic, "fused_sweep_s": fused,
+                       "basic_over_single": basic / single, "fused_over_single": fused / single,
+                       "fused_over_basic": fused / basic,
+                       "basic_per_job_over_single": basic / single / len(lrs),
+                       "fused_per_job_over_single": fused / single / len(lrs),
+                       "fused_goal_met": fused / single <= FUSED_GOAL}
+    return result
+
+
+def bench_cnn_sweep(repeats: int, *, quick: bool = False) -> dict:
+    """Per-job wall time of a 2-job CNN lr sweep (``CNN_SWEEP``: 32x32 images, 20 steps) on
+    the fused launcher against the basic one, whole processes, interleaved, ``SWEEP_ROUNDS``
+    rounds at most."""
+    overrides, lrs = CNN_SWEEP_QUICK if quick else CNN_SWEEP, SWEEP_LRS[:3:2]
+    rounds = min(repeats, SWEEP_ROUNDS)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = iter(range(10**6))
+        t = median_times({"basic": _process(tmp, runs, *overrides, lrs=lrs),
+                          "fused": _process(tmp, runs, *overrides, lrs=lrs, fused=True)},
+                         rounds)
+    return {"jobs": len(lrs), "overrides": overrides, "rounds": rounds,
+            "basic_sweep_s": t["basic"], "fused_sweep_s": t["fused"],
+            "basic_per_job_s": t["basic"] / len(lrs), "fused_per_job_s": t["fused"] / len(lrs),
+            "fused_over_basic": t["fused"] / t["basic"],
+            "fused_not_slower": t["fused"] <= t["basic"]}
+
+
+def _process(tmp: str, runs: Iterator[int], *overrides: str, lrs: Optional[List[str]] = None,
+             fused: bool = False) -> Callable[[], None]:
+    """A whole ``python -m runner`` process: one run, or (``lrs``) an lr multirun, on the fused
+    launcher when ``fused``; every call in a fresh run or sweep dir under ``tmp``. A failed job
+    fails the process (the sweep summary exits 1) and so the bench, as does a fused sweep
+    whose jobs did not train as one program."""
+    def call() -> None:
+        where = f"{tmp}/{next(runs)}"
+        if lrs is None:
+            args = [f"hydra.run.dir={where}"]
+        else:
+            args = ["-m", *(["hydra/launcher=fused"] if fused else []),
+                    "optimizer.lr=" + ",".join(lrs), f"hydra.sweep.dir={where}"]
+        out = _run([sys.executable, "-m", "runner", *args, *overrides, *NO_CACHE], tmp)
+        if fused and f"into one program ({len(lrs)} members)" not in out:
+            raise SystemExit(f"the fused sweep did not train its {len(lrs)} jobs as one "
+                             f"program:\n{out[-3000:]}")
+    return call
+
+
+def _run(cmd: List[str], cwd) -> str:
+    """Run ``cmd``; its stdout and stderr."""
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+def machine_info() -> dict:
+    import jax
+
+    from runner.io.manifest import PACKAGES, package_version
+
+    cpu = ""
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                 .splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "devices": [str(d) for d in jax.devices()],
+            "versions": {"python": platform.python_version(),
+                         **{p: package_version(p) for p in (*PACKAGES, "torch")}}}

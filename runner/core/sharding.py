@@ -1,0 +1,98 @@
+"""Where a run's arrays live: the 1-D ``data`` mesh, placement and sharding of arrays on it,
+the fit of a task's arrays on the devices, and the peak FLOP/s of known accelerators (for
+``perf/mfu``). Pure JAX: no environment, no I/O."""
+
+import re
+from typing import List, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from omegaconf import DictConfig
+
+from runner.config.errors import RunnerError
+from runner.config.schema import Precision
+
+DATA_AXIS = "data"
+
+
+def make_mesh(cfg: DictConfig, devices: List[jax.Device]) -> Mesh:
+    """A 1-D mesh (axis ``data``) over ``device.num_devices`` devices (null: all of them)."""
+    wanted = cfg.num_devices
+    if wanted is None:
+        return Mesh(np.array(devices), (DATA_AXIS,))
+    if jax.process_count() > 1 and wanted != len(devices):
+        raise RunnerError(f"device.num_devices={wanted}: a run over {jax.process_count()} "
+                          f"processes uses all their {len(devices)} devices (leave "
+                          f"device.num_devices=null)")
+    if wanted > len(devices):
+        hint = (" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count="
+                f"{wanted} gives {wanted} devices)" if devices[0].platform == "cpu" else "")
+        raise RunnerError(f"device.num_devices={wanted}: only {len(devices)} "
+                          f"{devices[0].platform} device(s) visible{hint}")
+    return Mesh(np.array(devices[:wanted]), (DATA_AXIS,))
+
+
+def check_fits(host_data, devices: List[jax.Device]) -> None:
+    """A one-line error, before anything is placed, when a task's arrays exceed the memory
+    the devices report free (each device holds a replica). CPUs report none: no check."""
+    stats = devices[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    sizes = {jax.tree_util.keystr(path): leaf.nbytes
+             for path, leaf in jax.tree_util.tree_leaves_with_path(host_data)}
+    if sum(sizes.values()) > free:
+        largest = ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in sorted(
+            sizes.items(), key=lambda item: -item[1])[:4])
+        raise RunnerError(f"the task's arrays take {sum(sizes.values()) / 2**20:.0f} MiB "
+                          f"({largest}) but {devices[0].device_kind} has {free / 2**20:.0f} "
+                          f"MiB free: use a smaller file, or a device with more memory")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the mesh's ``data`` axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def place(tree, sharding: NamedSharding):
+    """Host arrays (e.g. a restored checkpoint) as global arrays with ``sharding``; every
+    process passes the same values (``make_array_from_callback`` works across processes)."""
+    def put(leaf):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+# Dense peak FLOP/s per chip for (bf16, TF32, fp32) matmuls, by device_kind substring (first
+# match wins). TPUs run float32 matmuls as bf16 passes at default precision.
+PEAK_FLOPS = (
+    ("H100 PCIe", (756e12, 378e12, 51e12)),
+    ("H100", (989e12, 494e12, 67e12)),
+    ("H200", (989e12, 494e12, 67e12)),
+    ("A100", (312e12, 156e12, 19.5e12)),
+    ("L40S", (362e12, 183e12, 91.6e12)),
+    ("L4", (121e12, 60e12, 30e12)),
+    ("TPU v4", (275e12, 275e12, 275e12)),
+    ("TPU v5 lite", (197e12, 197e12, 197e12)),
+    ("TPU v5p", (459e12, 459e12, 459e12)),
+    ("TPU v5", (459e12, 459e12, 459e12)),
+    ("TPU v6 lite", (918e12, 918e12, 918e12)),
+)
+
+
+def peak_flops(device_kind: str, precision: Precision,
+               matmul_precision: Optional[str] = None) -> Optional[float]:
+    """The device's dense peak FLOP/s for this compute precision, or None when unknown (CPUs,
+    unlisted accelerators). float32 at default matmul precision counts as TF32 on GPUs."""
+    for name, (bf16, tf32, fp32) in PEAK_FLOPS:
+        if re.search(rf"\b{name}\b", device_kind):
+            if Precision(precision) == Precision.bf16:
+                return bf16
+            return fp32 if matmul_precision == "highest" else tf32
+    return None

@@ -1,0 +1,210 @@
+"""The pure, jitted layer: build the TrainState, one train step, many steps per dispatch, eval."""
+
+import dataclasses
+import functools
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training.train_state import TrainState
+from jax.sharding import Mesh
+
+from runner.core.sharding import batch_sharding, check_fits, replicated
+from runner.core.optim import LRSchedule, Optimizer
+from runner.tasks.base import Batch, Data, Task
+
+Metrics = Dict[str, jax.Array]
+LAYER_GRAD_NORM = "grad_norm/"  # metric-name prefix of each top-level layer's gradient norm
+
+
+def _constrain(tree, mesh: Optional[Mesh], sharding_of=replicated):
+    """``tree`` laid out as ``sharding_of(mesh)`` inside a jitted function (as it is without a
+    mesh)."""
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, sharding_of(mesh))
+
+
+def _shard_batch(batch: Batch, mesh: Optional[Mesh]) -> Batch:
+    """Split the batch over the mesh's devices (data parallelism), when it divides evenly."""
+    if mesh is None or mesh.size == 1:
+        return batch
+    if any(np.shape(leaf)[0] % mesh.size for leaf in jax.tree.leaves(batch)):
+        return _constrain(batch, mesh)  # e.g. an eval set of 100 on 8 devices: replicated
+    return _constrain(batch, mesh, batch_sharding)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelApply:
+    """``model.apply`` as a value: equal for equal models. ``TrainState.apply_fn`` is part of
+    the jit cache key, and a bound method is equal only for the very same model object."""
+
+    model: nn.Module
+
+    def __call__(self, *args, **kwargs):
+        return self.model.apply(*args, **kwargs)
+
+
+class Setup(NamedTuple):
+    """What a run starts from (see ``setup``)."""
+
+    state: TrainState
+    data: Data
+    init_rng: jax.Array
+    train_rng: jax.Array
+
+
+def setup(seed: int, task: Task, model: nn.Module, optimizer: Optimizer, *,
+          mesh: Optional[Mesh] = None) -> Setup:
+    """A run's start from its seed, in one compiled call: the three keys (model init, task
+    data, training steps), the TrainState (params and optimizer state, replicated over
+    ``mesh``) and the task's data: made on device by ``task.make_data(key)``, or, for a task
+    with ``load_data()`` (arrays read from files), those host arrays put on the devices
+    (donated: the run's data is that one copy). Eagerly, each of init's many small ops would
+    compile a program of its own. Runs whose model, task and optimizer structure are equal
+    share the call: this run's hyperparameter values are arguments."""
+    host = task.load_data() if hasattr(task, "load_data") else None
+    if host is not None:
+        check_fits(host, list(mesh.devices.flat) if mesh else jax.devices()[:1])
+    step, params, opt_state, data, init_rng, train_rng = _setup(
+        seed, optimizer.hyperparams, host, model=model, task=task, tx=optimizer.tx, mesh=mesh)
+    state = TrainState(step=step, apply_fn=ModelApply(model), params=params, tx=optimizer.tx,
+                       opt_state=opt_state)
+    return Setup(state, data, init_rng, train_rng)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "task", "tx", "mesh"),
+                   donate_argnames="host")
+def _setup(seed, hyperparams, host, *, model, task, tx, mesh):
+    init_rng, data_rng, train_rng = _constrain(
+        tuple(jax.random.split(jax.random.PRNGKey(seed), 3)), mesh)
+    params = model.init(init_rng, task.example_input())["params"]
+    # This run's values (traced: runs of one structure share the call) also shape the initial
+    # state where a factory's init reads one (rmsprop's initial_scale).
+    opt_state = tx.transformation(hyperparams).init(params)
+    # The step is a typed array (not TrainState.create's Python int), or the first call
+    # of the jitted step would compile a second time for the int32 step it gets.
+    state = _constrain((jnp.zeros((), jnp.int32), params, opt_state), mesh)
+    data = task.make_data(data_rng) if host is None else host
+    return (*state, _constrain(data, mesh), init_rng, train_rng)
+
+
+def _compute(params, x, compute_dtype: Optional[str]):
+    """Params and inputs in the compute dtype (mixed precision: the params stay float32)."""
+    if compute_dtype is None:
+        return params, x
+
+    def cast(a):
+        return a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return jax.tree.map(cast, params), cast(x)
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,
+               schedule: LRSchedule, layer_norms: bool = False,
+               compute_dtype: Optional[str] = None) -> Tuple[TrainState, Metrics]:
+    """One optimizer step on ``batch``; ``rng`` feeds stochastic layers (dropout).
+    ``layer_norms`` adds each top-level layer's gradient norm to the metrics.
+    ``compute_dtype`` (e.g. ``bfloat16``) runs the model in that dtype; the loss, gradients
+    and optimizer update stay in the params' float32."""
+
+    def loss_fn(params):
+        params, x = _compute(params, batch["x"], compute_dtype)
+        outputs = state.apply_fn({"params": params}, x, rngs={"dropout": rng})
+        return task.loss(outputs.astype(jnp.float32), batch)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    lr = state.opt_state.hyperparams["learning_rate"] * schedule(state.step)
+    state = state.apply_gradients(grads=grads)
+    metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": lr}
+    if layer_norms:
+        metrics.update({f"{LAYER_GRAD_NORM}{name}": optax.tree.norm(g)
+                        for name, g in grads.items()})
+    return state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("task", "schedule", "num_steps", "windows",
+                                             "layer_norms", "unroll", "mesh", "compute_dtype"),
+                   donate_argnames="state")
+def train_steps(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
+                schedule: LRSchedule, num_steps: int, windows: int = 1,
+                layer_norms: bool = False, unroll: int = 1, mesh: Optional[Mesh] = None,
+                compute_dtype: Optional[str] = None) -> Tuple[TrainState, Metrics]:
+    """``num_steps`` train steps fused into one dispatch with ``lax.scan``.
+
+    Each step's randomness is ``fold_in(rng, step)``, so it depends on the seed and the step
+    alone. Returns the metrics of ``windows`` equal consecutive runs of steps (the log windows:
+    each metric has shape ``(windows,)``), each averaged over its steps, except ``lr``: the
+    value at the window's last step. ``unroll`` steps run per iteration of the loop.
+
+    With a ``mesh``, each batch is split over its devices (data parallelism: every device
+    computes the gradient of its part, XLA all-reduces them) and the state stays replicated.
+    """
+
+    def body(state, _):
+        batch_rng, step_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+        batch = _shard_batch(task.train_batch(data, batch_rng), mesh)
+        state, metrics = train_step(state, batch, step_rng, task=task, schedule=schedule,
+                                    layer_norms=layer_norms, compute_dtype=compute_dtype)
+        return _constrain(state, mesh), metrics
+
+    if num_steps == 1:  # no scan around a lone step: jax_debug_nans can name its operations
+        state, metrics = body(state, None)
+        metrics = jax.tree.map(lambda m: m[None], metrics)
+    else:
+        state, metrics = jax.lax.scan(body, state, length=num_steps, unroll=unroll)
+    per_window = {k: v.reshape(windows, num_steps // windows) for k, v in metrics.items()}
+    means = {k: jnp.mean(v, axis=1) for k, v in per_window.items()}
+    return state, _constrain({**means, "lr": per_window["lr"][:, -1]}, mesh)
+
+
+def step_flops(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
+               schedule: LRSchedule, compute_dtype: Optional[str] = None) -> Optional[float]:
+    """FLOPs of one train step (batch included), by XLA's cost analysis of the lowered step
+    (no compilation). GPU and TPU plugins do not analyse lowered programs (and the compiled
+    analysis on GPU counts no FLOPs in cuDNN's convolutions): there the same step is lowered
+    for the CPU, from the arrays' shapes, and analysed."""
+    def one(state, data, rng):
+        return train_step(state, task.train_batch(data, rng), rng, task=task, schedule=schedule,
+                          compute_dtype=compute_dtype)
+
+    cost = jax.jit(one).lower(state, data, rng).cost_analysis()
+    if not cost and jax.devices()[0].platform != "cpu":
+        try:
+            cpu = jax.devices("cpu")[0]
+        except RuntimeError:  # JAX_PLATFORMS without the CPU: no FLOPs, no perf/mfu
+            return None
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                              (state, data, rng))
+        with jax.default_device(cpu):
+            cost = jax.jit(one).lower(*shapes).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+@functools.partial(jax.jit, static_argnames=("task", "mesh", "compute_dtype"))
+def evaluate(state: TrainState, data: Data, *, task: Task, mesh: Optional[Mesh] = None,
+             compute_dtype: Optional[str] = None) -> Tuple[Metrics, jax.Array]:
+    """Loss and metrics on the task's held-out set, averaged over its equal-sized batches,
+    and the model's outputs for those batches (stacked like ``task.eval_batches``). Batches
+    with a ``mask`` (1 for a real example, 0 for padding) weigh by their real examples, so a
+    padded last batch counts exactly its own."""
+
+    def batch_metrics(batch):
+        batch = _shard_batch(batch, mesh)
+        params, x = _compute(state.params, batch["x"], compute_dtype)
+        outputs = state.apply_fn({"params": params}, x).astype(jnp.float32)
+        loss, metrics = task.loss(outputs, batch)
+        return {"loss": loss, **metrics}, outputs
+
+    batches = task.eval_batches(data)
+    metrics, outputs = jax.lax.map(batch_metrics, batches)
+    if "mask" in batches:
+        weights = jnp.sum(batches["mask"], axis=1)
+        means = jax.tree.map(lambda m: jnp.sum(m * weights) / jnp.sum(weights), metrics)
+    else:
+        means = jax.tree.map(jnp.mean, metrics)
+    return _constrain((means, outputs), mesh)

@@ -1,0 +1,66 @@
+"""``inputs.json``: the files a task read, recorded in the run dir when the run starts.
+
+A task that reads files says which in ``inputs()`` (``task=arrays``: the absolute path and its
+SHA-256). ``resume=`` and ``runner.eval`` read the same files (a recorded key that is a task
+key, such as ``path``, replaces the stored config's possibly relative value) and refuse to go on,
+with one line, when what the task reads now differs from the record.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+from omegaconf import DictConfig, open_dict
+
+from runner.io.checkpoint import write_atomic
+from runner.config.errors import RunnerError
+
+FILE = "inputs.json"
+
+
+def recorded(run_dir: Path) -> Dict[str, Any]:
+    try:
+        return json.loads((run_dir / FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise RunnerError(f"{run_dir / FILE}: unreadable ({err})") from None
+
+
+def use_recorded(cfg: DictConfig, run_dir: Path) -> None:
+    """Point the config's task at the files the run read (an absolute ``task.path``)."""
+    with open_dict(cfg.task):
+        for key, value in recorded(run_dir).items():
+            if key in cfg.task:
+                cfg.task[key] = value
+
+
+def verify(task: Any, run_dir: Path) -> None:
+    """The task reads what the run read when it started."""
+    was, now = recorded(run_dir), _inputs(task)
+    changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    if was and changed:
+        what = ", ".join(f"{k}: now {_short(now.get(k))}, recorded {_short(was.get(k))}"
+                         for k in changed)
+        raise RunnerError(f"{now.get('path', 'the task inputs')}: changed since the run started "
+                          f"({what}; see {run_dir / FILE}): resume and eval need the same data")
+
+
+def record(task: Any, run_dir: Path) -> None:
+    """Write ``inputs.json`` when a run starts from step 0 (a resume keeps the record it was
+    checked against)."""
+    inputs = _inputs(task)
+    if inputs:
+        write_atomic(run_dir / FILE, (json.dumps(inputs, indent=2) + "\n").encode())
+    elif (run_dir / FILE).exists():  # an earlier attempt's, at another task
+        (run_dir / FILE).unlink()
+
+
+def _inputs(task: Any) -> Dict[str, Any]:
+    inputs = task.inputs() if hasattr(task, "inputs") else {}
+    return json.loads(json.dumps(inputs))  # as the record holds them: tuples become lists
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 16 else f"{text[:12]}…"

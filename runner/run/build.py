@@ -1,0 +1,202 @@
+"""A run's build step: from the config to everything its host loop needs, in one ``Run``."""
+
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from omegaconf import DictConfig
+
+from runner.io import inputs
+from runner.io.checkpoint import restore_latest
+from runner.core.sharding import DATA_AXIS, make_mesh, peak_flops, place, replicated
+from runner.platform.device import configure_jax
+from runner.config.errors import AlreadyComplete, ConfigError, RunnerError
+from runner.core.optim import Optimizer, make_optimizer
+from runner.config.schema import Precision, validate
+from runner.core.shapes import check_output
+from runner.core.steps import setup, step_flops
+from runner.config.targets import build, check
+
+log = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {Precision.fp32: None, Precision.bf16: "bfloat16"}
+# The automatic dispatch length stays at most this many steps (or log_every, if larger), so a
+# stop request (SIGTERM) and the progress bar are not held up by one very long dispatch.
+MAX_AUTO_DISPATCH = 1000
+
+
+class Parts(NamedTuple):
+    task: Any
+    model: nn.Module
+    optimizer: Optimizer
+
+
+def build_parts(cfg: DictConfig) -> Parts:
+    """The task, model and optimizer the config describes, each checked against its class's
+    or factory's signature (types, keys) and by its own ``__post_init__`` (values). The model's
+    null ``out_features`` is the task's ``output_dim``; its output on the task's example input
+    must have the task's shape (``runner.core.shapes.check_output``)."""
+    validate(cfg)
+    task = build(check(cfg.task, "task"), "task")
+    if cfg.model is None:
+        raise ConfigError("model: none chosen; pick one with model=<name> (mlp, cnn, or one "
+                          "from your own config dir)")
+    model = build(check(cfg.model, "model"), "model", out_features=task.output_dim)
+    for key, value in (("task", task), ("model", model)):
+        try:
+            hash(value)
+        except TypeError as err:
+            raise ConfigError(f"{key} ({cfg[key]._target_}): not hashable ({err}); runner "
+                              f"compiles it into the step as a static argument: give it "
+                              f"hashable fields (a frozen dataclass; tuples, not lists)") from None
+    optimizer = make_optimizer(cfg.optimizer, total_steps=cfg.trainer.steps)
+    # Here, so a run, a sweep job, resume and runner.eval all refuse a model whose output the
+    # task's loss cannot take, before anything compiles (traced abstractly: no device touched).
+    check_output(task, model)
+    return Parts(task, model, optimizer)
+
+
+class StepOptions(NamedTuple):
+    """Static options of the compiled train steps (``train_steps``' keyword arguments)."""
+
+    mesh: Optional[Mesh] = None
+    compute_dtype: Optional[str] = None
+    unroll: int = 1
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run's host loop works with (see ``build_run``)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    parts: Parts
+    mesh: Mesh
+    state: Any  # TrainState
+    data: Any
+    init_rng: jax.Array
+    train_rng: jax.Array
+    start_step: int
+    chunk: int  # steps per dispatch
+    writer: bool  # process 0: the one that writes TensorBoard, checkpoints and run files
+    options: StepOptions
+    placement: Dict[str, Any]  # devices, precision, FLOPs: recorded in manifest and metrics
+    resume: bool = False
+
+    @property
+    def peak_flops(self) -> Optional[Tuple[float, float]]:
+        """(peak FLOP/s of all devices, FLOPs per step) when both are known: ``perf/mfu``."""
+        peak, flops = self.placement["peak_flops_per_device"], self.placement["flops_per_step"]
+        return (peak * self.mesh.size, flops) if peak and flops else None
+
+
+def build_run(cfg: DictConfig, run_dir: Path, *, resume: bool,
+              parts: Optional[Parts] = None) -> Run:
+    """Set JAX up, build the parts (unless given), start the state from the seed (or the
+    newest valid checkpoint, with ``resume``) and decide the dispatch length."""
+    parts = parts or build_parts(cfg)
+    if resume:
+        inputs.verify(parts.task, run_dir)
+    devices = configure_jax(cfg.device)
+    mesh = make_mesh(cfg.device, devices)
+    if parts.task.batch_size % mesh.size:
+        raise RunnerError(f"task.batch_size={parts.task.batch_size} is not divisible by the "
+                          f"{mesh.size} devices in use (device.num_devices="
+                          f"{_show(cfg.device.num_devices)}): use a multiple of {mesh.size}, or "
+                          f"set device.num_devices")
+    state, data, init_rng, train_rng = setup(cfg.seed, *parts, mesh=mesh)
+    if resume:
+        state = _restore(run_dir, state, mesh)
+    start_step = _agreed_start(int(state.step), run_dir)
+    if start_step >= cfg.trainer.steps:
+        raise AlreadyComplete(run_dir, start_step)
+    chunk = steps_per_dispatch(cfg.trainer, start_step=start_step)
+    options = StepOptions(mesh=mesh, compute_dtype=COMPUTE_DTYPES[Precision(
+        cfg.device.precision)], unroll=cfg.trainer.scan_unroll)
+    run = Run(cfg, run_dir, parts, mesh, state, data, init_rng, train_rng, start_step, chunk,
+              jax.process_index() == 0, options, {}, resume)
+    run.placement = _placement(run)
+    log.info("devices: %d x %s (%s) in %d process(es), batch split over a '%s' mesh axis; "
+             "steps %d..%d, %d per dispatch", mesh.size, run.placement["platform"],
+             run.placement["device_kind"], jax.process_count(), DATA_AXIS, start_step,
+             cfg.trainer.steps, chunk)
+    return run
+
+
+def steps_per_dispatch(trainer: DictConfig, *, start_step: int = 0) -> int:
+    """Steps fused per dispatch: the configured count, or else the largest count that lands on
+    every eval and checkpoint step, on the last step and on the step a resume starts from (so
+    all dispatches share one shape: one compilation), and that is a multiple of ``log_every``
+    (one dispatch then returns the metrics of several log windows) or divides it. Parameter
+    histograms need the state at each log step: with them a dispatch is at most ``log_every``.
+    """
+    chunk = trainer.steps_per_dispatch
+    if chunk is None:
+        base = math.gcd(trainer.steps, start_step, *[
+            c for c in (trainer.eval_every, trainer.checkpoint_every) if c is not None])
+        log_every = trainer.log_every
+        if trainer.log_histograms or base % log_every:
+            return math.gcd(base, log_every)
+        cap = max(MAX_AUTO_DISPATCH // log_every, 1) * log_every
+        return max(d for d in range(log_every, min(base, cap) + 1, log_every) if base % d == 0)
+    if start_step % chunk or (trainer.steps - start_step) % chunk or any(
+            c is not None and c % chunk for c in (trainer.eval_every, trainer.checkpoint_every)
+    ) or (trainer.log_every % chunk and (chunk % trainer.log_every or trainer.log_histograms)):
+        raise RunnerError(
+            f"trainer.steps_per_dispatch={chunk}: must divide trainer.steps, the step a resume "
+            f"starts from ({start_step}), trainer.eval_every and trainer.checkpoint_every, and "
+            f"divide trainer.log_every or (without trainer.log_histograms) be a multiple of it")
+    return chunk
+
+
+def _restore(run_dir: Path, template, mesh: Mesh):
+    """The newest valid checkpoint of the run, with this config's optimizer hyperparameters
+    (so that e.g. ``optimizer.lr=...`` given with ``resume`` applies), replicated over
+    ``mesh`` (whatever devices it was saved from); ``template`` when the run saved none
+    (stopped before its first checkpoint). Checkpoints that none fits stop the resume."""
+    restored, path = restore_latest(run_dir / "checkpoints", template)
+    if restored is None:
+        log.warning("no checkpoint in %s: starting from step 0", run_dir / "checkpoints")
+        return template
+    log.info("resuming from %s (step %d)", path, int(restored.step))
+    opt_state = restored.opt_state._replace(hyperparams=template.opt_state.hyperparams)
+    return place(restored.replace(opt_state=opt_state), replicated(mesh))
+
+
+def _agreed_start(start_step: int, run_dir: Path) -> int:
+    """The step every process starts from (they must agree: a shared filesystem)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        starts = multihost_utils.process_allgather(np.array(start_step))
+        if np.any(starts != start_step):
+            raise RunnerError(f"the processes resumed from different steps ({starts.tolist()}): "
+                              f"each must see the same {run_dir / 'checkpoints'} (a shared "
+                              f"filesystem)")
+    return start_step
+
+
+def _placement(run: Run) -> Dict[str, Any]:
+    device = run.mesh.devices.flat[0]
+    precision = run.cfg.device.precision
+    peak = peak_flops(device.device_kind, precision, jax.config.jax_default_matmul_precision)
+    flops = step_flops(run.state, run.data, run.train_rng, task=run.parts.task,
+                       schedule=run.parts.optimizer.schedule,
+                       compute_dtype=run.options.compute_dtype) if peak else None
+    return {"num_devices": run.mesh.size, "processes": jax.process_count(),
+            "platform": device.platform, "device_kind": device.device_kind,
+            "precision": Precision(precision).value,
+            "matmul_precision": jax.config.jax_default_matmul_precision,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "peak_flops_per_device": peak, "flops_per_step": flops}
+
+
+def _show(value) -> str:
+    return "null" if value is None else str(value)

@@ -1,0 +1,112 @@
+"""``python -m runner resume=<run_dir> [key=value ...]``: continue a run in its own dir."""
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from runner.config.errors import (AlreadyComplete, ConfigError, RunnerError, describe_error,
+                           first_line)
+from runner.io.inputs import use_recorded, verify
+from runner.io.rundir import LOG_FORMAT, HydraJob, read_metrics
+from runner.config.schema import typed
+from runner.run.trust import check_trusted
+
+GROUPS = ("task", "model", "optimizer", "device", "hparams_search")
+def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictConfig, List[str]]:
+    """The config stored in ``run_dir/.hydra`` (typed by the schemas), with ``overrides``
+    (``key=value``) applied on top; and the run's own overrides."""
+    stored_path = run_dir / ".hydra" / "config.yaml"
+    if not stored_path.is_file():
+        raise RunnerError(f"{run_dir}: not a run dir (no .hydra/config.yaml)")
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in GROUPS or "/" in key or key.startswith("hydra"):
+            raise RunnerError(f"{override}: a resumed run keeps its task, model, optimizer and "
+                              f"device; change values (e.g. trainer.steps=400), not groups")
+    overrides_path = run_dir / ".hydra" / "overrides.yaml"
+    stored_overrides = (OmegaConf.to_container(OmegaConf.load(overrides_path))
+                        if overrides_path.is_file() else [])
+    # Typed by runner's own schema (keys added since the run was made get their defaults;
+    # task, model and optimizer are checked against their targets when built). The new
+    # overrides win over the stored values (``+key=value`` adds a key, as for a new run).
+    try:
+        stored = OmegaConf.load(stored_path)
+    except Exception as err:  # noqa: BLE001 (yaml's and OmegaConf's errors for a bad file)
+        raise ConfigError(f"{stored_path}: not a readable config "
+                          f"({describe_error(err) or first_line(err)})") from None
+    check_trusted(stored, stored_path)
+    try:
+        cfg = typed(stored)  # struct, as Hydra composes: a new key needs +key=value
+    except ConfigError as err:  # a value or key the schema rejects, named
+        raise ConfigError(f"{stored_path}: {err}") from None
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(
+        [o for o in overrides if not o.startswith("+")]))
+    for override in (o[1:] for o in overrides if o.startswith("+")):
+        key = override.split("=", 1)[0]
+        OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.from_dotlist([override]), key),
+                         force_add=True)
+    cfg.resume = None
+    use_recorded(cfg, run_dir)
+    return cfg, [*stored_overrides, *overrides]
+
+
+def build_stored(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()):
+    """The stored run's task, model and optimizer; a value they reject names the file."""
+    from runner.run.build import build_parts
+
+    try:
+        return build_parts(cfg)
+    except ConfigError as err:
+        given = " with the overrides given" if overrides else ""
+        raise ConfigError(f"{run_dir / '.hydra' / 'config.yaml'}{given}: {err}") from None
+
+
+def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> Tuple[Path, Dict[str, Any]]:
+    """Continue the run in ``run_dir_arg`` from its newest valid checkpoint, in place, holding
+    its lock; the run dir and the run's summary. A completed run raises AlreadyComplete and
+    leaves every file as it was (the lock file too)."""
+    from runner.run.train import run
+
+    run_dir = Path(run_dir_arg).expanduser().resolve()
+    if run_dir.is_file():
+        raise RunnerError(f"resume={run_dir_arg}: a file; give the run's dir (the one that "
+                          f"holds .hydra/ and checkpoints/)")
+    if not run_dir.is_dir():
+        raise RunnerError(f"resume={run_dir_arg}: no such directory")
+    cfg, all_overrides = load_run_config(run_dir, overrides)
+    # Every value checked, and the task's files against the record, before anything in the
+    # run dir is rewritten.
+    parts = build_stored(cfg, run_dir, overrides)
+    verify(parts.task, run_dir)
+    _log_to_console()
+    # The run dir's config is the run's as it now stands (for later resumes and runner.eval).
+    job = HydraJob(cfg, None, all_overrides)
+    return run_dir, run(cfg, run_dir, overrides=all_overrides, claim=_unless_complete(cfg),
+                        hydra_job=job, parts=parts)
+
+
+def _unless_complete(cfg: DictConfig):
+    """``resume=``'s claim: a completed run (an early-stopped one too: it is finished) raises
+    AlreadyComplete; anything else resumes."""
+    def claim(run_dir: Path, writer: bool) -> bool:
+        done = read_metrics(run_dir)
+        if done.get("status") == "completed" and done.get("steps", 0) >= cfg.trainer.steps:
+            raise AlreadyComplete(run_dir, done["steps"])
+        if done.get("status") == "completed" and done.get("stopped_early_at") is not None:
+            raise AlreadyComplete(run_dir, done["steps"], stopped_early=True)
+        return True
+    return claim
+
+
+def _log_to_console() -> None:
+    """Log to the console as Hydra does for a run (``runner.log`` is the run's: it opens it
+    once the run dir is its own)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    logging.getLogger("jax").setLevel(logging.WARNING)
