@@ -15,7 +15,7 @@ def test_quick_benchmark_writes_the_results_schema(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "bench/results.json").read_text())
     assert {"machine", "linear_fit", "arrays", "cnn", "overheads", "compiles",
-            "sweep", "cnn_sweep"} <= set(results)
+            "sweeps"} <= set(results)
     assert results["machine"]["versions"]["jax"]
     for key in ("reference_steps_per_s", "runner_steps_per_s", "runner_over_reference"):
         assert results["linear_fit"][key] > 0
@@ -28,21 +28,17 @@ def test_quick_benchmark_writes_the_results_schema(tmp_path):
         assert results["overheads"][task]["log_and_checkpoint_s_per_1000_steps"] > 0
     assert results["overheads"]["process"]["default_run_over_import"] > 0
     assert results["compiles"] == {"per_run": 1, "per_sweep": 1, "sweep_jobs": 3}
-    sweep = results["sweep"]
-    assert sweep["jobs"] == 2 and sweep["fused_goal_over_single"] == 1.25
-    for images in ("images", "no_images"):  # one run, the basic sweep, the fused sweep
+    sweeps = results["sweeps"]
+    assert sweeps["fused_goal_over_single"] == 1.4
+    assert {n: c["jobs"] for n, c in sweeps["cases"].items()} == {
+        "linear_fit": 2, "digits": 2, "cnn": 2}  # --quick: 2 jobs each
+    for case in sweeps["cases"].values():  # one run, the basic sweep, the fused sweep
         for key in ("single_run_s", "basic_sweep_s", "fused_sweep_s", "basic_over_single",
-                    "fused_over_single", "fused_over_basic", "basic_per_job_over_single",
-                    "fused_per_job_over_single"):
-            assert sweep[images][key] > 0
-        assert isinstance(sweep[images]["fused_goal_met"], bool)  # its rule: test_sweep_ratios
-    cnn_sweep = results["cnn_sweep"]
-    assert cnn_sweep["jobs"] == 2 and "task=cnn_random_images" in cnn_sweep["overrides"]
-    for key in ("basic_per_job_s", "fused_per_job_s", "fused_over_basic"):
-        assert cnn_sweep[key] > 0
-    assert isinstance(cnn_sweep["fused_not_slower"], bool)
+                    "fused_over_single", "fused_over_basic"):
+            assert case[key] > 0
+        assert isinstance(case["fused_not_slower"], bool)  # its rule: test_sweep_ratios_...
     assert "linear_fit: runner / reference" in proc.stdout
-    assert "2-job lr sweep / one run, log_images=false: fused" in proc.stdout
+    assert "digits 2-job sweep / one run: fused" in proc.stdout
     # linear_fit ran in a process with the task config's XLA flag, as `python -m runner` runs
     assert ("--xla_cpu_enable_concurrency_optimized_scheduler=false"
             in results["linear_fit"]["xla_flags"].split())
@@ -63,48 +59,48 @@ def test_gpu_check_reads_step_time_back_from_a_run(tmp_path):
     assert case["placement"]["platform"] == "cpu" and case["eval_loss"] > 0
 
 
-# Median seconds of each arm of the sweep sections, as if measured: (images, arm) -> seconds.
-SWEEP_TIMES = {("images", "single"): 2.0, ("images", "basic"): 6.0, ("images", "fused"): 2.5,
-               ("no_images", "single"): 1.0, ("no_images", "basic"): 4.0,
-               ("no_images", "fused"): 5.0}
+# Median seconds of each arm of the sweeps, as if measured: (case, arm) -> seconds.
+SWEEP_TIMES = {("linear_fit", "single"): 2.0, ("linear_fit", "basic"): 6.0,
+               ("linear_fit", "fused"): 2.8, ("digits", "single"): 1.0,
+               ("digits", "basic"): 4.0, ("digits", "fused"): 4.0, ("cnn", "single"): 3.0,
+               ("cnn", "basic"): 4.0, ("cnn", "fused"): 5.0}
 
 
-def test_sweep_ratios_of_known_times(monkeypatch):
-    """The sweep sections' ratios and verdicts from known median times, worked by hand."""
+def test_sweep_ratios_of_known_times(monkeypatch, tmp_path):
+    """The sweeps' ratios and verdicts from known median times, worked by hand."""
     from runner.bench import process as bench_process
+
+    cases = bench_process.sweep_cases(str(tmp_path), quick=False)
+    assert [(name, len(c["lrs"])) for name, c in cases.items()] == [
+        ("linear_fit", 8), ("digits", 4), ("cnn", 2)]
+    assert "task=arrays" in cases["digits"]["overrides"]
 
     def process(tmp, runs, *overrides, lrs=None, fused=False):  # no process: its known time
         def call():
             raise AssertionError("median_times is faked: nothing runs")
-        call.key = ("no_images" if "trainer.log_images=false" in overrides else "images",
-                    "single" if lrs is None else "fused" if fused else "basic")
+        case = next(n for n, c in cases.items() if list(overrides) == c["overrides"])
+        call.key = (case, "single" if lrs is None else "fused" if fused else "basic")
         return call
 
     monkeypatch.setattr(bench_process, "_process", process)
     monkeypatch.setattr(bench_process, "median_times", lambda fns, repeats, warmup=False: {
         name: SWEEP_TIMES[fn.key] for name, fn in fns.items()})
-    sweep = bench_process.bench_sweep(5, ["1e-3", "1e-2"])
-    assert (sweep["jobs"], sweep["rounds"], sweep["fused_goal_over_single"]) == (2, 3, 1.25)
-    assert sweep["images"] == {  # fused 2.5 s against one run's 2 s: 1.25x, the goal exactly
-        "single_run_s": 2.0, "basic_sweep_s": 6.0, "fused_sweep_s": 2.5,
-        "basic_over_single": 3.0, "fused_over_single": 1.25,
-        "fused_over_basic": pytest.approx(5 / 12), "basic_per_job_over_single": 1.5, "fused_per_job_over_single": 0.625,
-        "fused_goal_met": True}
-    assert sweep["no_images"] == {  # fused 5 s against 1 s: the goal missed
-        "single_run_s": 1.0, "basic_sweep_s": 4.0, "fused_sweep_s": 5.0,
-        "basic_over_single": 4.0, "fused_over_single": 5.0, "fused_over_basic": 1.25,
-        "basic_per_job_over_single": 2.0, "fused_per_job_over_single": 2.5,
-        "fused_goal_met": False}
-    cnn = bench_process.bench_cnn_sweep(2)  # log_images=false: basic 4 s, fused 5 s
-    assert {k: cnn[k] for k in ("jobs", "rounds", "basic_sweep_s", "fused_sweep_s",
-                                "basic_per_job_s", "fused_per_job_s", "fused_over_basic",
-                                "fused_not_slower")} == {
-        "jobs": 2, "rounds": 2, "basic_sweep_s": 4.0, "fused_sweep_s": 5.0,
-        "basic_per_job_s": 2.0, "fused_per_job_s": 2.5, "fused_over_basic": 1.25,
-        "fused_not_slower": False}
-    # as fast as the basic launcher: not slower
-    monkeypatch.setitem(SWEEP_TIMES, ("no_images", "fused"), 4.0)
-    assert bench_process.bench_cnn_sweep(2)["fused_not_slower"] is True
+    monkeypatch.setattr(bench_process, "sweep_cases", lambda tmp, quick: cases)
+    sweeps = bench_process.bench_sweeps(5)
+    assert (sweeps["rounds"], sweeps["fused_goal_over_single"]) == (3, 1.4)
+    linear = sweeps["cases"]["linear_fit"]  # fused 2.8 s against one run's 2 s: 1.4x, the goal
+    assert {k: v for k, v in linear.items() if k != "overrides"} == {
+        "jobs": 8, "single_run_s": 2.0, "basic_sweep_s": 6.0, "fused_sweep_s": 2.8,
+        "basic_over_single": 3.0, "fused_over_single": pytest.approx(1.4),
+        "fused_over_basic": pytest.approx(2.8 / 6), "fused_not_slower": True}
+    assert sweeps["cases"]["digits"]["fused_not_slower"] is True  # as fast: not slower
+    cnn = sweeps["cases"]["cnn"]
+    assert (cnn["fused_over_basic"], cnn["fused_not_slower"]) == (1.25, False)
+    assert sweeps["fused_goal_met"] is True and sweeps["fused_never_slower"] is False
+    monkeypatch.setitem(SWEEP_TIMES, ("linear_fit", "fused"), 2.9)
+    monkeypatch.setitem(SWEEP_TIMES, ("cnn", "fused"), 4.0)
+    sweeps = bench_process.bench_sweeps(5)
+    assert sweeps["fused_goal_met"] is False and sweeps["fused_never_slower"] is True
 
 
 def test_gpu_check_figures_of_known_events(tmp_path, monkeypatch):

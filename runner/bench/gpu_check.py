@@ -63,9 +63,9 @@ def run_case(name: str, overrides: List[str], tmp: Path, timeout: float,
 
 def in_process(repeats: int) -> dict:
     """runner.bench's linear_fit loops and the CNN step (reference Flax vs runner) on the GPU."""
-    from runner.bench.suite import bench_linear_fit, loops, runner_parts_of
-    from runner.bench.process import median_times
     from runner.bench.cases import reference_cnn
+    from runner.bench.process import median_times
+    from runner.bench.suite import bench_linear_fit, loops, runner_parts_of
 
     out = {"linear_fit": bench_linear_fit(repeats, steps=2000)}
     for batch in (32, 256):

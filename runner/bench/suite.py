@@ -4,8 +4,9 @@ Every comparison is interleaved (A, B, A, B, ...) and repeated; figures are medi
 linear_fit steps/s (reference per-step loop vs runner's scan-fused loop), the CNN step (the
 reference's Flax step vs runner's, GFLOP/s against this machine's fp32 matmul, PyTorch when
 installed), overheads (compile time, whole-process wall vs bare imports, logging and
-checkpointing per 1,000 steps), compilations per run and per sweep, an lr sweep on the basic
-and the fused launcher against a single run, and a CNN sweep's per-job time on both launchers.
+checkpointing per 1,000 steps), compilations per run and per sweep, and three sweeps (8-job
+linear_fit, 4-job digits ``task=arrays``, 2-job CNN) on the basic and the fused launcher against
+one run, side by side.
 Writes a table to the console and everything to ``bench/results.json``.
 """
 
@@ -20,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from runner.bench.process import (SWEEP_LRS, bench_cnn_sweep, bench_compiles,
-                                  bench_process_wall, bench_sweep, machine_info, median_times)
+from runner.bench.process import (bench_compiles, bench_process_wall, bench_sweeps,
+                                  machine_info, median_times)
 from runner.bench.table import print_table
 
 
@@ -36,8 +37,8 @@ def _compose(overrides: List[str]):
 
 def runner_parts_of(overrides: List[str]):
     """task, optimizer, state, data and rng of ``python -m runner <overrides>``."""
-    from runner.run.build import build_parts
     from runner.core.steps import setup
+    from runner.run.build import build_parts
 
     cfg = _compose(overrides)
     task, model, optimizer = build_parts(cfg)
@@ -125,8 +126,8 @@ def _linear_fit_worker(name: str, steps: int) -> None:
     """One side of ``bench_linear_fit``: warm up, say ``ready`` (with the dispatch layout), then
     time one round of ``steps`` steps per ``run`` line on stdin."""
     from runner.bench.cases import reference_linear_fit
-    from runner.run.build import steps_per_dispatch
     from runner.loop.host import log_windows
+    from runner.run.build import steps_per_dispatch
 
     cfg, *parts = runner_parts_of([])
     # The default run's dispatch: 100 steps, the metrics of two 50-step log windows.
@@ -216,10 +217,10 @@ def bench_overheads(repeats: int) -> dict:
     """Compile time, process wall vs bare imports, logging and checkpoint cost."""
     import jax
 
-    from runner.io.checkpoint import save_checkpoint
-    from runner.platform.compiles import compile_stats
     from runner.core.steps import train_steps
+    from runner.io.checkpoint import save_checkpoint
     from runner.io.tb_logger import TensorBoardLogger
+    from runner.platform.compiles import compile_stats
 
     result = {}
     for name, overrides, chunk in (("linear_fit", [], 50),
@@ -267,8 +268,7 @@ def main(argv=None) -> None:
     results["cnn"] = bench_cnn(repeats, steps=1 if args.quick else 10)
     results["overheads"] = bench_overheads(repeats)
     results["compiles"] = bench_compiles()
-    results["sweep"] = bench_sweep(repeats, SWEEP_LRS[:2] if args.quick else SWEEP_LRS)
-    results["cnn_sweep"] = bench_cnn_sweep(repeats, quick=args.quick)
+    results["sweeps"] = bench_sweeps(repeats, quick=args.quick)
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
