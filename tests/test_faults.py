@@ -24,9 +24,9 @@ from test_run_dirs import assert_same
 from test_run_dirs import snapshot as dir_bytes
 from test_run_dirs import one_error_line as only_error_line
 from test_run_dirs import wait_for as wait_for_text
-from runner.io import checkpoint
-from runner.io.checkpoint import list_checkpoints
 from runner.config.errors import WriteError
+from runner.io import files
+from runner.io.checkpoint import list_checkpoints
 from runner.run.train import run
 
 # linear_fit in minibatches (each step draws its batch), a checkpoint every 2,000 steps.
@@ -178,7 +178,7 @@ def test_a_checkpoint_write_that_fails_keeps_every_earlier_one(tmp_path, monkeyp
     cfg = compose_config([*TINY, "trainer.steps=10", "trainer.eval_every=null"])
     run(cfg, tmp_path / "reference")
     step_6 = final_state(tmp_path / "reference", 6)
-    monkeypatch.setattr(checkpoint, "open", fill_at_step_6, raising=False)
+    monkeypatch.setattr(files, "open", fill_at_step_6, raising=False)
     with pytest.raises(WriteError, match=r"cannot write .*/checkpoints/step_6\.msgpack: "
                                          r"\[Errno 28\] No space left on device"):
         run(cfg, tmp_path / "run")

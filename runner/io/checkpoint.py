@@ -1,9 +1,7 @@
 """Flax-serialized TrainState checkpoints: written atomically, validated when loaded."""
 
-import contextlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import List, Optional, Tuple, TypeVar
@@ -12,44 +10,12 @@ import jax
 import numpy as np
 from flax import serialization
 
-from runner.config.errors import RunnerError, WriteError
+from runner.config.errors import RunnerError
+from runner.io.files import write_atomic
 
 State = TypeVar("State")
 log = logging.getLogger(__name__)
 _STEP_FILE = re.compile(r"step_(\d+)\.msgpack")
-TEMP_SUFFIX = ".tmp"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash at any instant leaves either the old file or
-    the complete new one: a temporary file, fsynced, renamed over ``path``, the rename fsynced.
-    A failed write (a full disk) removes its temporary file, leaves ``path`` as it was and
-    raises WriteError naming ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")  # unique per process
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise WriteError(path, err) from err
-
-
-def remove_stale_temps(directory: Path) -> None:
-    """Delete the temporary files of writes a killed process never finished (call it holding
-    the run dir's lock: no other process is writing there)."""
-    for tmp in Path(directory).glob(f".*{TEMP_SUFFIX}"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:

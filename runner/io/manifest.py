@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 
-from runner.io.checkpoint import write_atomic
+from runner.io.files import write_atomic
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "hydra-core", "omegaconf", "tensorboardX", "numpy")
 

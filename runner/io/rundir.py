@@ -9,18 +9,18 @@ same three files and ``runner.log`` itself, once the run dir is its own (``claim
 """
 
 import contextlib
-import json
 import logging
 import logging.handlers
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from runner.io.checkpoint import list_checkpoints, write_atomic
 from runner.config.errors import RunnerError
+from runner.io.checkpoint import list_checkpoints
+from runner.io.files import read_metrics, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,6 @@ MULTIRUN_FILE = "multirun.yaml"  # a sweep dir's (Hydra's sweepers write it)
 # What a run writes at its top level: an earlier run's are moved aside together.
 RUN_FILES = (HYDRA_DIR, "tb", "checkpoints", "metrics.json", "manifest.json", "inputs.json",
              "model_summary.txt", LOG_FILE)
-
-
-def read_metrics(run_dir: Path) -> Dict[str, Any]:
-    """The run's ``metrics.json``, or {} when there is none (never started, or killed)."""
-    try:
-        return json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def held_run(run_dir: Path) -> Optional[str]:

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
-from runner.io.checkpoint import write_atomic
+from runner.io.files import write_atomic
 
 
 class EarlyStop:

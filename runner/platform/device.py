@@ -126,6 +126,16 @@ def _backends_started() -> bool:
     return bool(_STARTED)
 
 
+def is_primary(cfg: DictConfig) -> bool:
+    """Whether this process is the one that writes the run's files (TensorBoard, checkpoints,
+    ``metrics.json``): process 0. Known before JAX starts (``launch_process_index``), which a
+    run needs to decide on its dir before it builds; once ``jax.distributed`` runs, JAX's own
+    index decides."""
+    if jax.distributed.is_initialized():
+        return jax.process_index() == 0
+    return launch_process_index(cfg) == 0
+
+
 def launch_process_index(cfg: DictConfig) -> int:
     """This process's index in a multi-process run, known before JAX starts: the configured
     ``device.process_id``, else the launcher's rank (SLURM, Open MPI, PMI), else 0."""

@@ -9,9 +9,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.config.errors import (AlreadyComplete, ConfigError, RunnerError, describe_error,
                            first_line)
-from runner.io.inputs import use_recorded, verify
-from runner.io.rundir import LOG_FORMAT, HydraJob, read_metrics
 from runner.config.schema import typed
+from runner.io.files import read_metrics
+from runner.io.inputs import use_recorded, verify
+from runner.io.rundir import LOG_FORMAT, HydraJob
 from runner.run.trust import check_trusted
 
 GROUPS = ("task", "model", "optimizer", "device", "hparams_search")

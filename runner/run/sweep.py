@@ -22,9 +22,10 @@ from typing import Any, Dict, List, Optional, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from runner.io import lock
-from runner.io.checkpoint import list_checkpoints, write_atomic
 from runner.config.errors import RunnerError, describe_error, first_line
+from runner.io import lock
+from runner.io.checkpoint import list_checkpoints
+from runner.io.files import write_atomic
 from runner.platform.preemption import Interrupted
 from runner.io.rundir import (MULTIRUN_FILE, Claim, HydraJob, held_run, log_error_line,
                            read_metrics, write_hydra_files)

@@ -1,0 +1,53 @@
+"""The files every layer writes and reads: atomic writes (a crash leaves the old file or the new
+one, never half of one) and a run's ``metrics.json``."""
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+from runner.config.errors import WriteError
+
+TEMP_SUFFIX = ".tmp"
+METRICS_FILE = "metrics.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash at any instant leaves either the old file or
+    the complete new one: a temporary file, fsynced, renamed over ``path``, the rename fsynced.
+    A failed write (a full disk) removes its temporary file, leaves ``path`` as it was and
+    raises WriteError naming ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")  # unique per process
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise WriteError(path, err) from err
+
+
+def remove_stale_temps(directory: Path) -> None:
+    """Delete the temporary files of writes a killed process never finished (call it holding
+    the run dir's lock: no other process is writing there)."""
+    for tmp in Path(directory).glob(f".*{TEMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def read_metrics(run_dir: Path) -> Dict[str, Any]:
+    """The run's ``metrics.json``, or {} when there is none (never started, or killed)."""
+    try:
+        return json.loads((run_dir / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
