@@ -111,3 +111,51 @@ def test_distinct_indices_cover_every_example_evenly():
     expected = 1000 * 128 / 1437  # ~89 per example; binomial std ~9
     assert counts.min() > expected - 50 and counts.max() < expected + 50
     assert abs(counts.std() - np.sqrt(expected * (1 - 128 / 1437))) < 2
+
+
+def test_built_in_tasks_have_the_interface_and_one_data_source():
+    """Every built-in task is a ``Task`` with exactly one data hook, and only the optional
+    hooks it means to have (what runner calls is what these protocols say)."""
+    from runner.tasks.arrays import Arrays
+    from runner.tasks.base import (DeclaresOutputShape, DeviceData, DrawsFigures, HostData,
+                                   RecordsInputs, Task, check_task)
+
+    for task in (LinearFit(), CNNRandomImages()):
+        check_task(task)
+        assert all(isinstance(task, p) for p in (Task, DeviceData, DrawsFigures))
+        assert not any(isinstance(task, p) for p in (HostData, RecordsInputs,
+                                                     DeclaresOutputShape))
+    # Arrays needs a file to be built: its class has the hooks (the method-only protocols)
+    assert issubclass(Arrays, HostData) and issubclass(Arrays, RecordsInputs)
+    assert not issubclass(Arrays, DeviceData)
+
+
+def test_a_task_class_lacking_a_hook_is_one_line_naming_it():
+    import dataclasses
+
+    from runner.tasks.base import check_task
+
+    @dataclasses.dataclass(frozen=True)
+    class NoLoss:
+        batch_size: int = 4
+        output_dim = 1
+
+        def make_data(self, rng): ...
+        def train_batch(self, data, rng): ...
+        def eval_batches(self, data): ...
+        def example_input(self): ...
+
+    @dataclasses.dataclass(frozen=True)
+    class Complete(NoLoss):
+        def loss(self, outputs, batch): ...
+
+    @dataclasses.dataclass(frozen=True)
+    class BothData(Complete):
+        def load_data(self): ...
+
+    with pytest.raises(ConfigError, match=r"^task \(.*NoLoss\): lacks loss \(see "
+                                          r"runner\.tasks\.base\.Task\)$"):
+        check_task(NoLoss())
+    check_task(Complete())  # make_data: one data hook
+    with pytest.raises(ConfigError, match=r"needs exactly one data hook.*it has both$"):
+        check_task(BothData())

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 
 from runner.config.errors import ConfigError
+from runner.tasks.base import DeclaresOutputShape
 
 Shape = Tuple[int, ...]
 
@@ -21,7 +22,7 @@ Shape = Tuple[int, ...]
 def expected_shape(task: Any) -> Shape:
     """One example's output as the task's loss needs it: the task's ``output_shape`` (an
     attribute, a property or a method) if it declares one, else ``(output_dim,)``."""
-    shape = getattr(task, "output_shape", None)
+    shape = task.output_shape if isinstance(task, DeclaresOutputShape) else None
     if callable(shape):
         shape = shape()
     if shape is None:
@@ -69,7 +70,7 @@ def _model_key(model: nn.Module) -> str:
 
 def _declared(task: Any, want: Shape) -> str:
     """Where the expected shape comes from, as the user would look it up."""
-    if getattr(task, "output_shape", None) is not None:
+    if isinstance(task, DeclaresOutputShape) and task.output_shape is not None:
         return f"its output_shape={_show(want)}"
     return f"its output_dim={want[0]}"
 

@@ -12,8 +12,9 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig, open_dict
 
-from runner.io.checkpoint import write_atomic
 from runner.config.errors import RunnerError
+from runner.io.files import write_atomic
+from runner.tasks.base import RecordsInputs
 
 FILE = "inputs.json"
 
@@ -57,7 +58,7 @@ def record(task: Any, run_dir: Path) -> None:
 
 
 def _inputs(task: Any) -> Dict[str, Any]:
-    inputs = task.inputs() if hasattr(task, "inputs") else {}
+    inputs = task.inputs() if isinstance(task, RecordsInputs) else {}
     return json.loads(json.dumps(inputs))  # as the record holds them: tuples become lists
 
 
