@@ -19,8 +19,8 @@ from runner.config.errors import AlreadyComplete, RunnerError, describe_error
 def main(cfg: DictConfig) -> float:
     """Train one job in its Hydra run dir; the returned eval loss is what sweepers minimise."""
     # Imported here, once Hydra has composed the config (bad overrides fail before them).
-    from runner.run.console import print_config_tree
     from runner.io.rundir import HydraJob, remove_if_unused
+    from runner.run.console import print_config_tree
     from runner.run.sweep import run_sweep_job
     from runner.run.train import run
 
@@ -99,8 +99,8 @@ def cli() -> None:
             print_where(run_dir, summary)
         else:
             refuse_hydra_writers(args)  # before anything is imported or composed
-            from runner.core.optim import SCHEMA as OPTIMIZER_SCHEMA
             from runner.config.targets import register_signatures
+            from runner.core.optim import SCHEMA as OPTIMIZER_SCHEMA
 
             # Every parameter of the target of an option in the user's config dirs is a key,
             # as for runner's own options (conf/config.yaml: signature@...).

@@ -17,13 +17,13 @@ def evaluate_run(run_dir: Path, which: str = "last") -> dict:
     """Eval metrics of checkpoint ``which`` (``last``, ``best`` or a step) of ``run_dir``."""
     import jax
 
-    from runner.run.build import COMPUTE_DTYPES
-    from runner.io.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-    from runner.platform.device import configure_jax
-    from runner.io.inputs import verify
-    from runner.run.resume import build_stored, load_run_config
     from runner.config.schema import Precision
     from runner.core.steps import evaluate, setup
+    from runner.io.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+    from runner.io.inputs import verify
+    from runner.platform.device import configure_jax
+    from runner.run.build import COMPUTE_DTYPES
+    from runner.run.resume import build_stored, load_run_config
 
     cfg, _ = load_run_config(run_dir)
     parts = build_stored(cfg, run_dir)

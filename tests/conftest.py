@@ -58,8 +58,8 @@ def run_cli(args: Sequence[str], *, cwd: Path, check: bool = True,
 def start(overrides: Sequence[str] = (), *, seed: int = 0, mesh=None):
     """(task, model, optimizer) of ``python -m runner <overrides>`` and the run's start from
     ``seed`` (state, data, init key, train key)."""
-    from runner.run.build import build_parts
     from runner.core.steps import setup
+    from runner.run.build import build_parts
 
     parts = build_parts(compose_config(overrides))
     return parts, setup(seed, *parts, mesh=mesh)

@@ -55,9 +55,9 @@ def max_rel(a, b):
 def compiled_step_facts():
     """What XLA made of the 8-device step: an all-reduce (of the gradients), and per-device
     batch shapes (64 samples / 8 devices = 8 rows each)."""
-    from runner.run.build import build_parts
     from runner.core.sharding import make_mesh
     from runner.core.steps import setup, train_steps
+    from runner.run.build import build_parts
 
     cfg = config(*TASKS["linear_fit"], "device.num_devices=8")
     mesh = make_mesh(cfg.device, jax.devices())

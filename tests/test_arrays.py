@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from conftest import TINY, compose_config, run_cli, start
-from runner.run.build import build_parts
-from runner.io.checkpoint import load_checkpoint
-from runner.core.sharding import check_fits
 from runner.config.errors import ConfigError, RunnerError
-from runner.tasks.arrays_io import read
+from runner.core.sharding import check_fits
+from runner.io.checkpoint import load_checkpoint
+from runner.run.build import build_parts
 from runner.run.train import run
+from runner.tasks.arrays_io import read
 from test_resume import newest_step, wait_past
 from test_resume import start as start_cli
 

@@ -10,12 +10,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import TINY_CNN, compose_config, group_options
-from runner.run.build import build_parts
 from runner.config.errors import ConfigError, describe_error
-from runner.models.cnn import CNN
-from runner.models.mlp import MLP
 from runner.config.schema import typed
 from runner.config.targets import build, check, signature_schema
+from runner.models.cnn import CNN
+from runner.models.mlp import MLP
+from runner.run.build import build_parts
 from runner.tasks.cnn_random_images import CNNRandomImages
 from runner.tasks.linear_fit import LinearFit
 

@@ -74,19 +74,37 @@ def test_debug_fast_runs_any_task_for_a_few_steps(tmp_path, task):
     assert last.startswith("done: .  eval ") and "  best: step 10 eval/" in last, last
 
 
+# debug=nans's reason: the step, the primitive, and the model's line that called it.
+NAN_REASON = (r"step 2: invalid value \(nan\) encountered in dot_general at "
+              r"\S*/models/mlp\.py:\d+ \(__call__: ")
+
+
 def test_debug_nans_fails_at_the_operation_that_made_the_nan(tmp_path):
     proc = run_cli(["debug=nans", "optimizer.lr=1e30", "trainer.progress_bar=false",
                     f"hydra.run.dir={tmp_path}"], cwd=tmp_path, check=False)
     assert proc.returncode == 1
     error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    # The step, the primitive, and the model's line that called it.
-    assert re.match(r"error: step 2: invalid value \(nan\) encountered in dot_general at "
-                    r"\S*/models/mlp\.py:\d+ \(__call__: ", error[0]), error[0]
+    assert re.match(f"error: {NAN_REASON}", error[0]), error[0]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "dot_general" in metrics["reason"]
     stored = yaml.safe_load((tmp_path / ".hydra" / "config.yaml").read_text())
     assert stored["device"]["debug_nans"] is True and stored["trainer"]["steps_per_dispatch"] == 1
+
+
+def test_debug_nans_in_a_fused_sweep_fails_only_the_job_with_the_nan_as_a_run_would(tmp_path):
+    """Under debug=nans the fused launcher trains each job alone: the NaN is named as in a
+    single run, and fails only its own job."""
+    proc = run_cli(["-m", "hydra/launcher=fused", "debug=nans", "optimizer.lr=1e30,1e-3",
+                    "trainer.progress_bar=false", f"hydra.sweep.dir={tmp_path / 's'}"],
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "into one group" not in out and out.count("debug=nans: each job trains alone") == 2
+    failed, completed = (json.loads((tmp_path / "s" / job / "metrics.json").read_text())
+                         for job in ("0", "1"))
+    assert failed["status"] == "failed" and completed["status"] == "completed"
+    assert re.match(NAN_REASON, failed["reason"]), failed["reason"]
 
 
 def get_profile_json(url: str):
@@ -133,6 +151,21 @@ def test_debug_profile_traces_steps_that_tensorboard_shows(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_debug_profile_of_a_fused_sweep_traces_its_one_program_once(tmp_path):
+    """Into the first member's tb/; every member's log says where."""
+    proc = run_cli(["-m", "hydra/launcher=fused", "debug=profile", "optimizer.lr=1e-3,1e-2",
+                    "trainer.progress_bar=false", f"hydra.sweep.dir={tmp_path / 's'}"],
+                   cwd=tmp_path)
+    assert "into one group (2 members" in proc.stdout + proc.stderr
+    traces = sorted((tmp_path / "s").glob("*/tb/plugins/profile/*/*.xplane.pb"))
+    assert [t.relative_to(tmp_path / "s").parts[0] for t in traces] == ["0"]
+    for job in ("0", "1"):
+        log = (tmp_path / "s" / job / "runner.log").read_text()
+        assert f"profile: 5 steps traced to {traces[0]}" in log
+        assert json.loads((tmp_path / "s" / job / "metrics.json").read_text())["status"] \
+            == "completed"
 
 
 def screenshot_profile_tab(url: str) -> None:

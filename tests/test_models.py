@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from jax import lax
 
+from runner.bench.cases import ReferenceCNN  # the reference's CNN, verbatim
+from runner.config.errors import ConfigError
 from runner.models.cnn import CNN
 from runner.models.conv import conv_general_dilated
 from runner.models.mlp import MLP
 from runner.models.pooling import max_pool
-from runner.bench.cases import ReferenceCNN  # the reference's CNN, verbatim
-from runner.config.errors import ConfigError
 
 
 def param_count(model, x):

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import compose_config, group_options
 from runner.config.errors import ConfigError
-from runner.core.optim import LRSchedule, make_optimizer
 from runner.config.schema import Schedule
+from runner.core.optim import LRSchedule, make_optimizer
 
 
 @pytest.mark.parametrize("name", group_options("optimizer"))

@@ -166,7 +166,7 @@ def test_the_wheel_installs_runner_alone_and_runs_from_any_directory(tmp_path):
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(
         ".dist-info")} == {"runner", "hydra_plugins"}
     assert {name.split("/")[1] for name in names if name.startswith("hydra_plugins/")} == {
-        "runner_fused_launcher"}
+        "runner_fused_launcher", "runner_sweeper"}
     assert "hydra_plugins/__init__.py" not in names  # a namespace package, shared
     assert {"runner/conf/config.yaml", "runner/conf/task/linear_fit.yaml",
             "runner/__main__.py", "runner/models/cnn.py", "runner/tasks/linear_fit.py"} <= set(
@@ -186,7 +186,7 @@ def test_the_wheel_installs_runner_alone_and_runs_from_any_directory(tmp_path):
                            "optimizer.lr=1e-3,1e-2", *TINY, "hydra.sweep.dir=sweep"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "into one program (2 members)" in proc.stdout + proc.stderr
+    assert "into one group (2 members" in proc.stdout + proc.stderr
     assert [done(tmp_path / "sweep" / job)["steps"] for job in ("0", "1")] == [4, 4]
 
 

@@ -16,8 +16,8 @@ import pytest
 from flax import serialization
 
 from conftest import TINY, compose_config, run_cli
-from runner.io.checkpoint import list_checkpoints
 from runner.config.errors import RunnerError
+from runner.io.checkpoint import list_checkpoints
 from runner.run.train import run
 
 # Minibatch training (per-step data randomness), 20,000 steps (~0.3 s) per dispatch, a

@@ -16,12 +16,12 @@ from flax import serialization
 
 from conftest import TINY, compose_config, free_port, run_cli
 import runner.run.build
-from runner.run import train
-from runner.io.checkpoint import Checkpointer, list_checkpoints
-from runner.core.sharding import peak_flops
 from runner.config.errors import RunnerError
 from runner.config.schema import Precision
+from runner.core.sharding import peak_flops
+from runner.io.checkpoint import Checkpointer, list_checkpoints
 from runner.io.tb_logger import NullLogger
+from runner.run import train
 
 HERE = Path(__file__).resolve().parent
 # 8 simulated CPU devices against 1 (and 2 processes against 1), bounded by a float32 argument
@@ -106,8 +106,8 @@ def test_device_gpu_accepts_what_jax_calls_a_cuda_device(monkeypatch, platform):
 def test_step_flops_where_lowered_programs_are_not_analysed(monkeypatch):
     """GPU plugins answer no cost analysis of a lowered program (and their compiled analysis
     counts no cuDNN convolution FLOPs): the step is then lowered for the CPU and analysed."""
-    from runner.core import steps
     from runner.bench.suite import runner_parts_of
+    from runner.core import steps
 
     cfg, task, optimizer, state, data, rng = runner_parts_of(
         ["task=cnn_random_images", "task.image_size=8", "task.batch_size=4", "task.num_eval=8"])

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import TINY, run_cli
 from runner.config.errors import ConfigError
-from runner.models.mlp import MLP
 from runner.core.shapes import check_output, expected_shape
+from runner.models.mlp import MLP
 from runner.tasks.linear_fit import LinearFit
 
 

@@ -9,10 +9,10 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY_CNN, compose_config, start
-from runner.run.build import MAX_AUTO_DISPATCH, steps_per_dispatch
 from runner.config.errors import RunnerError
-from runner.loop.host import log_windows
 from runner.core.steps import train_steps
+from runner.loop.host import log_windows
+from runner.run.build import MAX_AUTO_DISPATCH, steps_per_dispatch
 from runner.run.train import run
 
 LINEAR_40 = ["trainer.steps=40", "trainer.log_every=10", "trainer.eval_every=20",
@@ -161,3 +161,21 @@ def test_steps_per_sec_counts_the_device_time_up_to_the_fetch(tmp_path, monkeypa
     run(compose_config(LINEAR_40), tmp_path)
     rates = [v for _, v in scalars(tmp_path, "perf/steps_per_sec")]
     assert rates and all(rate <= 20 / 0.1 for rate in rates)  # 20 steps per dispatch
+
+
+def test_a_members_actions_are_named_and_fall_due_on_their_cadences(tmp_path):
+    from runner.io.checkpoint import Checkpointer
+    from runner.io.tb_logger import NullLogger
+    from runner.loop.member import Member
+
+    trainer = compose_config(["trainer.steps=12", "trainer.log_every=2", "trainer.eval_every=4",
+                              "trainer.checkpoint_every=6"]).trainer
+    member = Member(tmp_path, spec=None, data=None, trainer=trainer, logger=NullLogger(),
+                    checkpointer=Checkpointer(tmp_path / "checkpoints", keep=None,
+                                              metric="loss", mode="min"), start_step=0)
+    assert [a.name for a in member.actions] == ["log", "eval", "checkpoint"]
+    assert member.due(2, last=False) == ["log"]
+    assert member.due(3, last=False) == []
+    assert member.due(4, last=False) == ["log", "eval"]
+    assert member.due(6, last=False) == ["log", "checkpoint"]
+    assert member.due(12, last=True) == ["log", "eval", "checkpoint"]

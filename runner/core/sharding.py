@@ -1,6 +1,6 @@
 """Where a run's arrays live: the 1-D ``data`` mesh, placement and sharding of arrays on it,
-the fit of a task's arrays on the devices, and the peak FLOP/s of known accelerators (for
-``perf/mfu``). Pure JAX: no environment, no I/O."""
+a device's free memory and the fit of a task's arrays there, and the peak FLOP/s of known
+accelerators (for ``perf/mfu``). Pure JAX: no environment, no I/O."""
 
 import re
 from typing import List, Optional
@@ -33,13 +33,20 @@ def make_mesh(cfg: DictConfig, devices: List[jax.Device]) -> Mesh:
     return Mesh(np.array(devices[:wanted]), (DATA_AXIS,))
 
 
+def free_bytes(device: jax.Device) -> Optional[int]:
+    """Bytes free on ``device``; None where JAX does not say (CPUs report no limit)."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
 def check_fits(host_data, devices: List[jax.Device]) -> None:
     """A one-line error, before anything is placed, when a task's arrays exceed the memory
     the devices report free (each device holds a replica). CPUs report none: no check."""
-    stats = devices[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
+    free = free_bytes(devices[0])
+    if free is None:
         return
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     sizes = {jax.tree_util.keystr(path): leaf.nbytes
              for path, leaf in jax.tree_util.tree_leaves_with_path(host_data)}
     if sum(sizes.values()) > free:

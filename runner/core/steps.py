@@ -12,9 +12,9 @@ import optax
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh
 
-from runner.core.sharding import batch_sharding, check_fits, replicated
 from runner.core.optim import LRSchedule, Optimizer
-from runner.tasks.base import Batch, Data, Task
+from runner.core.sharding import batch_sharding, check_fits, replicated
+from runner.tasks.base import Batch, Data, HostData, Task
 
 Metrics = Dict[str, jax.Array]
 LAYER_GRAD_NORM = "grad_norm/"  # metric-name prefix of each top-level layer's gradient norm
@@ -66,7 +66,7 @@ def setup(seed: int, task: Task, model: nn.Module, optimizer: Optimizer, *,
     (donated: the run's data is that one copy). Eagerly, each of init's many small ops would
     compile a program of its own. Runs whose model, task and optimizer structure are equal
     share the call: this run's hyperparameter values are arguments."""
-    host = task.load_data() if hasattr(task, "load_data") else None
+    host = task.load_data() if isinstance(task, HostData) else None
     if host is not None:
         check_fits(host, list(mesh.devices.flat) if mesh else jax.devices()[:1])
     step, params, opt_state, data, init_rng, train_rng = _setup(

@@ -1,50 +1,39 @@
-"""The host loop: dispatch fused steps; after each, the periodic work that falls due.
+"""The host loop: dispatch a group's program; after each dispatch, the periodic work due.
 
-The periodic work is a list of ``Every`` actions: log the train metrics every
-``trainer.log_every`` steps, evaluate (and keep the best state) every ``eval_every``, save a
-checkpoint every ``checkpoint_every``; each also after the last step. Around them: metrics come
-to the host only when an action is due (each fetch waits for the device) and are checked for
-NaN/Inf before anything is saved; a stop request (SIGTERM/SIGINT) saves a checkpoint and
-raises ``Interrupted``; finished figures are logged as they come back.
+A group is one run (its own program: a group of one member) or a fused sweep's runs (one
+program over a member axis, ``runner.loop.programs``). The loop does what is the same for
+every member: the dispatch (``debug=nans`` names the step and the line of code that made a
+NaN), the throughput window between host syncs (compilation and the profiler's own work left
+out), metrics to the host only when an action is due (each fetch waits for the device),
+checked for NaN/Inf before anything is saved, the processes' agreement to stop, and a stop
+request (SIGTERM/SIGINT), on which every member saves a checkpoint and ends ``Interrupted``.
+Each member's own work (``runner.loop.member``: log, eval, checkpoint) runs on its slice.
+
+A member whose work fails, or whose loss or gradient norm goes non-finite, ends with the error
+a single run gives, while the others go on: a fused program keeps its state as it was
+(``alive`` masks it).
 """
 
-import dataclasses
+import functools
 import logging
 import os
 import sys
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
 
-from runner.platform import peers
-from runner.run.build import StepOptions
-from runner.loop.early_stop import EarlyStop
 from runner.config.errors import RunnerError
-from runner.platform.preemption import Interrupted, StopRequest
+from runner.loop.member import Dispatched, Member, working_for
 from runner.loop.profiling import StepProfiler
-from runner.core.steps import LAYER_GRAD_NORM, evaluate, train_steps
+from runner.loop.programs import Program
+from runner.platform import peers
+from runner.platform.preemption import StopRequest
 
 log = logging.getLogger(__name__)
-
-
-def is_time(step: int, every: Optional[int]) -> bool:
-    """Whether periodic work with cadence ``every`` (None = never) falls on ``step``."""
-    return every is not None and step % every == 0
-
-
-@dataclasses.dataclass
-class Every:
-    """``action()`` after a dispatch that ends on a multiple of ``every`` (None: never), and
-    after the last one."""
-
-    every: Optional[int]
-    action: Callable[[], None]
-
-    def due(self, step: int, last: bool) -> bool:
-        return last or is_time(step, self.every)
+Result = Union[Dict[str, Any], BaseException]  # a member's summary, or how it failed
 
 
 def log_windows(trainer, chunk: int) -> int:
@@ -55,196 +44,172 @@ def log_windows(trainer, chunk: int) -> int:
     return 1
 
 
+class Throughput:
+    """Steps per second between host syncs. The first window starts once the compiling
+    dispatch is done; a window ends when a fetch waits for the device."""
+
+    def __init__(self):
+        self.start, self.steps, self.compiled = time.perf_counter(), 0, False
+
+    def dispatched(self, steps: int, outputs, *, excluded: float) -> None:
+        """A dispatch of ``steps`` steps; ``excluded`` seconds of it were no step's."""
+        self.start += excluded
+        if self.compiled:
+            self.steps += steps
+        else:  # keep compilation out of steps/s: wait for it, start timing after
+            jax.block_until_ready(outputs)
+
+    def rate(self) -> Optional[float]:
+        return self.steps / (time.perf_counter() - self.start) if self.steps else None
+
+    def restart(self, *, synced: bool) -> None:
+        """After a dispatch: the next window starts (host work ended this one) if it synced."""
+        if not self.compiled or synced:
+            self.compiled, self.start, self.steps = True, time.perf_counter(), 0
+
+
 class HostLoop:
-    """One run's loop (see the module doc). ``renderer`` draws the task's figures of eval
-    steps; ``peak_flops`` ``(peak FLOP/s of all devices, FLOPs per step)`` adds ``perf/mfu``."""
+    """Trains ``members`` with ``program`` to ``trainer.steps`` (see the module doc).
+    ``peak_flops`` ``(peak FLOP/s of the devices, FLOPs per member step)`` adds ``perf/mfu``.
+    ``debug=profile`` traces the program into the first member's ``tb/``."""
 
-    def __init__(self, state, data, rng, *, task, schedule, trainer, chunk: int, logger,
-                 checkpointer, stop: StopRequest, renderer=None,
-                 options: Optional[StepOptions] = None,
-                 peak_flops: Optional[Tuple[float, float]] = None,
-                 profiler: Optional[StepProfiler] = None, resume_command: str = ""):
-        self.state, self.data, self.rng = state, data, rng
-        self.resume_command = resume_command  # printed when a signal stops the run
-        self.task, self.schedule, self.trainer, self.chunk = task, schedule, trainer, chunk
-        self.logger, self.checkpointer, self.stop = logger, checkpointer, stop
-        self.renderer, self.peak_flops = renderer, peak_flops
-        self.options = options or StepOptions(unroll=trainer.scan_unroll)
-        self.windows = log_windows(trainer, chunk)
-        self.step = self.start = int(state.step)
-        self.metrics: Dict[str, Any] = {}  # the last dispatch's, on the host once fetched
-        self.perf: Dict[str, float] = {}
-        # > 1: a member of a fused group of that many runs (runner.loop.fused), whose
-        # throughput and compile time are the group's and named so (log_compile)
-        self.group_members = 1
-        self.train_metrics: Dict[str, float] = {}
-        self.eval_metrics: Dict[str, float] = {}
-        self.checkpoint = None
-        self.bar = _progress_bar(trainer, initial=self.step)
-        self.profiler = profiler or StepProfiler(None, None)
-        self.early_stop = EarlyStop(trainer, path=checkpointer.dir / "early_stop.json",
-                                    write=checkpointer.write, start_step=self.step)
-        self.stopped_early_at: Optional[int] = None
-        self.actions: List[Every] = [Every(trainer.log_every, self.log_train),
-                                     Every(trainer.eval_every, self.evaluate),
-                                     Every(trainer.checkpoint_every, self.save)]
+    def __init__(self, program: Program, members: Sequence[Member], *, trainer,
+                 stop: StopRequest, peak_flops: Optional[Tuple[float, float]] = None):
+        self.program, self.members, self.trainer, self.stop = program, members, trainer, stop
+        self.peak_flops, self.chunk = peak_flops, program.spec.num_steps
+        self.step = members[0].step
+        self.alive = np.ones(len(members), bool)
+        self.results: Dict[int, Result] = {}
+        self.errors: List[Exception] = []  # this dispatch's, for the processes to agree on
+        self.profiler = StepProfiler(members[0].trace_dir, trainer.profile_steps)
+        # One bar per process: a group's members log lines instead.
+        self.bar = _progress_bar(trainer, initial=self.step) if len(members) == 1 else None
+        for member in members:
+            member.join(len(members), self.bar)
 
-    def run(self) -> Tuple[Any, Dict[str, Any]]:
-        """Train to ``trainer.steps``; the final state and the run's summary."""
-        dispatches, compiled = 0, False
-        window_start, window_steps = time.perf_counter(), 0  # throughput between host syncs
-        with self.bar or nullcontext():
-            while self.step < self.trainer.steps and self.stopped_early_at is None:
-                self.dispatch()
-                # The trace's start and its writing (debug=profile) are no steps: left out
-                window_start += self.profiler.after_dispatch(self.chunk, self.metrics)
-                if compiled:
-                    window_steps += self.chunk
-                else:  # keep compilation out of steps/s: wait for it, start timing after
-                    jax.block_until_ready(self.metrics)
-                last = self.step == self.trainer.steps
-                due = [a for a in self.actions if a.due(self.step, last)]
-                if due:
-                    self.fetch(window_start, window_steps)
-                error = self.act(due, last=last)
-                stopping, failed = _agreed(self.stop, dispatches, error)
-                dispatches += 1
-                peers.check(error, failed)
-                if stopping and self.stopped_early_at is None:  # (an early stop saved)
-                    if not due:
-                        self.fetch(window_start, window_steps)
-                    self.interrupt(saved=self.save in [a.action for a in due], last=last)
-                if not compiled or due:  # host work ends the throughput window
-                    compiled, window_start, window_steps = True, time.perf_counter(), 0
-                if self.bar:
-                    self.bar.update(self.chunk)
-        self.profiler.close()
-        peers.agree(lambda: self.log_figures(wait=True))
-        return self.state, self.summary()
+    def run(self) -> List[Result]:
+        """Each member's summary, or the exception it ended with (failed, interrupted)."""
+        dispatches, window = 0, Throughput()
+        with self.bar or nullcontext(), working_for(m.run_dir for m in self.members):
+            try:
+                while self.step < self.trainer.steps and self.alive.any():
+                    if not self.dispatch(window):
+                        break
+                    last = self.step == self.trainer.steps
+                    due = {i: self.members[i].due(self.step, last) for i in self.living()}
+                    synced = any(due.values())
+                    perf = self.fetch(window) if synced else None
+                    self.act(due, perf, last)
+                    stopping, failed = _agreed(self.stop, dispatches,
+                                               self.errors[0] if self.errors else None)
+                    dispatches += 1
+                    if failed is not None and not self.errors:  # another process failed
+                        for i in self.living():
+                            self.attempt(i, functools.partial(peers.check, None, failed))
+                    if stopping:
+                        self.interrupt(due, perf, window, last)
+                    window.restart(synced=synced)
+                    if self.bar:
+                        self.bar.update(self.chunk)
+            finally:
+                self.profiler.close()
+            for i in self.living():
+                self.finish(i)
+        return [self.results[i] for i in range(len(self.members))]
 
-    def summary(self) -> Dict[str, Any]:
-        """How the run ended: what ``metrics.json`` records of the loop."""
-        summary = {"status": "completed", "steps": self.step, "train": self.train_metrics,
-                   "eval": self.eval_metrics, "checkpoint": str(self.checkpoint)}
-        if self.stopped_early_at is not None:
-            summary["stopped_early_at"] = self.stopped_early_at
-        return summary
+    def living(self) -> List[int]:
+        return [int(i) for i in np.flatnonzero(self.alive)]
 
-    def act(self, due: List[Every], *, last: bool) -> Optional[Exception]:
-        """The actions due, and the figures drawn meanwhile logged; after an eval that stops
-        the run early, the rest of a last step's work (log, checkpoint). In a multi-process run
-        an error is returned, for every process to learn of it first (``runner.platform.peers``)."""
+    def dispatch(self, window: Throughput) -> bool:
+        """One dispatch; False when the program failed, which ends every member."""
+        self.errors = []
         try:
-            for action in due:
-                action.action()
-            if self.stopped_early_at is not None and not last:
-                for action in [a for a in self.actions if a not in due]:
-                    if action.action != self.evaluate:
-                        action.action()
-            self.log_figures()
-            if due:
-                self.logger.flush()
-        except Exception as err:  # noqa: BLE001 (raised by the caller, on every process)
-            if not peers.multi_process():
-                raise
-            return err
-        return None
-
-    def dispatch(self) -> None:
-        self.start = self.step
-        try:
-            self.state, self.metrics = self.profiler.step(self.step, lambda: train_steps(
-                self.state, self.data, self.rng, task=self.task, schedule=self.schedule,
-                num_steps=self.chunk, windows=self.windows,
-                layer_norms=self.trainer.log_histograms, **self.options._asdict()))
-        except FloatingPointError as err:  # jax_debug_nans (debug=nans) found the operation
-            raise RunnerError(f"step {self.step + 1}: {err}{_code_line(err)}") from err
+            metrics = self.profiler.step(self.step, lambda: self.program.dispatch(self.alive))
+        except Exception as err:  # noqa: BLE001 (the program itself: every member's end)
+            if isinstance(err, FloatingPointError):  # jax_debug_nans (debug=nans) found one
+                named = RunnerError(f"step {self.step + 1}: {err}{_code_line(err)}")
+                named.__cause__, err = err, named
+            for i in self.living():
+                self.end(i, err)
+            return False
         self.step += self.chunk
+        # The trace's start and its writing (debug=profile) are no steps: left out
+        window.dispatched(self.chunk, metrics,
+                          excluded=self.profiler.after_dispatch(self.chunk, metrics))
+        return True
 
-    def fetch(self, window_start: float, window_steps: int) -> None:
-        """The dispatch's metrics to the host (waits for the device: that ends the throughput
-        window of ``window_steps`` steps), checked for NaN/Inf."""
-        self.metrics = jax.device_get(self.metrics)
-        elapsed = time.perf_counter() - window_start
-        perf = {"steps_per_sec": window_steps / elapsed} if window_steps else {}
-        if perf and self.peak_flops:  # model FLOPs utilisation of the devices' peak
-            perf["mfu"] = perf["steps_per_sec"] * self.peak_flops[1] / self.peak_flops[0]
-        self.perf = perf
-        check_finite(self.metrics, self.start, self.chunk // self.windows)
+    def fetch(self, window: Throughput) -> Dict[str, float]:
+        """The dispatch's metrics to the host (waiting for the device ends the throughput
+        window), each member's checked for NaN/Inf; the window's ``perf`` scalars."""
+        metrics = self.program.host_metrics()
+        perf = self.perf(window.rate())
+        for i in self.living():
+            self.attempt(i, functools.partial(check_finite, metrics[i], self.step - self.chunk,
+                                              self.chunk // self.program.spec.windows))
+        return perf
 
-    def log_compile(self, step: int, seconds: float) -> None:
-        """The run's compile time, once it ended: ``perf/compile_s``. A fused member's is its
-        group's one compile, the same on every member (summed over them it would count N
-        times): ``perf/group_compile_s``, beside ``perf/group_members``."""
-        if self.group_members > 1:
-            self.logger.scalars(step, "perf", {"group_compile_s": seconds,
-                                               "group_members": self.group_members})
-        else:
-            self.logger.scalars(step, "perf", {"compile_s": seconds})
+    def perf(self, steps_per_sec: Optional[float]) -> Dict[str, float]:
+        """``steps_per_sec`` and, where the peak FLOP/s are known, ``mfu``: the devices'
+        utilisation by every member's steps. A fused member's rate is its group program's,
+        named so (a ``steps_per_sec`` would read as a run's alone, N times slower)."""
+        if steps_per_sec is None:
+            return {}
+        size = self.program.size
+        perf = {"group_steps_per_sec" if size > 1 else "steps_per_sec": steps_per_sec}
+        if self.peak_flops:
+            peak, flops = self.peak_flops
+            perf["mfu"] = steps_per_sec * size * flops / peak
+        return perf
 
-    def log_train(self) -> None:
-        """The train metrics of every log window that ended in this dispatch."""
-        self.logger.scalars(self.step, "perf", self.perf)
-        for i in range(self.windows):
-            end = self.start + (i + 1) * self.chunk // self.windows
-            if is_time(end, self.trainer.log_every) or end == self.trainer.steps:
-                values = {k: float(v[i]) for k, v in self.metrics.items()}
-                layers = {k[len(LAYER_GRAD_NORM):]: values.pop(k) for k in list(values)
-                          if k.startswith(LAYER_GRAD_NORM)}
-                self.logger.scalars(end, "train", values)
-                if self.trainer.log_histograms:  # the step computed the per-layer norms too
-                    self.logger.scalars(end, "opt/grad_norm", layers)
-                    self.logger.histograms(end, "params", self.state.params)
-                self.train_metrics = values
-        self.report(self.train_metrics, self.perf)
+    def act(self, due: Dict[int, List[str]], perf: Optional[Dict[str, float]],
+            last: bool) -> None:
+        """Each member's actions due (every dispatch: figures come back meanwhile), the state
+        on the host only when an action reads it; a member that stopped early is finished."""
+        needs_state = self.trainer.log_histograms or any(
+            name != "log" for names in due.values() for name in names)
+        states = self.program.host_states() if needs_state else None
+        for i in self.living():
+            member = self.members[i]
+            self.attempt(i, functools.partial(member.act, self.share_of(i, last, perf, states),
+                                              due[i]))
+            if self.alive[i] and member.stopped_early_at is not None:
+                self.finish(i)
 
-    def evaluate(self) -> None:
-        """Evaluate, log, keep the best state, hand the outputs to the figure renderer."""
-        metrics, outputs = evaluate(self.state, self.data, task=self.task,
-                                    mesh=self.options.mesh,
-                                    compute_dtype=self.options.compute_dtype)
-        self.eval_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        self.logger.scalars(self.step, "eval", self.eval_metrics)
-        if self.renderer:
-            self.renderer.submit(self.step, jax.device_get(outputs))
-        self.checkpointer.consider(self.state, self.step, self.eval_metrics)
-        self.report(self.eval_metrics, prefix="eval")
-        if self.early_stop.update(self.step, self.eval_metrics[self.trainer.best_metric]):
-            self.stopped_early_at = self.step
-            log.info("step %d: eval/%s has not improved for %d evals "
-                     "(trainer.early_stop.patience): stopping early", self.step,
-                     self.trainer.best_metric, self.early_stop.rounds)
+    def interrupt(self, due: Dict[int, List[str]], perf: Optional[Dict[str, float]],
+                  window: Throughput, last: bool) -> None:
+        """A stop request: each member saves (if this dispatch did not) and, unless the run
+        is done, ends ``Interrupted``. Its metrics are checked first: a NaN is never saved."""
+        if perf is None:
+            perf = self.fetch(window)
+        states = self.program.host_states()
+        for i in self.living():
+            self.attempt(i, functools.partial(
+                self.members[i].interrupt, self.share_of(i, last, perf, states),
+                saved="checkpoint" in due[i], signal_name=self.stop.signal_name))
 
-    def save(self) -> None:
-        self.checkpoint = self.checkpointer.save(self.state, self.step)
-        self.early_stop.checkpointed(self.step)
+    def share_of(self, i: int, last: bool, perf: Optional[Dict[str, float]],
+                 states: Optional[List[Any]]) -> Dispatched:
+        """Member ``i``'s share of the dispatch that just ended."""
+        return Dispatched(self.step - self.chunk, self.step, last,
+                          self.program.host_metrics()[i] if perf is not None else {},
+                          perf or {}, states[i] if states is not None else None)
 
-    def interrupt(self, *, saved: bool, last: bool) -> None:
-        """A stop request: save (if this dispatch did not) and stop, unless the run is done."""
-        if not saved:
-            self.save()
-        if not last:
-            resume = self.resume_command or \
-                f"python -m runner resume={self.checkpointer.dir.parent}"
-            raise Interrupted(f"stopped by {self.stop.signal_name} at step {self.step}, "
-                              f"checkpoint {self.checkpoint}; continue with: {resume}",
-                              self.step)
+    def finish(self, i: int) -> None:
+        """Member ``i`` done: its last figures (every process waits for them), its summary."""
+        member = self.members[i]
+        self.attempt(i, lambda: self.end(i, peers.agree(member.finish)))
 
-    def log_figures(self, *, wait: bool = False) -> None:
-        if self.renderer:
-            for step, images in self.renderer.ready(wait=wait).items():
-                self.logger.images(step, "eval", images)
+    def attempt(self, i: int, work: Callable[[], Any]) -> None:
+        """``work()`` as member ``i``'s (its log lines its own); an exception ends it."""
+        with working_for([self.members[i].run_dir]):
+            try:
+                work()
+            except Exception as err:  # noqa: BLE001 (this member's end; the others go on)
+                self.end(i, err)
+                self.errors.append(err)
 
-    def report(self, metrics: Dict[str, float], extra: Optional[Dict[str, float]] = None, *,
-               prefix: str = "train") -> None:
-        values = {f"{prefix}/{k}": v for k, v in metrics.items()}
-        values.update({f"perf/{k}": v for k, v in (extra or {}).items()})
-        if self.bar:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()
-                                  if k.endswith(("loss", "steps_per_sec", "accuracy"))})
-        else:
-            log.info("step %d/%d %s", self.step, self.trainer.steps,
-                     " ".join(f"{k}={v:.6g}" for k, v in sorted(values.items())))
+    def end(self, i: int, result: Result) -> None:
+        self.results[i], self.alive[i] = result, False
 
 
 def _agreed(stop: StopRequest, dispatch: int,

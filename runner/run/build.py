@@ -13,16 +13,19 @@ import numpy as np
 from jax.sharding import Mesh
 from omegaconf import DictConfig
 
+from runner.config.errors import AlreadyComplete, ConfigError, RunnerError
+from runner.config.schema import Precision, validate
+from runner.config.targets import build, check
+from runner.core.optim import Optimizer, make_optimizer
+from runner.core.shapes import check_output
+from runner.core.sharding import DATA_AXIS, make_mesh, peak_flops, place, replicated
+from runner.core.spec import StepSpec
+from runner.core.steps import setup, step_flops
 from runner.io import inputs
 from runner.io.checkpoint import restore_latest
-from runner.core.sharding import DATA_AXIS, make_mesh, peak_flops, place, replicated
-from runner.platform.device import configure_jax
-from runner.config.errors import AlreadyComplete, ConfigError, RunnerError
-from runner.core.optim import Optimizer, make_optimizer
-from runner.config.schema import Precision, validate
-from runner.core.shapes import check_output
-from runner.core.steps import setup, step_flops
-from runner.config.targets import build, check
+from runner.loop.host import log_windows
+from runner.platform.device import configure_jax, is_primary
+from runner.tasks.base import check_task
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ def build_parts(cfg: DictConfig) -> Parts:
     must have the task's shape (``runner.core.shapes.check_output``)."""
     validate(cfg)
     task = build(check(cfg.task, "task"), "task")
+    check_task(task)
     if cfg.model is None:
         raise ConfigError("model: none chosen; pick one with model=<name> (mlp, cnn, or one "
                           "from your own config dir)")
@@ -63,14 +67,6 @@ def build_parts(cfg: DictConfig) -> Parts:
     return Parts(task, model, optimizer)
 
 
-class StepOptions(NamedTuple):
-    """Static options of the compiled train steps (``train_steps``' keyword arguments)."""
-
-    mesh: Optional[Mesh] = None
-    compute_dtype: Optional[str] = None
-    unroll: int = 1
-
-
 @dataclasses.dataclass
 class Run:
     """Everything a run's host loop works with (see ``build_run``)."""
@@ -86,7 +82,7 @@ class Run:
     start_step: int
     chunk: int  # steps per dispatch
     writer: bool  # process 0: the one that writes TensorBoard, checkpoints and run files
-    options: StepOptions
+    spec: StepSpec  # the static arguments of its compiled train and eval programs
     placement: Dict[str, Any]  # devices, precision, FLOPs: recorded in manifest and metrics
     resume: bool = False
 
@@ -118,10 +114,12 @@ def build_run(cfg: DictConfig, run_dir: Path, *, resume: bool,
     if start_step >= cfg.trainer.steps:
         raise AlreadyComplete(run_dir, start_step)
     chunk = steps_per_dispatch(cfg.trainer, start_step=start_step)
-    options = StepOptions(mesh=mesh, compute_dtype=COMPUTE_DTYPES[Precision(
-        cfg.device.precision)], unroll=cfg.trainer.scan_unroll)
+    spec = StepSpec(task=parts.task, schedule=parts.optimizer.schedule, num_steps=chunk,
+                    windows=log_windows(cfg.trainer, chunk),
+                    layer_norms=cfg.trainer.log_histograms, unroll=cfg.trainer.scan_unroll,
+                    compute_dtype=COMPUTE_DTYPES[Precision(cfg.device.precision)], mesh=mesh)
     run = Run(cfg, run_dir, parts, mesh, state, data, init_rng, train_rng, start_step, chunk,
-              jax.process_index() == 0, options, {}, resume)
+              is_primary(cfg.device), spec, {}, resume)
     run.placement = _placement(run)
     log.info("devices: %d x %s (%s) in %d process(es), batch split over a '%s' mesh axis; "
              "steps %d..%d, %d per dispatch", mesh.size, run.placement["platform"],
@@ -189,7 +187,7 @@ def _placement(run: Run) -> Dict[str, Any]:
     peak = peak_flops(device.device_kind, precision, jax.config.jax_default_matmul_precision)
     flops = step_flops(run.state, run.data, run.train_rng, task=run.parts.task,
                        schedule=run.parts.optimizer.schedule,
-                       compute_dtype=run.options.compute_dtype) if peak else None
+                       compute_dtype=run.spec.compute_dtype) if peak else None
     return {"num_devices": run.mesh.size, "processes": jax.process_count(),
             "platform": device.platform, "device_kind": device.device_kind,
             "precision": Precision(precision).value,

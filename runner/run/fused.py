@@ -1,35 +1,41 @@
 """Fused sweeps (``hydra/launcher=fused``): the jobs of a batch that differ only in numbers the
 step reads from its state (the optimizer's hyperparameters, ``seed``) train as one program over
-a leading member axis of the states, data and keys (``runner.loop.fused``); each job keeps its
+a leading member axis of the states, data and keys (``runner.loop.programs``); each job keeps its
 own run dir, TensorBoard run, checkpoints and ``metrics.json``.
 
 ``launch`` composes every job as Hydra's launchers do (a job that fails to compose, under a
 sweeper that did not compose it first, or to validate fails alone), prepares each as a sweep
 job (a completed one is skipped, an interrupted one resumes, a failed one's files are set
-aside), builds each run, groups the runs by everything that shapes their program, and trains
-each group: a group of one with its own host loop, a larger one with ``FusedLoop``.
+aside), builds each run, groups the runs by everything that shapes their program
+(``runner.loop.fused.group_key``) and trains each group in one host loop: a group of one on its
+own program, a larger one on the fused program.
 """
 
-import contextlib
 import dataclasses
+import functools
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from runner.io import lock
 from runner.config.errors import RunnerError, describe_error
-from runner.loop.fused import COMPILED_NAME, MEMBER, FusedLoop, group_key, split_to_fit
-from runner.run.hparams import job_choices
-from runner.platform.preemption import Interrupted, stop_on_signals
 from runner.config.schema import typed
+from runner.core.sharding import free_bytes
+from runner.core.spec import fused_bytes
+from runner.core.spec import members_batched
+from runner.io import lock
 from runner.io.rundir import HydraJob
+from runner.loop.fused import group_key, split_to_fit
+from runner.loop.member import MEMBERS, Member, working_for
+from runner.loop.programs import compiled_name
+from runner.platform.preemption import Interrupted, stop_on_signals
+from runner.run.hparams import job_choices
 from runner.run.sweep import JobFailed, completed_value, continue_or_restart, record_failure
-from runner.run.train import Session
+from runner.run.train import Session, train_group
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,7 @@ class Job:
     hydra_job: Optional[HydraJob] = None  # its .hydra/ files, written once the dir is its own
     choices: Dict[str, Any] = dataclasses.field(default_factory=dict)
     session: Optional[Session] = None
-    loop: Any = None  # its HostLoop, once built
+    member: Optional[Member] = None  # its share of a host loop, once its run is built
     reason: str = ""  # why it failed
 
 
@@ -61,28 +67,30 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]],
         # handlers (a session's runner.log among them).
         for job in jobs:
             if job.value is None:
-                with _as_member(job.run_dir):
-                    _open(job, stop)
+                with working_for([job.run_dir]):
+                    _open(job)
         groups: Dict[Any, List[Job]] = {}
         for job in jobs:
-            if job.loop is not None:
-                groups.setdefault(group_key(job.loop), []).append(job)
+            if job.member is not None:
+                run = job.session.run
+                key = group_key(run.spec, run.cfg.trainer, run.start_step,
+                                (run.state, run.data, run.train_rng))
+                groups.setdefault(("alone", job.idx) if key is None else key, []).append(job)
         cap = launcher.max_members or len(jobs) or 1
         interrupted = False
         for members in groups.values():
             for start in range(0, len(members), cap):
                 capped = members[start:start + cap]
                 for job in capped:  # their wall time and compilations count from here
-                    job.session.begin(COMPILED_NAME if len(capped) > 1 else "train_steps")
-                by_loop = {id(j.loop): j for j in capped}
-                for part in split_to_fit([j.loop for j in capped]):
+                    job.session.begin(compiled_name(len(capped)))
+                for part in _split_to_fit(capped):
                     if stop.requested:  # a signal: the groups not started stay for the rerun
-                        for job in (by_loop[id(loop)] for loop in part):
+                        for job in part:
                             _end(job, error=Interrupted(
                                 f"stopped by {stop.signal_name} before its group trained",
-                                job.loop.step))
+                                job.member.step))
                         continue
-                    interrupted |= _train([by_loop[id(loop)] for loop in part], stop)
+                    interrupted |= _train(part, stop)
     returns = [_job_return(launcher, job, optuna) for job in jobs]
     if interrupted:  # SIGTERM/SIGINT is meant for the whole sweep: rerun resumes it
         raise SystemExit(1)
@@ -135,7 +143,7 @@ def _fail_early(job: Job, reason: str, *, write: bool = True) -> Job:
     return job
 
 
-def _open(job: Job, stop) -> None:
+def _open(job: Job) -> None:
     """Open the job's session: its checks, its run dir claimed as a sweep job's (an
     interrupted attempt resumes, an earlier failed one is set aside), its run built; a
     failure is the job's alone."""
@@ -143,35 +151,33 @@ def _open(job: Job, stop) -> None:
                           claim=continue_or_restart(job.overrides), hydra_job=job.hydra_job,
                           choices=job.choices, log_filter=_OwnLines(job.run_dir))
     try:
-        job.loop = job.session.open(stop)
+        job.member = job.session.open()
     except Exception as err:  # noqa: BLE001 (recorded as the job's failure)
         _end(job, error=err)
         if not isinstance(err, lock.Busy):  # failed before its run started: its record
             record_failure(job.run_dir, job.overrides, job.reason, job.hydra_job)
 
 
+def _split_to_fit(group: List[Job]) -> List[List[Job]]:
+    """``group`` in parts whose fused program fits the free memory of the device it runs on
+    (``runner.loop.fused.split_to_fit``)."""
+    run = group[0].session.run
+    need = functools.partial(fused_bytes, run.spec, (run.state, run.data, run.train_rng))
+    return split_to_fit(group, need, free_bytes(run.mesh.devices.flat[0]))
+
+
 def _train(members: List[Job], stop) -> bool:
     """Train a group; True when a signal stopped it."""
-    if len(members) == 1:
-        results = {0: _run_alone(members[0].loop)}
-    else:
-        log.info("fusing jobs %s into one program (%d members)",
-                 ", ".join(str(j.idx) for j in members), len(members))
-        results = FusedLoop([j.loop for j in members], stop).run()
-    for i, job in enumerate(members):
-        result = results[i]
-        with _as_member(job.run_dir):
+    if len(members) > 1:
+        log.info("fusing jobs %s into one group (%d members, %s)",
+                 ", ".join(str(j.idx) for j in members), len(members),
+                 "one batched program" if members_batched() else "in turn on one compiled step")
+    results = train_group([job.session for job in members], stop)
+    for job, result in zip(members, results):
+        with working_for([job.run_dir]):
             _end(job, **({"error": result} if isinstance(result, BaseException)
                          else {"result": result}))
-    return any(isinstance(r, Interrupted) for r in results.values())
-
-
-def _run_alone(loop):
-    try:
-        with _as_member(loop.checkpointer.dir.parent):
-            return loop.run()[1]
-    except Exception as err:  # noqa: BLE001
-        return err
+    return any(isinstance(r, Interrupted) for r in results)
 
 
 def _end(job: Job, *, result=None, error: Optional[BaseException] = None) -> None:
@@ -190,25 +196,17 @@ def _end(job: Job, *, result=None, error: Optional[BaseException] = None) -> Non
     job.value, job.reason = math.nan, reason or "failed"
 
 
-@contextlib.contextmanager
-def _as_member(run_dir: Path) -> Iterator[None]:
-    token = MEMBER.set(run_dir)
-    try:
-        yield
-    finally:
-        MEMBER.reset(token)
-
-
 class _OwnLines(logging.Filter):
-    """A job's ``runner.log`` takes its own lines and the group's (no member set)."""
+    """A job's ``runner.log`` takes the lines of its own work, its group's, and the sweep's
+    (no run's)."""
 
     def __init__(self, run_dir: Path):
         super().__init__()
         self.run_dir = run_dir
 
     def filter(self, record: logging.LogRecord) -> bool:
-        member = MEMBER.get()
-        return member is None or member == self.run_dir
+        members = MEMBERS.get()
+        return members is None or self.run_dir in members
 
 
 def _job_return(launcher, job: Job, optuna: bool) -> JobReturn:

@@ -7,28 +7,31 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from runner.io import inputs, lock, rundir
-from runner.run.build import Parts, Run, build_parts, build_run
-from runner.io.checkpoint import Checkpointer, remove_stale_temps, write_atomic
-from runner.platform.compiles import cache_hits, compile_stats
-from runner.platform.device import launch_process_index
 from runner.config.errors import WriteError, describe_error
-from runner.io.figures import FigureRenderer
-from runner.run.hparams import job_choices, run_hparams
-from runner.loop.host import HostLoop
-from runner.io.manifest import write_manifest
-from runner.platform.peers import PeerFailed, agree
-from runner.loop.profiling import StepProfiler
-from runner.platform.preemption import Interrupted, StopRequest, stop_on_signals
 from runner.config.schema import typed
+from runner.io import inputs, lock, rundir
+from runner.io.checkpoint import Checkpointer
+from runner.io.figures import FigureRenderer
+from runner.io.files import remove_stale_temps, write_atomic
+from runner.io.manifest import write_manifest
 from runner.io.tb_logger import NullLogger, TensorBoardLogger
+from runner.loop.host import HostLoop, Result
+from runner.loop.member import Member
+from runner.loop.programs import program_for
+from runner.platform.compiles import cache_hits, compile_stats
+from runner.platform.device import is_primary
+from runner.platform.peers import PeerFailed, agree
+from runner.platform.preemption import Interrupted, StopRequest, stop_on_signals
+from runner.run.build import Parts, Run, build_parts, build_run
+from runner.run.hparams import job_choices, run_hparams
 from runner.run.trust import resume_command
+from runner.tasks.base import DrawsFigures
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,10 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (), resume: bool = Fal
                       parts=parts)
     with stop_on_signals() as stop:
         try:
-            _, result = session.open(stop, announce=announce).run()
+            session.open(announce=announce)
+            result, = train_group([session], stop)
+            if isinstance(result, BaseException):
+                raise result
             return session.finish(result)
         except Exception as err:
             session.fail(err)
@@ -68,10 +74,10 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (), resume: bool = Fal
 
 class Session:
     """One run's records around its host loop: ``open`` checks the config, claims the run dir
-    (``claim``: see ``runner.io.rundir``) and builds the run and its loop, ``finish`` (the loop's
-    summary) or ``fail`` (its exception) closes its files and writes ``metrics.json``. ``run``
-    does the three; a fused sweep (``runner.run.fused``) opens several and drives their loops as
-    one."""
+    (``claim``: see ``runner.io.rundir``) and builds the run and its member of a host loop,
+    ``finish`` (the loop's summary of it) or ``fail`` (its exception) closes its files and writes
+    ``metrics.json``. ``run`` does the three with a loop of its own; a fused sweep
+    (``runner.run.fused``) opens several and trains them in one loop (``train_group``)."""
 
     def __init__(self, cfg, run_dir: Path, *, overrides: Sequence[str] = (),
                  claim: Optional[rundir.Claim] = None,
@@ -91,17 +97,16 @@ class Session:
             time.perf_counter(), compile_stats(self.compiled_name), cache_hits())
         self.summary: Dict[str, Any] = {"status": "failed", "steps": 0,
                                         "overrides": list(overrides)}
-        self.writer = _launch_writer(cfg)
+        self.writer = is_primary(cfg.device)
         self.held = ExitStack()  # the run dir's lock and its log, released last
         # The run's log lines wait in memory until the run dir is this run's.
         self.log = self.held.enter_context(rundir.buffered_log(log_filter))
         self.closing = ExitStack()  # open files and threads, closed once metrics.json says how
         self.run: Optional[Run] = None
-        self.loop: Optional[HostLoop] = None
+        self.member: Optional[Member] = None
         self.result: Dict[str, Any] = {}  # the loop's summary, once it ends
 
-    def open(self, stop: StopRequest, *,
-             announce: Optional[Callable[[DictConfig], None]] = None) -> HostLoop:
+    def open(self, *, announce: Optional[Callable[[DictConfig], None]] = None) -> Member:
         cfg = typed(self.cfg)
         # every value checked before the run dir is touched
         parts = self.parts or build_parts(cfg)
@@ -123,9 +128,9 @@ class Session:
             self._commit()
         else:  # another process writes the run dir; this one records only its own failure
             self.committed = True
-        self.loop = _prepare(self.run, self.overrides, stop, renderer, self.closing,
-                             self.result, self.choices)
-        return self.loop
+        self.member = _prepare(self.run, self.overrides, renderer, self.closing, self.result,
+                               self.choices)
+        return self.member
 
     def _commit(self) -> None:
         """The run dir is this run's from here (a failure now is recorded in it): an earlier
@@ -141,9 +146,9 @@ class Session:
     def finish(self, result: Dict[str, Any]) -> Dict[str, Any]:
         """The loop's ``result`` completed: the last events, HParams and ``metrics.json``."""
         run = self.run
-        self.loop.log_compile(result["steps"], float(
+        self.member.log_compile(result["steps"], float(
             compile_stats(self.compiled_name)[1] - self.compiles_before[1]))
-        result.update(best=self.loop.checkpointer.best, devices=run.placement,
+        result.update(best=self.member.checkpointer.best, devices=run.placement,
                       resumed_from=run.start_step if run.resume else None)
         if run.cfg.experiment:
             result["experiment"] = run.cfg.experiment
@@ -217,11 +222,21 @@ def _close_quietly(closing: ExitStack) -> None:
                         describe_error(err) or f"{type(err).__name__}: {err}")
 
 
-def _prepare(run: Run, overrides: Sequence[str], stop: StopRequest,
-             renderer: Optional[FigureRenderer], closing: ExitStack,
-             summary: Dict[str, Any], choices: Dict[str, Any]) -> HostLoop:
-    """The run's files, its TensorBoard logger and checkpointer, and its host loop. The logger's
-    closing (HParams, with ``summary``'s metrics once the run ends; flush) is left on
+def train_group(sessions: Sequence[Session], stop: StopRequest) -> List[Result]:
+    """Train the opened sessions' runs (of equal ``runner.loop.fused.group_key``) in one host
+    loop: a run alone on its own program, several fused into one. Each one's summary, or the
+    exception it ended with."""
+    runs = [session.run for session in sessions]
+    program = program_for(runs[0].spec, [(r.state, r.data, r.train_rng) for r in runs])
+    return HostLoop(program, [session.member for session in sessions],
+                    trainer=runs[0].cfg.trainer, stop=stop,
+                    peak_flops=runs[0].peak_flops).run()
+
+
+def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRenderer],
+             closing: ExitStack, summary: Dict[str, Any], choices: Dict[str, Any]) -> Member:
+    """The run's files, its TensorBoard logger and checkpointer, and its member of a host loop.
+    The logger's closing (HParams, with ``summary``'s metrics once the run ends; flush) is left on
     ``closing``."""
     if not run.writer:
         _log_to_console_only()
@@ -244,20 +259,15 @@ def _prepare(run: Run, overrides: Sequence[str], stop: StopRequest,
     hparams = run_hparams(run.cfg, overrides, choices=choices,
                           platform=run.placement["platform"])
     closing.callback(lambda: logger.hparams(hparams, completed=bool(summary)))
-    if not hasattr(task, "figures"):
+    if not isinstance(task, DrawsFigures):
         renderer = None
     elif renderer:
         renderer.set_data(task, jax.device_get(run.data))
     logger.text("config", OmegaConf.to_yaml(run.cfg, resolve=True))
     logger.text("model_summary", model_summary)
-    profiler = StepProfiler(run.run_dir / "tb" if run.writer else None, trainer.profile_steps)
-    closing.callback(profiler.close)
-    loop = HostLoop(run.state, run.data, run.train_rng, task=task,
-                    schedule=run.parts.optimizer.schedule, trainer=trainer, chunk=run.chunk,
-                    logger=logger, checkpointer=checkpointer, stop=stop, renderer=renderer,
-                    options=run.options, peak_flops=run.peak_flops, profiler=profiler,
-                    resume_command=resume_command(run.run_dir, run.cfg))
-    return loop
+    return Member(run.run_dir, spec=run.spec, data=run.data, trainer=trainer, logger=logger,
+                  checkpointer=checkpointer, start_step=run.start_step, renderer=renderer,
+                  resume_command=resume_command(run.run_dir, run.cfg))
 
 
 def _write_run_files(run: Run, overrides: Sequence[str]) -> str:
@@ -277,11 +287,6 @@ def _write_run_files(run: Run, overrides: Sequence[str]) -> str:
                        start_step=run.start_step, placement=run.placement)
         (run.run_dir / "model_summary.txt").write_text(table)
     return table
-
-
-def _launch_writer(cfg) -> bool:
-    """Whether this process will be process 0 (known before JAX starts)."""
-    return launch_process_index(cfg.device) == 0
 
 
 def _log_to_console_only() -> None:

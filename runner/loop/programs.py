@@ -1,0 +1,142 @@
+"""What a host loop dispatches: a group's members' states, data and keys, and the compiled
+program that trains them by ``spec``: one run's own ``train_steps`` (on its mesh); a fused
+group's members each on that program in turn (the CPU); or a fused group's
+``train_steps_fused`` over a leading member axis (accelerators: one device).
+
+Either gives each member's metrics and state on the host when the loop asks (each fetch waits
+for the device), at most once per dispatch.
+"""
+
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from runner.core.spec import StepSpec, members_batched, train_steps_fused
+from runner.core.steps import Metrics
+
+Start = Tuple[Any, Any, jax.Array]  # a run's state, data and train key
+FUSED_NAME = "train_steps_fused"
+
+
+class Program(Protocol):
+    spec: StepSpec
+    size: int  # members
+
+    def dispatch(self, alive: np.ndarray) -> Metrics:
+        """``spec.num_steps`` steps of every member ``alive``; the metrics, on the device."""
+
+    def host_metrics(self) -> List[Dict[str, np.ndarray]]:
+        """Each member's metrics of the last dispatch, on the host."""
+
+    def host_states(self) -> List[Any]:
+        """Each member's state after the last dispatch, where its actions read it."""
+
+
+class SingleProgram:
+    """One run's ``train_steps``: its state stays on its devices, where its actions read it."""
+
+    size = 1
+
+    def __init__(self, spec: StepSpec, start: Start):
+        self.spec = spec
+        self.state, self.data, self.rng = start
+        self.metrics: Metrics = {}
+        self.fetched: Optional[List[Dict[str, np.ndarray]]] = None
+
+    def dispatch(self, alive: np.ndarray) -> Metrics:
+        self.state, self.metrics = self.spec.train(self.state, self.data, self.rng)
+        self.fetched = None
+        return self.metrics
+
+    def host_metrics(self) -> List[Dict[str, np.ndarray]]:
+        if self.fetched is None:
+            self.fetched = [jax.device_get(self.metrics)]
+        return self.fetched
+
+    def host_states(self) -> List[Any]:
+        return [self.state]
+
+
+class FusedProgram:
+    """``train_steps_fused`` over the members' stacked states, data and keys: a member not
+    ``alive`` keeps its state while the others train."""
+
+    def __init__(self, spec: StepSpec, starts: Sequence[Start]):
+        self.spec, self.size = spec.on_one_device(), len(starts)
+        self.states, self.data, self.rngs = (_stack(trees) for trees in zip(*starts))
+        self.metrics: Metrics = {}
+        self.fetched: Optional[List[Dict[str, np.ndarray]]] = None
+        self.fetched_states: Optional[List[Any]] = None
+
+    def dispatch(self, alive: np.ndarray) -> Metrics:
+        self.states, self.metrics = train_steps_fused(
+            self.states, self.data, self.rngs, jnp.asarray(alive), spec=self.spec)
+        self.fetched = self.fetched_states = None
+        return self.metrics
+
+    def host_metrics(self) -> List[Dict[str, np.ndarray]]:
+        # To the host once; each member's slice is then a numpy view (slicing on the device
+        # compiled a program per array shape).
+        if self.fetched is None:
+            host = jax.device_get(self.metrics)
+            self.fetched = [{k: v[i] for k, v in host.items()} for i in range(self.size)]
+        return self.fetched
+
+    def host_states(self) -> List[Any]:
+        if self.fetched_states is None:
+            host = jax.device_get(self.states)
+            # Arrays, as a single run's state is: x[i] of a 1-D leaf (``step``) is a numpy
+            # scalar, which flax's msgpack encodes as another type (the checkpoint's bytes
+            # then differed from the basic launcher's for equal values).
+            self.fetched_states = [jax.tree.map(lambda x, i=i: np.asarray(x[i]), host)
+                                   for i in range(self.size)]
+        return self.fetched_states
+
+
+class InTurnProgram:
+    """Each member ``alive`` on a single run's ``train_steps`` in turn (see
+    ``runner.core.spec.members_batched``): one compiled step for the group, dispatched
+    asynchronously one member after another; each member's state stays its own, on the
+    device, where its actions read it."""
+
+    def __init__(self, spec: StepSpec, starts: Sequence[Start]):
+        self.spec, self.size = spec, len(starts)
+        self.members = [SingleProgram(spec, one) for one in starts]
+
+    def dispatch(self, alive: np.ndarray) -> Metrics:
+        return [self.members[i].dispatch(alive[i:i + 1]) for i in np.flatnonzero(alive)]
+
+    def host_metrics(self) -> List[Dict[str, np.ndarray]]:
+        # One transfer for all (each waits for its member's dispatch); a member no longer
+        # alive keeps its last metrics, which the loop no longer reads.
+        pending = [m for m in self.members if m.fetched is None]
+        for member, metrics in zip(pending, jax.device_get([m.metrics for m in pending])):
+            member.fetched = [metrics]
+        return [m.fetched[0] for m in self.members]
+
+    def host_states(self) -> List[Any]:
+        return [m.state for m in self.members]
+
+
+def compiled_name(members: int) -> str:
+    """The jitted function a group of ``members`` runs (its compilations are the runs')."""
+    return FUSED_NAME if members > 1 and members_batched() else "train_steps"
+
+
+def program_for(spec: StepSpec, starts: Sequence[Start]) -> Program:
+    """The program of a group: one run's own (unbatched, on its mesh); several in turn on
+    that program (the CPU) or batched into one (accelerators)."""
+    if len(starts) == 1:
+        return SingleProgram(spec, starts[0])
+    if not members_batched():
+        return InTurnProgram(spec, starts)
+    return FusedProgram(spec, starts)
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+    """The members' arrays stacked on the host and put on the device once (stacking on the
+    device compiled one small program per array shape)."""
+    return jax.device_put(jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                       *trees))
