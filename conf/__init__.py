@@ -8,9 +8,9 @@ untyped (keys and defaults): the job types and checks the values (``runner.confi
 
 from hydra.core.config_store import ConfigStore
 
-from runner.core.optim import SCHEMA as OPTIMIZER_SCHEMA
 from runner.config.schema import RunConf, untyped
 from runner.config.targets import load_target, signature_schema
+from runner.core.optim import SCHEMA as OPTIMIZER_SCHEMA
 
 BUILT_IN = {
     "task": {"linear_fit": "runner.tasks.linear_fit.LinearFit",
