@@ -6,7 +6,8 @@ its fields are the config keys (typed by their annotations, defaults once, in th
 ``__post_init__`` checks their values (``runner.config.errors.check_range`` names the key). Being
 hashable lets it be a static argument of the jitted train step: runs whose task configs are
 equal share one compiled step. A task needs no base class: it has the ``Task`` hooks, its data
-from exactly one source (``DeviceData`` or ``HostData``), and any of the optional hooks below.
+from exactly one source (``DeviceData``, ``HostData`` or ``HostExamples``), and any of the
+optional hooks below.
 Runner asks for an optional hook only through these protocols (``isinstance``), so the list
 here is the whole interface.
 """
@@ -14,6 +15,7 @@ here is the whole interface.
 from typing import Any, Dict, Protocol, Tuple, runtime_checkable
 
 import jax
+import numpy as np
 
 from runner.config.errors import ConfigError
 
@@ -30,9 +32,6 @@ class Task(Protocol):
     # ``out_features`` is left null.
     output_dim: int
 
-    def train_batch(self, data: Data, rng: jax.Array) -> Batch:
-        """The batch for one step; pure and jittable, so it runs inside the scanned step."""
-
     def eval_batches(self, data: Data) -> Batch:
         """The held-out set as equal batches stacked on a leading axis: [batches, batch, ...]."""
 
@@ -43,12 +42,15 @@ class Task(Protocol):
         """A one-example input batch, to initialise, summarise and shape-check the model."""
 
 
-# The task's data: one of the two.
+# The task's data: one of the three.
 @runtime_checkable
 class DeviceData(Protocol):
     def make_data(self, rng: jax.Array) -> Data:
         """All fixed arrays of the task (training and held-out sets...), made once on device,
         inside the run's compiled set-up."""
+
+    def train_batch(self, data: Data, rng: jax.Array) -> Batch:
+        """The batch for one step; pure and jittable, so it runs inside the scanned step."""
 
 
 @runtime_checkable
@@ -57,13 +59,55 @@ class HostData(Protocol):
         """The task's arrays read on the host (e.g. from files); runner checks they fit the
         device's free memory and puts them there once."""
 
+    def train_batch(self, data: Data, rng: jax.Array) -> Batch:
+        """The batch for one step; pure and jittable, so it runs inside the scanned step."""
+
+
+@runtime_checkable
+class HostExamples(Protocol):
+    """Training examples read on the host, a dispatch's worth at a time (``runner.loop.feed``):
+    a training set of any size. Runner draws each step's ``batch_size`` distinct indices from
+    (seed, step) (``runner.tasks.sampling.step_indices``), reads them a dispatch or two ahead
+    on a thread of its own, and feeds them to the compiled steps; the data position is part of
+    every checkpoint for free (a resume reads on from the step it restarts at)."""
+
+    train_examples: int  # N: the indices are drawn from [0, N)
+
+    def read_examples(self, indices: np.ndarray) -> Dict[str, np.ndarray]:
+        """The examples at ``indices`` (int64 ``[n]``, any order) as host arrays with that
+        leading axis, e.g. ``{"x": [n, ...], "y": [n]}``; called on runner's reading thread,
+        so it may decode or augment with NumPy but must not call JAX. Equal shapes and dtypes
+        every call."""
+
+    def load_data(self) -> Data:
+        """The held-out set (as ``eval_batches`` takes it) and any arrays ``device_batch``
+        reads, as host arrays: runner puts them on the device once."""
+
 
 # Optional hooks.
 @runtime_checkable
+class PreparesBatch(Protocol):
+    def device_batch(self, data: Data, examples: Batch) -> Batch:
+        """(``HostExamples``) A step's batch from the examples read, on the device (pure and
+        jittable: e.g. standardize, or bytes to floats); without it the examples are the
+        batch."""
+
+
+@runtime_checkable
+class ChoosesFeed(Protocol):
+    # (``HostExamples``) ``device``: every training example read once and kept on the
+    # device, each step's batch gathered there; ``host``: read a dispatch ahead;
+    # ``auto``: on the device when the training set fits (``runner.core.feed``).
+    feed: str
+
+
+@runtime_checkable
 class RecordsInputs(Protocol):
-    def inputs(self) -> Dict[str, Any]:
+    def inputs(self, recorded: Dict[str, Any]) -> Dict[str, Any]:
         """The files the task reads, as JSON values (paths, sizes, hashes): recorded in the run
-        dir's ``inputs.json`` when it starts and verified when it resumes."""
+        dir's ``inputs.json`` when it starts and verified when it resumes. ``recorded``: the
+        run's record when it resumes (else empty), which the task may reuse where it still
+        holds (e.g. a hash, for a file of the same size and modification time)."""
 
 
 @runtime_checkable
@@ -82,7 +126,8 @@ class DeclaresOutputShape(Protocol):
     output_shape: Any
 
 
-REQUIRED = ("batch_size", "output_dim", "train_batch", "eval_batches", "loss", "example_input")
+REQUIRED = ("batch_size", "output_dim", "eval_batches", "loss", "example_input")
+SOURCES = (DeviceData, HostData, HostExamples)
 
 
 def check_task(task: Any) -> None:
@@ -91,8 +136,10 @@ def check_task(task: Any) -> None:
     if not isinstance(task, Task):
         missing = [hook for hook in REQUIRED if not hasattr(task, hook)]
         raise ConfigError(f"{name}: lacks {', '.join(missing)} (see runner.tasks.base.Task)")
-    sources = isinstance(task, DeviceData) + isinstance(task, HostData)
-    if sources != 1:
-        raise ConfigError(f"{name}: needs exactly one data hook, make_data(rng) (arrays made on "
-                          f"device) or load_data() (host arrays); it has "
-                          f"{'both' if sources else 'neither'}")
+    sources = [source.__name__ for source in SOURCES if isinstance(task, source)]
+    if len(sources) != 1:
+        raise ConfigError(f"{name}: needs exactly one data source: make_data(rng) and "
+                          f"train_batch (arrays made on device), load_data() and train_batch "
+                          f"(host arrays put on device), or load_data(), train_examples and "
+                          f"read_examples(indices) (examples read on the host); it has "
+                          f"{' and '.join(sources) or 'none'} (see runner.tasks.base)")

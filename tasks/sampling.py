@@ -5,7 +5,9 @@ at N=1,437 on a 2-core CPU, growing with N). Here a step's batch is the first ``
 keyed pseudo-random permutation of [0, N): a 4-round Feistel network over the smallest power of
 four >= N, whose values >= N are walked on through the permutation until they land in range
 (cycle walking: a permutation of [0, N) again). Distinct by construction; each step's key gives
-another permutation.
+another permutation. The compiled steps and the host's reading thread
+(``runner.loop.feed``) draw the same indices for a step: the batch is a function of the run's
+seed and the step, wherever it is read.
 """
 
 import jax
@@ -39,3 +41,15 @@ def _mix(x: jax.Array) -> jax.Array:
     x = x ^ (x >> 13)
     x = x * jnp.uint32(0xC2B2AE35)
     return x ^ (x >> 16)
+
+
+def step_indices(key: jax.Array, n: int, k: int) -> jax.Array:
+    """One step's ``k`` example indices in [0, n): all of them in order when ``k == n``."""
+    if k == n:
+        return jnp.arange(n, dtype=jnp.int32)
+    return distinct_indices(key, n, k)
+
+
+def step_keys(rng: jax.Array, step: jax.Array) -> jax.Array:
+    """A step's (batch, step) keys: a function of the run's train key and the step alone."""
+    return jax.random.split(jax.random.fold_in(rng, step))
