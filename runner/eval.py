@@ -42,7 +42,7 @@ def evaluate_run(run_dir: Path, which: str = "last") -> dict:
         path = checkpoint_path(ckpt_dir, int(which))
     else:
         raise RunnerError(f"--checkpoint {which}: use last, best or a step number")
-    template, data, _, _ = setup(cfg.seed, *parts)
+    template, data, _, _ = setup(cfg.seed, *parts, host_fed=True)  # no training set needed
     state = load_checkpoint(path, template)
     metrics, _ = evaluate(state, data, task=parts.task,
                           compute_dtype=COMPUTE_DTYPES[Precision(cfg.device.precision)])

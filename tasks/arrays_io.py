@@ -1,16 +1,22 @@
 """Reading and checking ``task=arrays`` files: an ``.npz`` with ``x_train``, ``y_train``,
-``x_eval``, ``y_eval``, or a directory of those four ``.npy`` files (memory-mapped). Every
-problem is one ConfigError naming ``task.path`` and the array at fault."""
+``x_eval``, ``y_eval``, or a directory of those four ``.npy`` files (memory-mapped: only the
+headers and labels are read whole). Every problem is one ConfigError naming ``task.path`` and
+the array at fault. The inputs' contents (SHA-256, standardization statistics, finiteness) are
+one chunked pass, ``scan``; ``Rows`` reads examples of a ``.npy`` file by index
+(``runner.tasks.arrays_rows``)."""
 
 import dataclasses
 import hashlib
+import os
 import zipfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from runner.config.errors import ConfigError
+
+CHUNK_BYTES = 64 << 20  # the scan's working set: a chunk of rows, in float64
 
 KEYS = ("x_train", "y_train", "x_eval", "y_eval")
 KINDS = ("classification", "regression")
@@ -22,7 +28,6 @@ class ArraysInfo:
     of the task as the compiled steps' static argument."""
 
     path: str  # absolute
-    sha256: str
     kind: str
     num_classes: Optional[int]  # classification
     n_train: int
@@ -78,14 +83,74 @@ def _load(path: Path, key: str, **kwargs) -> np.ndarray:
         raise ConfigError(f"{key}: cannot read {path.name} ({_reason(err)})") from None
 
 
+def files(path: Path) -> List[Path]:
+    """The file, or the directory's four ``.npy`` files in order."""
+    return [path / f"{k}.npy" for k in KEYS] if path.is_dir() else [path]
+
+
+def stamp(path: Path) -> Dict[str, List[int]]:
+    """Each file's size and modification time (ns): what a resume compares before it trusts
+    a recorded hash."""
+    stats = [os.stat(f) for f in files(path)]
+    return {"bytes": [s.st_size for s in stats], "mtime_ns": [s.st_mtime_ns for s in stats]}
+
+
 def sha256(path: Path) -> str:
     """SHA-256 of the file, or of the directory's four ``.npy`` files in order."""
     digest = hashlib.sha256()
-    for part in [path / f"{k}.npy" for k in KEYS] if path.is_dir() else [path]:
+    for part in files(path):
         with open(part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
+            for block in iter(lambda: f.read(8 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def scan(arrays: Dict[str, np.ndarray], path: Path, given: str, standardize: bool,
+         x_shape: Tuple[int, ...]) -> Dict[str, Any]:
+    """One chunked pass over the inputs: every value finite, the per-feature mean and std of
+    ``x_train`` (with ``standardize``; else 0 and 1), the files' stamp and SHA-256. Memory: a
+    chunk, whatever the file's size."""
+    for name in ("x_train", "x_eval"):
+        _check_finite(arrays[name], f"task.path={given}", name)
+    mean, std = (chunked_stats(arrays["x_train"]) if standardize else
+                 (np.zeros(int(np.prod(x_shape)), np.float32),
+                  np.ones(int(np.prod(x_shape)), np.float32)))
+    return {**stamp(path), "sha256": sha256(path), "x_mean": mean.reshape(x_shape),
+            "x_std": std.reshape(x_shape)}
+
+
+def _chunks(a: np.ndarray):
+    rows = max(1, CHUNK_BYTES // max(1, 8 * int(np.prod(a.shape[1:]))))
+    for start in range(0, len(a), rows):
+        yield start, np.asarray(a[start:start + rows])
+
+
+def _check_finite(a: np.ndarray, key: str, name: str) -> None:
+    if not np.issubdtype(a.dtype, np.inexact):
+        return
+    for start, chunk in _chunks(a):
+        bad = np.argwhere(~np.isfinite(chunk))
+        if len(bad):
+            index = (start + int(bad[0][0]), *(int(i) for i in bad[0][1:]))
+            raise ConfigError(f"{key}: {name} holds {a[index]} at index "
+                              f"{index if len(index) > 1 else index[0]}")
+
+
+def chunked_stats(a: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std (float32; a constant feature keeps std 1) over the examples
+    of ``a``, combined chunk by chunk in float64 (Chan et al.'s pairwise update)."""
+    count, mean, m2 = 0, 0.0, 0.0
+    for _, chunk in _chunks(a):
+        chunk = chunk.reshape(len(chunk), -1).astype(np.float64)
+        n, chunk_mean = len(chunk), chunk.mean(0)
+        chunk_m2 = ((chunk - chunk_mean) ** 2).sum(0)
+        delta, total = chunk_mean - mean, count + n
+        mean = mean + delta * n / total
+        m2 = m2 + chunk_m2 + delta ** 2 * count * n / total
+        count = total
+    std = np.sqrt(m2 / count)
+    return (np.asarray(mean, np.float32),
+            np.where(std > 0, std, 1).astype(np.float32))
 
 
 def check(arrays: Dict[str, np.ndarray], *, path: Path, given: str, kind: Optional[str],
@@ -98,12 +163,8 @@ def check(arrays: Dict[str, np.ndarray], *, path: Path, given: str, kind: Option
             raise ConfigError(f"{key}: {name} is empty (shape {a.shape})")
         if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
             raise ConfigError(f"{key}: {name} has dtype {a.dtype}; numbers are needed")
-        if np.issubdtype(a.dtype, np.inexact):
-            bad = np.argwhere(~np.isfinite(a))
-            if len(bad):
-                index = tuple(int(i) for i in bad[0])
-                raise ConfigError(f"{key}: {name} holds {a[index]} at index "
-                                  f"{index if len(index) > 1 else index[0]}")
+        if name.startswith("y"):  # labels here; the inputs in ``scan``'s one pass
+            _check_finite(a, key, name)
     for split in ("train", "eval"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if len(x) != len(y):
@@ -115,7 +176,7 @@ def check(arrays: Dict[str, np.ndarray], *, path: Path, given: str, kind: Option
                           f"x_train's {arrays['x_train'].shape[1:]}")
     kind = kind or ("classification" if np.issubdtype(arrays["y_train"].dtype, np.integer)
                     or arrays["y_train"].dtype == bool else "regression")
-    info = dict(path=str(path), sha256=sha256(path), kind=kind, n_train=len(arrays["y_train"]),
+    info = dict(path=str(path), kind=kind, n_train=len(arrays["y_train"]),
                 n_eval=len(arrays["y_eval"]), x_shape=x_shape)
     if kind == "classification":
         return ArraysInfo(**info, num_classes=_classes(arrays, key, num_classes), y_dim=1)

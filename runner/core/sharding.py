@@ -41,10 +41,15 @@ def free_bytes(device: jax.Device) -> Optional[int]:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
+def local(devices: List[jax.Device]) -> jax.Device:
+    """The first of ``devices`` this process drives (only its own report their memory)."""
+    return next(d for d in devices if d.process_index == jax.process_index())
+
+
 def check_fits(host_data, devices: List[jax.Device]) -> None:
     """A one-line error, before anything is placed, when a task's arrays exceed the memory
     the devices report free (each device holds a replica). CPUs report none: no check."""
-    free = free_bytes(devices[0])
+    free = free_bytes(local(devices))
     if free is None:
         return
     sizes = {jax.tree_util.keystr(path): leaf.nbytes
@@ -54,7 +59,8 @@ def check_fits(host_data, devices: List[jax.Device]) -> None:
             sizes.items(), key=lambda item: -item[1])[:4])
         raise RunnerError(f"the task's arrays take {sum(sizes.values()) / 2**20:.0f} MiB "
                           f"({largest}) but {devices[0].device_kind} has {free / 2**20:.0f} "
-                          f"MiB free: use a smaller file, or a device with more memory")
+                          f"MiB free: use a smaller file, a device with more memory, or a feed from "
+                          f"the host (task=arrays: task.feed=host)")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from runner.core.optim import LRSchedule
 from runner.core.steps import Metrics, evaluate, train_steps
-from runner.tasks.base import Data, Task
+from runner.tasks.base import Batch, Data, Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +36,11 @@ class StepSpec:
     compute_dtype: Optional[str] = None
     mesh: Optional[Mesh] = None
 
-    def train(self, state, data: Data, rng: jax.Array) -> Tuple[Any, Metrics]:
-        """``num_steps`` train steps from ``state`` (``runner.core.steps.train_steps``)."""
-        return train_steps(state, data, rng, **self.train_arguments())
+    def train(self, state, data: Data, rng: jax.Array,
+              blocks: Optional[Batch] = None) -> Tuple[Any, Metrics]:
+        """``num_steps`` train steps from ``state`` (``runner.core.steps.train_steps``), on
+        ``blocks`` of examples read on the host where given."""
+        return train_steps(state, data, rng, blocks, **self.train_arguments())
 
     def evaluate(self, state, data: Data) -> Tuple[Metrics, jax.Array]:
         """Eval metrics and outputs of ``state`` (``runner.core.steps.evaluate``)."""
@@ -66,11 +68,15 @@ def members_batched() -> bool:
     return jax.devices()[0].platform != "cpu"
 
 
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("states",))
-def train_steps_fused(states, data, rngs, alive, *, spec: StepSpec):
-    """``spec.train`` of every member (the leading axis of ``states``, ``data``, ``rngs``) in
-    one batched program (``jax.vmap``); a member not ``alive`` keeps its state."""
-    new, metrics = jax.vmap(spec.train)(states, data, rngs)
+@functools.partial(jax.jit, static_argnames=("spec", "shared_blocks"),
+                   donate_argnames=("states",))
+def train_steps_fused(states, data, rngs, alive, blocks=None, *, spec: StepSpec,
+                      shared_blocks: bool = False):
+    """``spec.train`` of every member (the leading axis of ``states``, ``data``, ``rngs`` and
+    ``blocks``, unless ``shared_blocks``: one block of host-read examples for all) in one
+    batched program (``jax.vmap``); a member not ``alive`` keeps its state."""
+    new, metrics = jax.vmap(spec.train, in_axes=(0, 0, 0, None if shared_blocks else 0))(
+        states, data, rngs, blocks)
 
     def keep(n, o):
         return jnp.where(alive.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)

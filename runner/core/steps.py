@@ -2,7 +2,7 @@
 
 import dataclasses
 import functools
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -12,12 +12,17 @@ import optax
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh
 
+from runner.config.errors import ConfigError
+from runner.core.examples import probe, read_all
 from runner.core.optim import LRSchedule, Optimizer
 from runner.core.sharding import batch_sharding, check_fits, replicated
-from runner.tasks.base import Batch, Data, HostData, Task
+from runner.tasks.base import Batch, Data, HostData, HostExamples, PreparesBatch, Task
+from runner.tasks.sampling import step_indices, step_keys
 
 Metrics = Dict[str, jax.Array]
 LAYER_GRAD_NORM = "grad_norm/"  # metric-name prefix of each top-level layer's gradient norm
+# The data key of a ``HostExamples`` task's whole training set when it is kept on the device.
+TRAIN_EXAMPLES = "train_examples"
 
 
 def _constrain(tree, mesh: Optional[Mesh], sharding_of=replicated):
@@ -58,15 +63,20 @@ class Setup(NamedTuple):
 
 
 def setup(seed: int, task: Task, model: nn.Module, optimizer: Optimizer, *,
-          mesh: Optional[Mesh] = None) -> Setup:
+          mesh: Optional[Mesh] = None, host_fed: bool = False) -> Setup:
     """A run's start from its seed, in one compiled call: the three keys (model init, task
     data, training steps), the TrainState (params and optimizer state, replicated over
     ``mesh``) and the task's data: made on device by ``task.make_data(key)``, or, for a task
     with ``load_data()`` (arrays read from files), those host arrays put on the devices
-    (donated: the run's data is that one copy). Eagerly, each of init's many small ops would
-    compile a program of its own. Runs whose model, task and optimizer structure are equal
-    share the call: this run's hyperparameter values are arguments."""
-    host = task.load_data() if isinstance(task, HostData) else None
+    (donated: the run's data is that one copy); a ``HostExamples`` task's whole training set
+    is read and kept there too, as ``data[TRAIN_EXAMPLES]``, unless it is ``host_fed``
+    (``runner.loop.feed``; or only evaluated). Eagerly, each of
+    init's many small ops would compile a program of its own. Runs whose model, task and
+    optimizer structure are equal share the call: this run's hyperparameter values are
+    arguments."""
+    host = task.load_data() if isinstance(task, (HostData, HostExamples)) else None
+    if isinstance(task, HostExamples) and not host_fed:
+        host = {**host, TRAIN_EXAMPLES: read_all(task)}
     if host is not None:
         check_fits(host, list(mesh.devices.flat) if mesh else jax.devices()[:1])
     step, params, opt_state, data, init_rng, train_rng = _setup(
@@ -103,6 +113,29 @@ def _compute(params, x, compute_dtype: Optional[str]):
     return jax.tree.map(cast, params), cast(x)
 
 
+def step_batch(task: Task, data: Data, rng: jax.Array, examples: Optional[Batch]) -> Batch:
+    """One step's batch: from ``examples`` read on the host for it, else drawn on the device
+    (a ``HostExamples`` task's indices from ``rng``, as the host draws them)."""
+    if examples is None and isinstance(task, HostExamples):
+        idx = step_indices(rng, task.train_examples, task.batch_size)
+        examples = jax.tree.map(lambda a: a[idx], dict(data[TRAIN_EXAMPLES]))
+    if examples is None:
+        return task.train_batch(data, rng)
+    return task.device_batch(data, examples) if isinstance(task, PreparesBatch) else examples
+
+
+def check_examples(task: HostExamples, data: Any) -> None:
+    """The examples the task reads, as ``device_batch`` makes them, are what the model takes
+    (``example_input``): one line before anything compiles, else an XLA shape error."""
+    batch = jax.eval_shape(lambda d, e: step_batch(task, d, None, e), data, probe(task))
+    want = jax.eval_shape(task.example_input)
+    got = batch.get("x") if isinstance(batch, dict) else None
+    if got is None or got.shape[1:] != want.shape[1:]:
+        raise ConfigError(f"task ({type(task).__qualname__}): its examples give inputs x of "
+                          f"shape {None if got is None else got.shape[1:]} per example, its "
+                          f"example_input has {want.shape[1:]}")
+
+
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,
                schedule: LRSchedule, layer_norms: bool = False,
                compute_dtype: Optional[str] = None) -> Tuple[TrainState, Metrics]:
@@ -129,14 +162,16 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,
 @functools.partial(jax.jit, static_argnames=("task", "schedule", "num_steps", "windows",
                                              "layer_norms", "unroll", "mesh", "compute_dtype"),
                    donate_argnames="state")
-def train_steps(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
+def train_steps(state: TrainState, data: Data, rng: jax.Array,
+                blocks: Optional[Batch] = None, *, task: Task,
                 schedule: LRSchedule, num_steps: int, windows: int = 1,
                 layer_norms: bool = False, unroll: int = 1, mesh: Optional[Mesh] = None,
                 compute_dtype: Optional[str] = None) -> Tuple[TrainState, Metrics]:
     """``num_steps`` train steps fused into one dispatch with ``lax.scan``.
 
     Each step's randomness is ``fold_in(rng, step)``, so it depends on the seed and the step
-    alone. Returns the metrics of ``windows`` equal consecutive runs of steps (the log windows:
+    alone. ``blocks``: the steps' examples read on the host (``[num_steps, batch, ...]``,
+    ``runner.loop.feed``); without them each step's batch is drawn on the device. Returns the metrics of ``windows`` equal consecutive runs of steps (the log windows:
     each metric has shape ``(windows,)``), each averaged over its steps, except ``lr``: the
     value at the window's last step. ``unroll`` steps run per iteration of the loop.
 
@@ -144,41 +179,43 @@ def train_steps(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
     computes the gradient of its part, XLA all-reduces them) and the state stays replicated.
     """
 
-    def body(state, _):
-        batch_rng, step_rng = jax.random.split(jax.random.fold_in(rng, state.step))
-        batch = _shard_batch(task.train_batch(data, batch_rng), mesh)
+    def body(state, examples):
+        batch_rng, step_rng = step_keys(rng, state.step)
+        batch = _shard_batch(step_batch(task, data, batch_rng, examples), mesh)
         state, metrics = train_step(state, batch, step_rng, task=task, schedule=schedule,
                                     layer_norms=layer_norms, compute_dtype=compute_dtype)
         return _constrain(state, mesh), metrics
 
     if num_steps == 1:  # no scan around a lone step: jax_debug_nans can name its operations
-        state, metrics = body(state, None)
+        state, metrics = body(state, jax.tree.map(lambda a: a[0], blocks))
         metrics = jax.tree.map(lambda m: m[None], metrics)
     else:
-        state, metrics = jax.lax.scan(body, state, length=num_steps, unroll=unroll)
+        state, metrics = jax.lax.scan(body, state, blocks, length=num_steps, unroll=unroll)
     per_window = {k: v.reshape(windows, num_steps // windows) for k, v in metrics.items()}
     means = {k: jnp.mean(v, axis=1) for k, v in per_window.items()}
     return state, _constrain({**means, "lr": per_window["lr"][:, -1]}, mesh)
 
 
 def step_flops(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
-               schedule: LRSchedule, compute_dtype: Optional[str] = None) -> Optional[float]:
+               schedule: LRSchedule, compute_dtype: Optional[str] = None,
+               examples: Optional[Batch] = None) -> Optional[float]:
     """FLOPs of one train step (batch included), by XLA's cost analysis of the lowered step
     (no compilation). GPU and TPU plugins do not analyse lowered programs (and the compiled
     analysis on GPU counts no FLOPs in cuDNN's convolutions): there the same step is lowered
-    for the CPU, from the arrays' shapes, and analysed."""
-    def one(state, data, rng):
-        return train_step(state, task.train_batch(data, rng), rng, task=task, schedule=schedule,
-                          compute_dtype=compute_dtype)
+    for the CPU, from the arrays' shapes, and analysed. ``examples``: one step's, for a task
+    fed from the host."""
+    def one(state, data, rng, examples):
+        return train_step(state, step_batch(task, data, rng, examples), rng, task=task,
+                          schedule=schedule, compute_dtype=compute_dtype)
 
-    cost = jax.jit(one).lower(state, data, rng).cost_analysis()
+    cost = jax.jit(one).lower(state, data, rng, examples).cost_analysis()
     if not cost and jax.devices()[0].platform != "cpu":
         try:
             cpu = jax.devices("cpu")[0]
         except RuntimeError:  # JAX_PLATFORMS without the CPU: no FLOPs, no perf/mfu
             return None
         shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                              (state, data, rng))
+                              (state, data, rng, examples))
         with jax.default_device(cpu):
             cost = jax.jit(one).lower(*shapes).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

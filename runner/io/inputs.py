@@ -1,7 +1,8 @@
 """``inputs.json``: the files a task read, recorded in the run dir when the run starts.
 
-A task that reads files says which in ``inputs()`` (``task=arrays``: the absolute path and its
-SHA-256). ``resume=`` and ``runner.eval`` read the same files (a recorded key that is a task
+A task that reads files says which in ``inputs(recorded)`` (``task=arrays``: the absolute path,
+its size, modification time and SHA-256, and its statistics; given the run's record on a
+resume, it hashes again only a file whose size or modification time changed). ``resume=`` and ``runner.eval`` read the same files (a recorded key that is a task
 key, such as ``path``, replaces the stored config's possibly relative value) and refuse to go on,
 with one line, when what the task reads now differs from the record.
 """
@@ -17,6 +18,7 @@ from runner.io.files import write_atomic
 from runner.tasks.base import RecordsInputs
 
 FILE = "inputs.json"
+STAMP = ("bytes", "mtime_ns")  # a task's record of its files' sizes and times (task=arrays)
 
 
 def recorded(run_dir: Path) -> Dict[str, Any]:
@@ -38,8 +40,12 @@ def use_recorded(cfg: DictConfig, run_dir: Path) -> None:
 
 def verify(task: Any, run_dir: Path) -> None:
     """The task reads what the run read when it started."""
-    was, now = recorded(run_dir), _inputs(task)
-    changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    was = recorded(run_dir)
+    now = _inputs(task, was)
+    # A file's size and time say only that it may have changed (a task rehashes then): the
+    # contents decide.
+    changed = sorted(k for k in set(was) | set(now) if k not in STAMP
+                     and was.get(k) != now.get(k))
     if was and changed:
         what = ", ".join(f"{k}: now {_short(now.get(k))}, recorded {_short(was.get(k))}"
                          for k in changed)
@@ -50,15 +56,15 @@ def verify(task: Any, run_dir: Path) -> None:
 def record(task: Any, run_dir: Path) -> None:
     """Write ``inputs.json`` when a run starts from step 0 (a resume keeps the record it was
     checked against)."""
-    inputs = _inputs(task)
+    inputs = _inputs(task, {})
     if inputs:
         write_atomic(run_dir / FILE, (json.dumps(inputs, indent=2) + "\n").encode())
     elif (run_dir / FILE).exists():  # an earlier attempt's, at another task
         (run_dir / FILE).unlink()
 
 
-def _inputs(task: Any) -> Dict[str, Any]:
-    inputs = task.inputs() if isinstance(task, RecordsInputs) else {}
+def _inputs(task: Any, was: Dict[str, Any]) -> Dict[str, Any]:
+    inputs = task.inputs(was) if isinstance(task, RecordsInputs) else {}
     return json.loads(json.dumps(inputs))  # as the record holds them: tuples become lists
 
 

@@ -4,7 +4,8 @@ group's members each on that program in turn (the CPU); or a fused group's
 ``train_steps_fused`` over a leading member axis (accelerators: one device).
 
 Either gives each member's metrics and state on the host when the loop asks (each fetch waits
-for the device), at most once per dispatch.
+for the device), at most once per dispatch. A member fed from the host (``runner.loop.feed``)
+takes its feed's next block with each dispatch; members sharing a feed share the block.
 """
 
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
@@ -15,8 +16,10 @@ import numpy as np
 
 from runner.core.spec import StepSpec, members_batched, train_steps_fused
 from runner.core.steps import Metrics
+from runner.loop.feed import HostFeed
 
 Start = Tuple[Any, Any, jax.Array]  # a run's state, data and train key
+Feeds = Sequence[Optional[HostFeed]]  # each member's (None: its examples are on the device)
 FUSED_NAME = "train_steps_fused"
 
 
@@ -39,14 +42,18 @@ class SingleProgram:
 
     size = 1
 
-    def __init__(self, spec: StepSpec, start: Start):
-        self.spec = spec
+    def __init__(self, spec: StepSpec, start: Start, feed: Optional[HostFeed] = None):
+        self.spec, self.feed = spec, feed
         self.state, self.data, self.rng = start
         self.metrics: Metrics = {}
         self.fetched: Optional[List[Dict[str, np.ndarray]]] = None
 
-    def dispatch(self, alive: np.ndarray) -> Metrics:
-        self.state, self.metrics = self.spec.train(self.state, self.data, self.rng)
+    def dispatch(self, alive: np.ndarray, blocks: Optional[Dict[int, Any]] = None) -> Metrics:
+        """``blocks``: the blocks of this dispatch by feed (members in turn share them)."""
+        block = _block_of(self.feed, {} if blocks is None else blocks)
+        self.state, self.metrics = self.spec.train(self.state, self.data, self.rng, block)
+        if self.feed is not None:
+            self.feed.dispatched(self.metrics)
         self.fetched = None
         return self.metrics
 
@@ -63,16 +70,25 @@ class FusedProgram:
     """``train_steps_fused`` over the members' stacked states, data and keys: a member not
     ``alive`` keeps its state while the others train."""
 
-    def __init__(self, spec: StepSpec, starts: Sequence[Start]):
-        self.spec, self.size = spec.on_one_device(), len(starts)
+    def __init__(self, spec: StepSpec, starts: Sequence[Start], feeds: Feeds):
+        self.spec, self.size, self.feeds = spec.on_one_device(), len(starts), feeds
         self.states, self.data, self.rngs = (_stack(trees) for trees in zip(*starts))
         self.metrics: Metrics = {}
         self.fetched: Optional[List[Dict[str, np.ndarray]]] = None
         self.fetched_states: Optional[List[Any]] = None
 
     def dispatch(self, alive: np.ndarray) -> Metrics:
+        # Every feed gives its block, a member alive or not (the program runs every slot).
+        blocks: Dict[int, Any] = {}
+        per_member = [_block_of(feed, blocks) for feed in self.feeds]
+        shared = len(blocks) == 1 and self.size > 1
+        stacked = per_member[0] if shared or not blocks else jax.tree.map(
+            lambda *b: jnp.stack(b), *per_member)
         self.states, self.metrics = train_steps_fused(
-            self.states, self.data, self.rngs, jnp.asarray(alive), spec=self.spec)
+            self.states, self.data, self.rngs, jnp.asarray(alive), stacked, spec=self.spec,
+            shared_blocks=shared)
+        for feed in {id(f): f for f in self.feeds if f is not None}.values():
+            feed.dispatched(self.metrics)
         self.fetched = self.fetched_states = None
         return self.metrics
 
@@ -101,12 +117,13 @@ class InTurnProgram:
     asynchronously one member after another; each member's state stays its own, on the
     device, where its actions read it."""
 
-    def __init__(self, spec: StepSpec, starts: Sequence[Start]):
+    def __init__(self, spec: StepSpec, starts: Sequence[Start], feeds: Feeds):
         self.spec, self.size = spec, len(starts)
-        self.members = [SingleProgram(spec, one) for one in starts]
+        self.members = [SingleProgram(spec, one, feed) for one, feed in zip(starts, feeds)]
 
     def dispatch(self, alive: np.ndarray) -> Metrics:
-        return [self.members[i].dispatch(alive[i:i + 1]) for i in np.flatnonzero(alive)]
+        blocks: Dict[int, Any] = {}  # a feed's block, read once for the members sharing it
+        return [self.members[i].dispatch(alive[i:i + 1], blocks) for i in np.flatnonzero(alive)]
 
     def host_metrics(self) -> List[Dict[str, np.ndarray]]:
         # One transfer for all (each waits for its member's dispatch); a member no longer
@@ -125,14 +142,23 @@ def compiled_name(members: int) -> str:
     return FUSED_NAME if members > 1 and members_batched() else "train_steps"
 
 
-def program_for(spec: StepSpec, starts: Sequence[Start]) -> Program:
+def program_for(spec: StepSpec, starts: Sequence[Start], feeds: Feeds) -> Program:
     """The program of a group: one run's own (unbatched, on its mesh); several in turn on
     that program (the CPU) or batched into one (accelerators)."""
     if len(starts) == 1:
-        return SingleProgram(spec, starts[0])
+        return SingleProgram(spec, starts[0], feeds[0])
     if not members_batched():
-        return InTurnProgram(spec, starts)
-    return FusedProgram(spec, starts)
+        return InTurnProgram(spec, starts, feeds)
+    return FusedProgram(spec, starts, feeds)
+
+
+def _block_of(feed: Optional[HostFeed], blocks: Dict[int, Any]) -> Any:
+    """``feed``'s block of this dispatch: read once, kept in ``blocks`` for its other members."""
+    if feed is None:
+        return None
+    if id(feed) not in blocks:
+        blocks[id(feed)] = feed.next()
+    return blocks[id(feed)]
 
 
 def _stack(trees: Sequence[Any]) -> Any:

@@ -5,7 +5,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import jax
 from omegaconf import DictConfig
@@ -124,6 +124,19 @@ def _backends_started() -> bool:
     XLA_FLAGS once, at its start). JAX has no public way to ask; runner knows of the start
     it made itself (an earlier job of a multirun in this process)."""
     return bool(_STARTED)
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of host memory available to a new allocation without swapping (Linux's
+    ``MemAvailable``: free plus reclaimable page cache), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def is_primary(cfg: DictConfig) -> bool:

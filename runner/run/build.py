@@ -20,9 +20,11 @@ from runner.core.optim import Optimizer, make_optimizer
 from runner.core.shapes import check_output
 from runner.core.sharding import DATA_AXIS, make_mesh, peak_flops, place, replicated
 from runner.core.spec import StepSpec
-from runner.core.steps import setup, step_flops
+from runner.core.steps import check_examples, setup, step_flops
 from runner.io import inputs
 from runner.io.checkpoint import restore_latest
+from runner.core.examples import probe
+from runner.loop.feed import from_host
 from runner.loop.host import log_windows
 from runner.platform.device import configure_jax, is_primary
 from runner.tasks.base import check_task
@@ -85,6 +87,7 @@ class Run:
     spec: StepSpec  # the static arguments of its compiled train and eval programs
     placement: Dict[str, Any]  # devices, precision, FLOPs: recorded in manifest and metrics
     resume: bool = False
+    host_fed: bool = False  # its examples read on the host a dispatch ahead (runner.loop.feed)
 
     @property
     def peak_flops(self) -> Optional[Tuple[float, float]]:
@@ -107,7 +110,10 @@ def build_run(cfg: DictConfig, run_dir: Path, *, resume: bool,
                           f"{mesh.size} devices in use (device.num_devices="
                           f"{_show(cfg.device.num_devices)}): use a multiple of {mesh.size}, or "
                           f"set device.num_devices")
-    state, data, init_rng, train_rng = setup(cfg.seed, *parts, mesh=mesh)
+    host_fed = from_host(parts.task, list(mesh.devices.flat))
+    state, data, init_rng, train_rng = setup(cfg.seed, *parts, mesh=mesh, host_fed=host_fed)
+    if host_fed:
+        check_examples(parts.task, data)
     if resume:
         state = _restore(run_dir, state, mesh)
     start_step = _agreed_start(int(state.step), run_dir)
@@ -119,12 +125,12 @@ def build_run(cfg: DictConfig, run_dir: Path, *, resume: bool,
                     layer_norms=cfg.trainer.log_histograms, unroll=cfg.trainer.scan_unroll,
                     compute_dtype=COMPUTE_DTYPES[Precision(cfg.device.precision)], mesh=mesh)
     run = Run(cfg, run_dir, parts, mesh, state, data, init_rng, train_rng, start_step, chunk,
-              is_primary(cfg.device), spec, {}, resume)
+              is_primary(cfg.device), spec, {}, resume, host_fed)
     run.placement = _placement(run)
     log.info("devices: %d x %s (%s) in %d process(es), batch split over a '%s' mesh axis; "
-             "steps %d..%d, %d per dispatch", mesh.size, run.placement["platform"],
+             "steps %d..%d, %d per dispatch%s", mesh.size, run.placement["platform"],
              run.placement["device_kind"], jax.process_count(), DATA_AXIS, start_step,
-             cfg.trainer.steps, chunk)
+             cfg.trainer.steps, chunk, ", examples read on the host" if host_fed else "")
     return run
 
 
@@ -185,9 +191,13 @@ def _placement(run: Run) -> Dict[str, Any]:
     device = run.mesh.devices.flat[0]
     precision = run.cfg.device.precision
     peak = peak_flops(device.device_kind, precision, jax.config.jax_default_matmul_precision)
+    examples = None  # one step's, shaped as the host reads them
+    if peak and run.host_fed:
+        examples = {k: np.repeat(a, run.parts.task.batch_size, 0)
+                    for k, a in probe(run.parts.task).items()}
     flops = step_flops(run.state, run.data, run.train_rng, task=run.parts.task,
                        schedule=run.parts.optimizer.schedule,
-                       compute_dtype=run.spec.compute_dtype) if peak else None
+                       compute_dtype=run.spec.compute_dtype, examples=examples) if peak else None
     return {"num_devices": run.mesh.size, "processes": jax.process_count(),
             "platform": device.platform, "device_kind": device.device_kind,
             "precision": Precision(precision).value,

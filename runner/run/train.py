@@ -15,12 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.config.errors import WriteError, describe_error
 from runner.config.schema import typed
+from runner.core.steps import TRAIN_EXAMPLES
 from runner.io import inputs, lock, rundir
 from runner.io.checkpoint import Checkpointer
 from runner.io.figures import FigureRenderer
 from runner.io.files import remove_stale_temps, write_atomic
 from runner.io.manifest import write_manifest
 from runner.io.tb_logger import NullLogger, TensorBoardLogger
+from runner.loop.feed import feeds_for
 from runner.loop.host import HostLoop, Result
 from runner.loop.member import Member
 from runner.loop.programs import program_for
@@ -227,10 +229,20 @@ def train_group(sessions: Sequence[Session], stop: StopRequest) -> List[Result]:
     loop: a run alone on its own program, several fused into one. Each one's summary, or the
     exception it ended with."""
     runs = [session.run for session in sessions]
-    program = program_for(runs[0].spec, [(r.state, r.data, r.train_rng) for r in runs])
-    return HostLoop(program, [session.member for session in sessions],
-                    trainer=runs[0].cfg.trainer, stop=stop,
-                    peak_flops=runs[0].peak_flops).run()
+    feeds = feeds_for(runs)
+    readers = len({id(f) for f in feeds if f is not None})
+    if readers:
+        log.info("examples read on the host for %d run(s) by %d reading thread(s)",
+                 sum(f is not None for f in feeds), readers)
+    try:
+        program = program_for(runs[0].spec, [(r.state, r.data, r.train_rng) for r in runs],
+                              feeds)
+        return HostLoop(program, [session.member for session in sessions],
+                        trainer=runs[0].cfg.trainer, stop=stop,
+                        peak_flops=runs[0].peak_flops).run()
+    finally:
+        for feed in {id(f): f for f in feeds if f is not None}.values():
+            feed.close()
 
 
 def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRenderer],
@@ -262,7 +274,9 @@ def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRender
     if not isinstance(task, DrawsFigures):
         renderer = None
     elif renderer:
-        renderer.set_data(task, jax.device_get(run.data))
+        # The figures' arrays, not a training set kept on the device
+        renderer.set_data(task, jax.device_get(
+            {k: v for k, v in run.data.items() if k != TRAIN_EXAMPLES}))
     logger.text("config", OmegaConf.to_yaml(run.cfg, resolve=True))
     logger.text("model_summary", model_summary)
     return Member(run.run_dir, spec=run.spec, data=run.data, trainer=trainer, logger=logger,
