@@ -78,7 +78,8 @@ def write(path: Path, **changes) -> Path:
 def test_bad_input_is_one_line_naming_the_key_and_array(tmp_path, changes, overrides, message):
     path = write(tmp_path / "d.npz", **changes)
     with pytest.raises(ConfigError, match=message) as info:
-        build_parts(arrays(path, "task.batch_size=10", *overrides))
+        task = build_parts(arrays(path, "task.batch_size=10", *overrides)).task
+        task.inputs({})  # the one pass over the inputs a run makes as it starts
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz"]  # nothing written
 
@@ -109,12 +110,14 @@ def test_kinds_shapes_and_standardized_data(data_dir):
     assert (digits.info.kind, digits.output_dim, digits.info.x_shape) == (
         "classification", 10, (8, 8, 1))  # [N, H, W]: one channel
     data = digits.load_data()
-    x = data["train"]["x"]
-    assert abs(float(x.mean())) < 1e-5 and data["train"]["y"].dtype == np.int32
+    train = digits.device_batch(data, digits.read_examples(np.arange(digits.train_examples)))
+    assert abs(float(train["x"].mean())) < 1e-5 and train["y"].dtype == np.int32
     assert data["eval"]["x"].shape[0] % 128 == 0 and data["eval"]["mask"].sum() == 360
     diabetes = build_parts(arrays(data_dir / "diabetes.npz")).task
     assert (diabetes.info.kind, diabetes.output_dim) == ("regression", 1)
-    assert abs(float(diabetes.load_data()["train"]["y"].std()) - 1) < 1e-4  # scaled targets
+    train = diabetes.device_batch(diabetes.load_data(), diabetes.read_examples(
+        np.arange(diabetes.train_examples)))
+    assert abs(float(train["y"].std()) - 1) < 1e-4  # scaled targets
     assert build_parts(arrays(data_dir / "diabetes.npz", "model=mlp")).model.out_features == 1
 
 
@@ -147,6 +150,7 @@ def test_masked_eval_counts_exactly_the_eval_examples(tmp_path, data_dir):
 def test_arrays_larger_than_the_device_memory_are_refused(monkeypatch):
     class Device:
         device_kind = "fake GPU"
+        process_index = 0
 
         def memory_stats(self):
             return {"bytes_limit": 2**20, "bytes_in_use": 0}
@@ -241,7 +245,7 @@ def test_setup_checks_the_arrays_fit_before_placing_them(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner.core.steps, "check_fits", refuse)
     path = write(tmp_path / "d.npz")
-    with pytest.raises(RunnerError, match=r"checked \['eval', 'stats', 'train'\] on 1 device"):
+    with pytest.raises(RunnerError, match=r"checked \['eval', 'stats', 'train_examples'\] on 1 "):
         start(["task=arrays", f"task.path={path}", "task.batch_size=10"])
 
 

@@ -113,21 +113,27 @@ def test_distinct_indices_cover_every_example_evenly():
     assert abs(counts.std() - np.sqrt(expected * (1 - 128 / 1437))) < 2
 
 
-def test_built_in_tasks_have_the_interface_and_one_data_source():
-    """Every built-in task is a ``Task`` with exactly one data hook, and only the optional
+def test_built_in_tasks_have_the_interface_and_one_data_source(tmp_path):
+    """Every built-in task is a ``Task`` with exactly one data source, and only the optional
     hooks it means to have (what runner calls is what these protocols say)."""
     from runner.tasks.arrays import Arrays
-    from runner.tasks.base import (DeclaresOutputShape, DeviceData, DrawsFigures, HostData,
-                                   RecordsInputs, Task, check_task)
+    from runner.tasks.base import (ChoosesFeed, DeclaresOutputShape, DeviceData, DrawsFigures,
+                                   HostData, HostExamples, PreparesBatch, RecordsInputs, Task,
+                                   check_task)
 
     for task in (LinearFit(), CNNRandomImages()):
         check_task(task)
         assert all(isinstance(task, p) for p in (Task, DeviceData, DrawsFigures))
         assert not any(isinstance(task, p) for p in (HostData, RecordsInputs,
                                                      DeclaresOutputShape))
-    # Arrays needs a file to be built: its class has the hooks (the method-only protocols)
-    assert issubclass(Arrays, HostData) and issubclass(Arrays, RecordsInputs)
-    assert not issubclass(Arrays, DeviceData)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.normal(size=(8, 2)), y_train=np.arange(8) % 2,
+             x_eval=rng.normal(size=(4, 2)), y_eval=np.arange(4) % 2)
+    arrays = Arrays(str(tmp_path / "d.npz"), batch_size=4)
+    check_task(arrays)
+    assert all(isinstance(arrays, p) for p in (Task, HostExamples, PreparesBatch, ChoosesFeed,
+                                               RecordsInputs, DrawsFigures))
+    assert not any(isinstance(arrays, p) for p in (DeviceData, HostData, DeclaresOutputShape))
 
 
 def test_a_task_class_lacking_a_hook_is_one_line_naming_it():
@@ -157,5 +163,27 @@ def test_a_task_class_lacking_a_hook_is_one_line_naming_it():
                                           r"runner\.tasks\.base\.Task\)$"):
         check_task(NoLoss())
     check_task(Complete())  # make_data: one data hook
-    with pytest.raises(ConfigError, match=r"needs exactly one data hook.*it has both$"):
+    with pytest.raises(ConfigError, match=r"needs exactly one data source: .* it has DeviceData "
+                                          r"and HostData \(see runner.tasks.base\)$"):
         check_task(BothData())
+
+    @dataclasses.dataclass(frozen=True)
+    class Reader:  # examples read on the host: no train_batch
+        batch_size: int = 4
+        output_dim = 1
+        train_examples = 10
+
+        def load_data(self): ...
+        def read_examples(self, indices): ...
+        def eval_batches(self, data): ...
+        def loss(self, outputs, batch): ...
+        def example_input(self): ...
+
+    check_task(Reader())
+
+    @dataclasses.dataclass(frozen=True)
+    class ReaderAndBatches(Reader):
+        def train_batch(self, data, rng): ...
+
+    with pytest.raises(ConfigError, match=r"it has HostData and HostExamples"):
+        check_task(ReaderAndBatches())

@@ -137,7 +137,8 @@ def task_figures(tmp_path: Path):
     yield "arrays (images)", images.figures(data, guesses(rng, data["eval"]["y"], 10))
     values = Arrays(path=str(tmp_path / "values.npz"), batch_size=16)
     data = values.load_data()
-    y = np.asarray(data["eval"]["y"]).reshape(-1, 1)
+    # the model's outputs are standardized targets
+    y = (np.asarray(data["eval"]["y"]).reshape(-1, 1) - values.info.y_mean) / values.info.y_std
     yield "arrays (values)", values.figures(data, y + rng.normal(size=y.shape) * 0.1)
 
 

@@ -1,0 +1,312 @@
+"""Training examples read on the host (``task.feed=host``, ``runner.loop.feed``): the same bits
+as the device-resident feed, exact resume, a training set larger than the device, the user's
+own reader (docs/data.md's example), and every bad input one line with the run dir intact."""
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runner.loop.feed
+from conftest import REPO, compose_config, free_port, run_cli
+from runner.config.errors import RunnerError
+from runner.run.build import Parts, build_parts
+from runner.run.train import run
+from runner.tasks import arrays_io
+from runner.tasks.arrays import Arrays
+from test_resume import newest_step, wait_past
+from test_resume import start as start_cli
+
+SHORT = ["model.activation=relu", "trainer.steps=600", "trainer.log_every=100",
+         "trainer.eval_every=300", "trainer.checkpoint_every=100", "trainer.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """scikit-learn's digits as a directory of .npy files (uint8 pixels, int64 labels)."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("feed") / "digits"
+    root.mkdir()
+    data = load_digits()
+    order = np.random.default_rng(0).permutation(len(data.target))
+    x, y = data.images.astype(np.uint8)[order], data.target[order]
+    for name, a in (("x_train", x[:1437]), ("y_train", y[:1437]), ("x_eval", x[1437:]),
+                    ("y_eval", y[1437:])):
+        np.save(root / f"{name}.npy", a)
+    return root
+
+
+def digits_copy(digits: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "digits"
+    copy.mkdir()
+    for f in digits.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    return copy
+
+
+def checkpoints(run_dir: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "checkpoints").glob("*.msgpack"))}
+
+
+def test_host_and_device_feeds_train_the_same_bits(digits, tmp_path):
+    """The same examples in the same order, whatever the dispatch length or thread count."""
+    common = ["task=arrays", f"task.path={digits}", *SHORT]
+    run_cli([*common, "task.feed=device", "hydra.run.dir=device"], cwd=tmp_path)
+    run_cli([*common, "task.feed=host", "trainer.steps_per_dispatch=50", "task.read_threads=3",
+             "hydra.run.dir=host"], cwd=tmp_path)
+    device, host = checkpoints(tmp_path / "device"), checkpoints(tmp_path / "host")
+    assert "step_600.msgpack" in device and device == host
+    assert "examples read on the host" in (tmp_path / "host" / "runner.log").read_text()
+    assert "examples read on the host" not in (tmp_path / "device" / "runner.log").read_text()
+    recorded = json.loads((tmp_path / "host" / "inputs.json").read_text())
+    assert recorded["sha256"] == arrays_io.sha256(digits)
+    assert recorded["bytes"] == [(digits / f"{k}.npy").stat().st_size for k in arrays_io.KEYS]
+
+
+def test_auto_reads_a_training_set_larger_than_the_device_from_the_host(digits, tmp_path,
+                                                                       monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    cfg = compose_config(["task=arrays", f"task.path={digits}", *SHORT])
+    reference = run(cfg, tmp_path / "roomy")  # the CPU: the host's memory is ample
+    assert "is kept on the device" in caplog.text
+    assert "examples read on the host" not in caplog.text
+    caplog.clear()
+    training_set = 1437 * 64  # bytes: 1,437 uint8 8x8 images (+ labels)
+    monkeypatch.setattr(runner.loop.feed, "free_bytes", lambda device: training_set)
+    summary = run(cfg, tmp_path / "small")
+    assert "is read from the host a dispatch ahead" in caplog.text
+    assert "examples read on the host" in caplog.text
+    assert summary["eval"] == reference["eval"]
+    assert checkpoints(tmp_path / "small") == checkpoints(tmp_path / "roomy")
+
+
+@pytest.mark.slow
+def test_a_host_fed_run_killed_anywhere_resumes_to_the_same_bits(digits, tmp_path):
+    """SIGKILL mid-run, resumed with another dispatch length and thread count: the final
+    checkpoint equals an uninterrupted device-fed run's."""
+    long = ["task=arrays", f"task.path={digits}", "task.batch_size=32", "trainer.steps=24000",
+            "trainer.log_every=2000", "trainer.eval_every=12000",
+            "trainer.checkpoint_every=2000", "trainer.progress_bar=false"]
+    run_cli([*long, "task.feed=device", "hydra.run.dir=reference"], cwd=tmp_path)
+    proc = start_cli([*long, "task.feed=host", "hydra.run.dir=run"], tmp_path)
+    wait_past(proc, tmp_path / "run", 0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < newest_step(tmp_path / "run") < 24000
+    run_cli(["resume=run", "trainer.steps_per_dispatch=1000", "task.read_threads=1"],
+            cwd=tmp_path)
+    final = "checkpoints/step_24000.msgpack"
+    assert (tmp_path / "run" / final).read_bytes() == (tmp_path / "reference" / final
+                                                        ).read_bytes()
+
+
+def test_a_resume_rehashes_only_a_file_whose_size_or_time_changed(digits, tmp_path,
+                                                                 monkeypatch):
+    path = digits_copy(digits, tmp_path)
+    first = Arrays(str(path)).inputs({})
+    hashed = []
+    monkeypatch.setattr(arrays_io, "sha256", lambda p: hashed.append(p) or "0" * 64)
+    assert Arrays(str(path)).inputs(first) == first and hashed == []  # taken as recorded
+    os.utime(path / "x_train.npy", ns=(1, 1))  # touched: hashed again
+    touched = Arrays(str(path)).inputs(first)
+    assert hashed == [path] and touched["mtime_ns"] == [1, *first["mtime_ns"][1:]]
+    # ...once per process: a sweep's next job takes this process's scan
+    assert Arrays(str(path)).inputs(first) == touched and hashed == [path]
+
+
+def test_rows_are_read_in_any_order_and_an_io_error_names_the_file(tmp_path, monkeypatch):
+    from runner.tasks.arrays_rows import Rows
+
+    a = np.arange(1000 * 3, dtype=np.int16).reshape(1000, 3)
+    np.save(tmp_path / "a.npy", a)
+    stat = (tmp_path / "a.npy").stat()
+    rows = Rows(tmp_path / "a.npy", 4, (stat.st_size, stat.st_mtime_ns))
+    indices = np.array([999, 3, 4, 5, 3, 0, 512, 6])  # runs, repeats, both ends
+    np.testing.assert_array_equal(rows.read(indices), a[indices])
+
+    def unreadable(fd, buffers, offset):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "preadv", unreadable)
+    with pytest.raises(RunnerError, match=rf"^{tmp_path / 'a.npy'}: cannot read rows from \d+ "
+                                          rf"\(\[Errno 5\] Input/output error\)$"):
+        rows.read(indices)
+    with pytest.raises(RunnerError, match="changed during the run"):
+        Rows(tmp_path / "a.npy", 1, (stat.st_size + 1, stat.st_mtime_ns))
+
+
+def long_host_run(path: Path, tmp_path: Path):
+    return start_cli(["task=arrays", f"task.path={path}", "task.feed=host", "task.batch_size=32",
+                      "trainer.steps=1000000000", "trainer.log_every=500",
+                      "trainer.checkpoint_every=500", "trainer.eval_every=100000",
+                      "trainer.steps_per_dispatch=500", "trainer.progress_bar=false",
+                      "hydra.run.dir=run"], tmp_path)
+
+
+@pytest.mark.parametrize("change", ["truncate", "rewrite"])
+def test_a_file_changed_during_a_run_ends_it_in_one_line(digits, tmp_path, change):
+    path = digits_copy(digits, tmp_path)
+    proc = long_host_run(path, tmp_path)
+    wait_past(proc, tmp_path / "run", 0)
+    before = checkpoints(tmp_path / "run")
+    x = path / "x_train.npy"
+    if change == "truncate":
+        os.truncate(x, x.stat().st_size // 2)
+    else:  # the same size, other values
+        data = np.load(x)
+        np.save(x, 255 - data)
+    _, stderr = proc.communicate(timeout=120)  # never a hang
+    assert proc.returncode == 1
+    line = stderr.strip().splitlines()[-1]
+    assert re.match(rf"error: reading the training examples of steps \d+\.\.\d+: {x}: "
+                    rf"(changed during the run|rows from \d+ cut short)", line), stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and str(x) in metrics["reason"]
+    after = checkpoints(tmp_path / "run")
+    assert all(after[name] == data for name, data in before.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class Faulty:
+    """``task=arrays`` whose reader misbehaves from its ``after``-th dispatch block on."""
+
+    base: Arrays
+    fault: str
+    after: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "blocks", [])
+
+    def __getattr__(self, name):  # every other hook: the arrays task's
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    feed = property(lambda self: "host")
+
+    def read_examples(self, indices):
+        examples = self.base.read_examples(indices)
+        if len(indices) > 1:
+            self.blocks.append(len(indices))
+        if len(self.blocks) <= self.after:
+            return examples
+        if self.fault == "raise":
+            raise ValueError("cannot decode example 7")
+        if self.fault == "eio":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if self.fault == "shape":
+            return {**examples, "x": examples["x"][:, :4]}
+        return {**examples, "x": examples["x"].astype(np.float64)}  # dtype
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("raise", "ValueError: cannot decode example 7|cannot decode example 7"),
+    ("eio", r"Input/output error"),
+    ("shape", r"returned x of shape \(3200, 4, 8\) uint8, expected 3200 x \(8, 8\) uint8"),
+    ("dtype", r"returned x of shape \(3200, 8, 8\) float64, expected 3200 x \(8, 8\) uint8"),
+])
+def test_a_reader_that_fails_ends_the_run_in_one_line(digits, tmp_path, fault, message):
+    cfg = compose_config(["task=arrays", f"task.path={digits}", "task.batch_size=32",
+                          "trainer.steps=1000", "trainer.steps_per_dispatch=100",
+                          "trainer.checkpoint_every=100", "trainer.log_every=100",
+                          "trainer.eval_every=1000", "trainer.progress_bar=false"])
+    parts = build_parts(cfg)
+    faulty = Faulty(parts.task, fault)
+    with pytest.raises(RunnerError, match=message) as info:
+        run(cfg, tmp_path / "run", parts=Parts(faulty, parts.model, parts.optimizer))
+    assert str(info.value).startswith("reading the training examples of steps 201..300: ")
+    assert "\n" not in str(info.value)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["reason"] == str(info.value)
+    assert sorted(checkpoints(tmp_path / "run")) == ["step_100.msgpack", "step_200.msgpack"]
+
+
+@pytest.mark.slow
+def test_two_processes_each_read_their_rows_and_match_the_device_feed(digits, tmp_path):
+    """jax.distributed over 2 local CPU processes: each reads only its half of every batch;
+    the result is the device-resident feed's, bit for bit."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "XLA_FLAGS")}
+    common = ["task=arrays", f"task.path={digits}", *SHORT, "device=cpu",
+              "device.distributed=true", "device.num_processes=2"]
+    for feed in ("device", "host"):
+        port = free_port()
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "runner", *common, f"task.feed={feed}",
+             f"hydra.run.dir={feed}", f"device.coordinator_address=127.0.0.1:{port}",
+             f"device.process_id={i}"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+        outputs = [p.communicate(timeout=300) for p in procs]
+        for p, (_, err) in zip(procs, outputs):
+            assert p.returncode == 0, err[-3000:]
+        if feed == "host":
+            for i, (out, err) in enumerate(outputs):
+                assert f"reads rows {64 * i}..{64 * (i + 1)} of each batch of 128" in out + err
+    assert checkpoints(tmp_path / "host") == checkpoints(tmp_path / "device")
+    assert json.loads((tmp_path / "host" / "metrics.json").read_text())["devices"][
+        "processes"] == 2
+
+
+def test_a_fused_sweep_reads_each_block_once_for_its_members_of_one_seed(digits, tmp_path):
+    """Fused (on the CPU: in turn on one compiled step) equals the basic launcher's runs, bit
+    for bit, and the members of one seed share one reading thread."""
+    args = ["task=arrays", f"task.path={digits}", "task.feed=host", "optimizer.lr=1e-3,1e-2",
+            "trainer.steps=200", "trainer.log_every=100", "trainer.eval_every=200",
+            "trainer.checkpoint_every=100", "trainer.progress_bar=false"]
+    fused = run_cli(["-m", "hydra/launcher=fused", *args, "hydra.sweep.dir=fused"],
+                    cwd=tmp_path)
+    run_cli(["-m", "hydra/launcher=basic", *args, "hydra.sweep.dir=basic"], cwd=tmp_path)
+    assert "examples read on the host for 2 run(s) by 1 reading thread(s)" in (fused.stdout
+                                                                                 + fused.stderr)
+    for job in ("0", "1"):
+        assert checkpoints(tmp_path / "fused" / job) == checkpoints(tmp_path / "basic" / job)
+
+
+def docs_example() -> str:
+    """The reader of docs/data.md, as a user copies it."""
+    text = (REPO / "docs" / "data.md").read_text()
+    code = re.search(r"```python\n# myproj/pngs.py\n(.*?)```", text, re.S)
+    return code.group(1)
+
+
+@pytest.mark.slow
+def test_the_docs_png_reader_trains_and_resumes_exactly(digits, tmp_path, monkeypatch):
+    from PIL import Image
+
+    root = tmp_path / "digits_png"
+    for split in ("train", "eval"):
+        x, y = (np.load(digits / f"{k}_{split}.npy") for k in ("x", "y"))
+        for i, (image, label) in enumerate(zip(x[:600] * 15, y[:600])):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.astype(np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "myproj").mkdir()
+    (tmp_path / "myproj" / "__init__.py").write_text("")
+    (tmp_path / "myproj" / "pngs.py").write_text(docs_example())
+    (tmp_path / "myconf" / "task").mkdir(parents=True)
+    (tmp_path / "myconf" / "task" / "pngs.yaml").write_text(
+        textwrap.dedent("_target_: myproj.pngs.PngFolder\nroot: ???\n"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("RUNNER_TRUST", "myproj")
+    args = ["--config-dir", "myconf", "task=pngs", f"task.root={root}", "model=cnn_small",
+            "trainer.log_every=50", "trainer.checkpoint_every=100", "trainer.eval_every=100",
+            "trainer.progress_bar=false"]
+    run_cli([*args, "trainer.steps=200", "hydra.run.dir=whole"], cwd=tmp_path)
+    run_cli([*args, "trainer.steps=100", "hydra.run.dir=halves"], cwd=tmp_path)
+    run_cli(["resume=halves", "trainer.steps=200"], cwd=tmp_path)
+    assert checkpoints(tmp_path / "whole")["step_200.msgpack"] == checkpoints(
+        tmp_path / "halves")["step_200.msgpack"]
+    metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["eval"]["accuracy"] > 0.7
+    assert "examples read on the host" in (tmp_path / "whole" / "runner.log").read_text()
