@@ -30,6 +30,13 @@ class FusedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
+        return self.launch_indices(job_overrides, range(
+            initial_job_idx, initial_job_idx + len(job_overrides)))
+
+    def launch_indices(self, job_overrides: Sequence[Sequence[str]],
+                       indices: Sequence[int]) -> Sequence[JobReturn]:
+        """The jobs numbered ``indices`` (a batch's, or a SLURM job's group of a batch:
+        ``hydra/launcher=fused_slurm``)."""
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -38,9 +45,9 @@ class FusedLauncher(Launcher):
         if _is_runner(self.task_function):
             from runner.run.fused import launch
 
-            return launch(self, job_overrides, initial_job_idx)
+            return launch(self, job_overrides, indices[0], indices=indices)
         return [self.run_one(idx, overrides, self.task_function)
-                for idx, overrides in enumerate(job_overrides, initial_job_idx)]
+                for idx, overrides in zip(indices, job_overrides)]
 
     def compose(self, idx: int, overrides: Sequence[str]) -> DictConfig:
         """Job ``idx``'s config, as Hydra's own launchers compose it."""

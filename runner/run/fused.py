@@ -55,13 +55,15 @@ class Job:
     reason: str = ""  # why it failed
 
 
-def launch(launcher, job_overrides: Sequence[Sequence[str]],
-           initial_job_idx: int) -> List[JobReturn]:
+def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+           indices: Optional[Sequence[int]] = None) -> List[JobReturn]:
     optuna = "optuna" in str(launcher.config.hydra.sweeper.get("_target_", "")).lower()
     log.info("fused groups run on one device each (device.num_devices=1 unless a job sets it; "
              "such a job trains alone, data-parallel)")
+    if indices is None:  # a batch's jobs are numbered on from initial_job_idx
+        indices = range(initial_job_idx, initial_job_idx + len(job_overrides))
     jobs = [_register(launcher, idx, list(overrides))
-            for idx, overrides in enumerate(job_overrides, initial_job_idx)]
+            for idx, overrides in zip(indices, job_overrides)]
     with stop_on_signals() as stop:
         # Opened after every job is composed: Hydra's set-up of a job resets the logging
         # handlers (a session's runner.log among them).
