@@ -166,7 +166,7 @@ def test_the_wheel_installs_runner_alone_and_runs_from_any_directory(tmp_path):
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(
         ".dist-info")} == {"runner", "hydra_plugins"}
     assert {name.split("/")[1] for name in names if name.startswith("hydra_plugins/")} == {
-        "runner_fused_launcher", "runner_sweeper"}
+        "runner_fused_launcher", "runner_slurm_launcher", "runner_sweeper"}
     assert "hydra_plugins/__init__.py" not in names  # a namespace package, shared
     assert {"runner/conf/config.yaml", "runner/conf/task/linear_fit.yaml",
             "runner/__main__.py", "runner/models/cnn.py", "runner/tasks/linear_fit.py"} <= set(

@@ -91,15 +91,20 @@ def test_launchers_run_jobs_in_other_processes(tmp_path, launcher):
     assert len(read_summary(tmp_path)) == 2
 
 
-def test_shipped_slurm_launcher_config_composes():
+def test_shipped_slurm_launcher_configs_compose_for_a_small_cpu_node():
     from conftest import compose_config
     from hydra import compose, initialize_config_module
 
-    with initialize_config_module(config_module="runner.conf", version_base=None):
-        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert launcher.gpus_per_node == 1 and launcher.timeout_min == 240
+    for name, target in (("slurm", "RunnerSlurmLauncher"), ("fused_slurm", "FusedSlurmLauncher")):
+        with initialize_config_module(config_module="runner.conf", version_base=None):
+            cfg = compose("config", overrides=[f"hydra/launcher={name}"],
+                          return_hydra_config=True)
+        launcher = cfg.hydra.launcher
+        assert launcher._target_.endswith(target)
+        # no GPU unless asked (a CPU cluster refuses a gres request), a small node's share
+        assert launcher.gpus_per_node is None and launcher.timeout_min == 240
+        assert (launcher.cpus_per_task, launcher.mem_gb) == (1, 2)
+    assert launcher.max_members is None
     # the default config is untouched
     assert compose_config().task._target_ == "runner.tasks.linear_fit.LinearFit"
 
