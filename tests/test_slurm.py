@@ -165,8 +165,8 @@ def test_a_preempted_job_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
                           check=True).stdout.split()[0]
 
     def preempt(job):  # a job of the higher-priority partition that needs the whole node
-        subprocess.run(["sbatch", "-p", "urgent", "-c", cpus, "--mem=100", "--wrap",
-                        "sleep 5"], check=True, capture_output=True)
+        subprocess.run(["sbatch", "-p", "urgent", "-c", cpus, "--mem=100", "-o", "/dev/null",
+                        "--wrap", "sleep 5"], check=True, capture_output=True)
 
     done = interrupt_and_finish(tmp_path, preempt)
     assert done.returncode == 0, done.stderr[-3000:]
