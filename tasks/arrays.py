@@ -68,6 +68,9 @@ class Arrays:
         object.__setattr__(self, "info", info)
         object.__setattr__(self, "raw", raw)
         object.__setattr__(self, "scanned", None)
+        # The labels in memory (checked whole above; a few bytes an example): a read each
+        # would cost as much as the example's inputs
+        object.__setattr__(self, "labels", _as_jax_takes(np.array(raw["y_train"])))
 
     @property
     def output_dim(self) -> int:
@@ -113,14 +116,13 @@ class Arrays:
     def read_examples(self, indices: np.ndarray) -> Dict[str, np.ndarray]:
         """Training examples by index, in the file's dtype (64-bit values as JAX takes them)."""
         if isinstance(self.raw["x_train"], np.memmap):  # a .npy directory: positioned reads
-            # each file as scanned when the run started: a change since is refused
-            path, scanned = resolve(self.info.path), self.contents({})
-            x, y = (rows(path / f"{k}.npy", self.read_threads, (
-                scanned["bytes"][KEYS.index(k)], scanned["mtime_ns"][KEYS.index(k)])
-            ).read(indices) for k in ("x_train", "y_train"))
+            # the file as scanned when the run started: a change since is refused
+            path, scanned, i = resolve(self.info.path), self.contents({}), KEYS.index("x_train")
+            x = rows(path / "x_train.npy", self.read_threads,
+                     (scanned["bytes"][i], scanned["mtime_ns"][i])).read(indices)
         else:
-            x, y = self.raw["x_train"][indices], self.raw["y_train"][indices]
-        return {"x": _as_jax_takes(x), "y": _as_jax_takes(y)}
+            x = self.raw["x_train"][indices]
+        return {"x": _as_jax_takes(x), "y": self.labels[indices]}
 
     def load_data(self) -> Data:
         """The eval set as the file holds it, padded to equal batches, and the statistics the

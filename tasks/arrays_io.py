@@ -99,58 +99,110 @@ def sha256(path: Path) -> str:
     """SHA-256 of the file, or of the directory's four ``.npy`` files in order."""
     digest = hashlib.sha256()
     for part in files(path):
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(8 << 20), b""):
-                digest.update(block)
+        _hash_file(part, digest)
     return digest.hexdigest()
 
 
 def scan(arrays: Dict[str, np.ndarray], path: Path, given: str, standardize: bool,
          x_shape: Tuple[int, ...]) -> Dict[str, Any]:
     """One chunked pass over the inputs: every value finite, the per-feature mean and std of
-    ``x_train`` (with ``standardize``; else 0 and 1), the files' stamp and SHA-256. Memory: a
-    chunk, whatever the file's size."""
-    for name in ("x_train", "x_eval"):
-        _check_finite(arrays[name], f"task.path={given}", name)
-    mean, std = (chunked_stats(arrays["x_train"]) if standardize else
-                 (np.zeros(int(np.prod(x_shape)), np.float32),
-                  np.ones(int(np.prod(x_shape)), np.float32)))
-    return {**stamp(path), "sha256": sha256(path), "x_mean": mean.reshape(x_shape),
+    ``x_train`` (with ``standardize``; else 0 and 1), the files' stamp and SHA-256. A
+    directory's ``x_train.npy`` is read once: each chunk's bytes are hashed and its rows
+    checked and counted. Memory: a chunk, whatever the file's size."""
+    key, digest = f"task.path={given}", hashlib.sha256()
+    moments = Moments(int(np.prod(x_shape)))
+    chunks = (_file_chunks(path / "x_train.npy", digest) if path.is_dir()
+              else _chunks(arrays["x_train"]))
+    for start, chunk in chunks:
+        _check_finite(chunk, key, "x_train", start)
+        if standardize:
+            moments.add(chunk)
+    for part in files(path)[1:] if path.is_dir() else files(path):
+        _hash_file(part, digest)
+    for start, chunk in _chunks(arrays["x_eval"]):
+        _check_finite(chunk, key, "x_eval", start)
+    mean, std = moments.result()
+    return {**stamp(path), "sha256": digest.hexdigest(), "x_mean": mean.reshape(x_shape),
             "x_std": std.reshape(x_shape)}
 
 
+def _hash_file(path: Path, digest) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+
+
+def _rows_per_chunk(row_shape: Tuple[int, ...]) -> int:
+    return max(1, CHUNK_BYTES // max(1, 8 * int(np.prod(row_shape))))
+
+
 def _chunks(a: np.ndarray):
-    rows = max(1, CHUNK_BYTES // max(1, 8 * int(np.prod(a.shape[1:]))))
+    rows = _rows_per_chunk(a.shape[1:])
     for start in range(0, len(a), rows):
         yield start, np.asarray(a[start:start + rows])
 
 
-def _check_finite(a: np.ndarray, key: str, name: str) -> None:
-    if not np.issubdtype(a.dtype, np.inexact):
+def _file_chunks(path: Path, digest):
+    """A ``.npy`` file's rows in chunks, read once: every byte goes to ``digest`` too."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+        header = f.tell()
+        f.seek(0)
+        digest.update(f.read(header))
+        row_shape = tuple(shape[1:])
+        rows = _rows_per_chunk(row_shape)
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+        for start in range(0, shape[0], rows):
+            block = f.read(min(rows, shape[0] - start) * row_bytes)
+            digest.update(block)
+            yield start, np.frombuffer(block, dtype).reshape(-1, *row_shape)
+        for rest in iter(lambda: f.read(8 << 20), b""):
+            digest.update(rest)
+
+
+def _check_finite(chunk: np.ndarray, key: str, name: str, start: int = 0) -> None:
+    """No NaN or Inf in ``chunk`` (rows ``start`` on of array ``name``)."""
+    if not np.issubdtype(chunk.dtype, np.inexact):
         return
-    for start, chunk in _chunks(a):
-        bad = np.argwhere(~np.isfinite(chunk))
-        if len(bad):
-            index = (start + int(bad[0][0]), *(int(i) for i in bad[0][1:]))
-            raise ConfigError(f"{key}: {name} holds {a[index]} at index "
-                              f"{index if len(index) > 1 else index[0]}")
+    bad = np.argwhere(~np.isfinite(chunk))
+    if len(bad):
+        index = (start + int(bad[0][0]), *(int(i) for i in bad[0][1:]))
+        value = chunk[tuple(int(i) for i in bad[0])]
+        raise ConfigError(f"{key}: {name} holds {value} at index "
+                          f"{index if len(index) > 1 else index[0]}")
+
+
+class Moments:
+    """Per-feature mean and std over examples added chunk by chunk: each chunk's own in
+    float32 (with float64 sums), combined in float64 (Chan et al.'s pairwise update)."""
+
+    def __init__(self, features: int):
+        self.count, self.mean, self.m2 = 0, np.zeros(features), np.zeros(features)
+
+    def add(self, chunk: np.ndarray) -> None:
+        chunk = chunk.reshape(len(chunk), -1).astype(np.float32, copy=False)
+        n, chunk_mean = len(chunk), chunk.mean(0, dtype=np.float64)
+        chunk_m2 = np.square(chunk - chunk_mean.astype(np.float32)).sum(0, dtype=np.float64)
+        delta, total = chunk_mean - self.mean, self.count + n
+        self.mean = self.mean + delta * n / total
+        self.m2 = self.m2 + chunk_m2 + delta ** 2 * self.count * n / total
+        self.count = total
+
+    def result(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Mean and std as float32 (a constant feature keeps std 1; none added: 0 and 1)."""
+        std = np.sqrt(self.m2 / max(self.count, 1))
+        return self.mean.astype(np.float32), np.where(std > 0, std, 1).astype(np.float32)
 
 
 def chunked_stats(a: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std (float32; a constant feature keeps std 1) over the examples
-    of ``a``, combined chunk by chunk in float64 (Chan et al.'s pairwise update)."""
-    count, mean, m2 = 0, 0.0, 0.0
+    """Per-feature mean and std of ``a``'s examples, chunk by chunk (``Moments``)."""
+    moments = Moments(int(np.prod(a.shape[1:])))
     for _, chunk in _chunks(a):
-        chunk = chunk.reshape(len(chunk), -1).astype(np.float64)
-        n, chunk_mean = len(chunk), chunk.mean(0)
-        chunk_m2 = ((chunk - chunk_mean) ** 2).sum(0)
-        delta, total = chunk_mean - mean, count + n
-        mean = mean + delta * n / total
-        m2 = m2 + chunk_m2 + delta ** 2 * count * n / total
-        count = total
-    std = np.sqrt(m2 / count)
-    return (np.asarray(mean, np.float32),
-            np.where(std > 0, std, 1).astype(np.float32))
+        moments.add(chunk)
+    return moments.result()
 
 
 def check(arrays: Dict[str, np.ndarray], *, path: Path, given: str, kind: Optional[str],
@@ -164,7 +216,8 @@ def check(arrays: Dict[str, np.ndarray], *, path: Path, given: str, kind: Option
         if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
             raise ConfigError(f"{key}: {name} has dtype {a.dtype}; numbers are needed")
         if name.startswith("y"):  # labels here; the inputs in ``scan``'s one pass
-            _check_finite(a, key, name)
+            for start, chunk in _chunks(a):
+                _check_finite(chunk, key, name, start)
     for split in ("train", "eval"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if len(x) != len(y):

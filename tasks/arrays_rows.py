@@ -43,38 +43,43 @@ class Rows:
         self.threads = max(1, threads)
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        """The rows at ``indices`` (any order; repeats allowed), ``[len(indices), ...]``."""
+        """The rows at ``indices`` (any order; repeats allowed), ``[len(indices), ...]``: each
+        read straight into its place, consecutive rows bound for consecutive places in one
+        call (a whole range: one read)."""
         self.check_unchanged()
-        order = np.argsort(indices, kind="stable")
-        ordered = np.asarray(indices, np.int64)[order]
-        if len(ordered) and (ordered[0] < 0 or ordered[-1] >= self.length):
-            raise RunnerError(f"{self.path}: row {int(ordered[-1])} asked for, the file holds "
-                              f"{self.length}")
-        unique, inverse = np.unique(ordered, return_inverse=True)
-        buffer = np.empty((len(unique), *self.row_shape), self.dtype)
-        runs = _runs(unique)
-        parts = np.array_split(np.arange(len(runs)), min(self.threads, max(1, len(runs))))
-        view = memoryview(buffer.reshape(-1).view(np.uint8))
-        list(self.pool.map(lambda part: self._read_runs(view, unique, runs, part), parts))
+        indices = np.asarray(indices, np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.length):
+            raise RunnerError(f"{self.path}: row {int(indices.max())} asked for, the file "
+                              f"holds {self.length}")
         out = np.empty((len(indices), *self.row_shape), self.dtype)
-        out[order] = buffer[inverse]
+        if not len(indices):
+            return out
+        order = np.argsort(indices, kind="stable")  # file order: readahead and disks like it
+        rows = indices[order]
+        starts = np.flatnonzero(np.concatenate(
+            [[True], (np.diff(rows) != 1) | (np.diff(order) != 1)]))
+        lengths = np.diff(np.append(starts, len(rows))) * self.row_bytes
+        # Python ints: per-read arithmetic on numpy scalars cost more than the reads (cached)
+        reads = list(zip((self.offset + rows[starts] * self.row_bytes).tolist(),
+                         (order[starts] * self.row_bytes).tolist(), lengths.tolist()))
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        parts = [reads[i::self.threads] for i in range(min(self.threads, len(reads)))]
+        list(self.pool.map(lambda part: self._read_into(view, part), parts))
         return out
 
-    def _read_runs(self, view: memoryview, unique: np.ndarray,
-                   runs: List[Tuple[int, int]], part: np.ndarray) -> None:
-        for r in part:
-            first, count = runs[r]  # positions in ``unique``: rows unique[first] onwards
-            start = first * self.row_bytes
-            wanted = count * self.row_bytes
+    def _read_into(self, view: memoryview, reads: List[Tuple[int, int, int]]) -> None:
+        fd, preadv = self.fd, os.preadv
+        for offset, at, length in reads:
             try:
-                got = os.preadv(self.fd, [view[start:start + wanted]],
-                                self.offset + int(unique[first]) * self.row_bytes)
+                got = preadv(fd, [view[at:at + length]], offset)
             except OSError as err:  # e.g. EIO: an unreadable page
-                raise RunnerError(f"{self.path}: cannot read rows from {int(unique[first])} "
+                raise RunnerError(f"{self.path}: cannot read rows from "
+                                  f"{(offset - self.offset) // self.row_bytes} "
                                   f"({os_reason(err)})") from None
-            if got != wanted:  # the file shrank under the run
-                raise RunnerError(f"{self.path}: rows from {int(unique[first])} cut short "
-                                  f"({got} of {wanted} bytes): the file changed during the run")
+            if got != length:  # the file shrank under the read
+                raise RunnerError(f"{self.path}: rows from "
+                                  f"{(offset - self.offset) // self.row_bytes} cut short ({got} "
+                                  f"of {length} bytes): the file changed during the run")
 
     def check_unchanged(self) -> None:
         stat = os.fstat(self.fd)
@@ -82,7 +87,6 @@ class Rows:
             raise RunnerError(f"{self.path}: changed during the run (size {self.stamp[0]} -> "
                               f"{stat.st_size} bytes, or its modification time): the run "
                               f"needs the data it started with")
-
 
 
 _OPEN = {}  # (path, threads, stamp) -> Rows: the runs of a process (a sweep's jobs) share one
@@ -96,14 +100,3 @@ def rows(path: Path, threads: int, stamp: Tuple[int, int]) -> Rows:
         if key not in _OPEN:
             _OPEN[key] = Rows(path, threads, stamp)
         return _OPEN[key]
-
-
-def _runs(unique: np.ndarray) -> List[Tuple[int, int]]:
-    """Runs of consecutive values in sorted ``unique``: (first position, length) each."""
-    if not len(unique):
-        return []
-    breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    lengths = np.diff(np.concatenate([starts, [len(unique)]]))
-    return list(zip(starts.tolist(), lengths.tolist()))
-

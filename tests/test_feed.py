@@ -113,16 +113,19 @@ def test_a_host_fed_run_killed_anywhere_resumes_to_the_same_bits(digits, tmp_pat
 
 def test_a_resume_rehashes_only_a_file_whose_size_or_time_changed(digits, tmp_path,
                                                                  monkeypatch):
+    import runner.tasks.arrays as arrays_task
+
     path = digits_copy(digits, tmp_path)
     first = Arrays(str(path)).inputs({})
-    hashed = []
-    monkeypatch.setattr(arrays_io, "sha256", lambda p: hashed.append(p) or "0" * 64)
-    assert Arrays(str(path)).inputs(first) == first and hashed == []  # taken as recorded
-    os.utime(path / "x_train.npy", ns=(1, 1))  # touched: hashed again
+    assert first["sha256"] == arrays_io.sha256(path)
+    scanned, scan = [], arrays_task.scan
+    monkeypatch.setattr(arrays_task, "scan", lambda *a: scanned.append(a[1]) or scan(*a))
+    assert Arrays(str(path)).inputs(first) == first and scanned == []  # taken as recorded
+    os.utime(path / "x_train.npy", ns=(1, 1))  # touched: read and hashed again
     touched = Arrays(str(path)).inputs(first)
-    assert hashed == [path] and touched["mtime_ns"] == [1, *first["mtime_ns"][1:]]
+    assert scanned == [path] and touched == {**first, "mtime_ns": [1, *first["mtime_ns"][1:]]}
     # ...once per process: a sweep's next job takes this process's scan
-    assert Arrays(str(path)).inputs(first) == touched and hashed == [path]
+    assert Arrays(str(path)).inputs(first) == touched and scanned == [path]
 
 
 def test_rows_are_read_in_any_order_and_an_io_error_names_the_file(tmp_path, monkeypatch):

@@ -59,8 +59,8 @@ def check_fits(host_data, devices: List[jax.Device]) -> None:
             sizes.items(), key=lambda item: -item[1])[:4])
         raise RunnerError(f"the task's arrays take {sum(sizes.values()) / 2**20:.0f} MiB "
                           f"({largest}) but {devices[0].device_kind} has {free / 2**20:.0f} "
-                          f"MiB free: use a smaller file, a device with more memory, or a feed from "
-                          f"the host (task=arrays: task.feed=host)")
+                          f"MiB free: use a smaller file, a device with more memory, or a "
+                          f"feed from the host (task=arrays: task.feed=host)")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -171,7 +171,8 @@ def train_steps(state: TrainState, data: Data, rng: jax.Array,
 
     Each step's randomness is ``fold_in(rng, step)``, so it depends on the seed and the step
     alone. ``blocks``: the steps' examples read on the host (``[num_steps, batch, ...]``,
-    ``runner.loop.feed``); without them each step's batch is drawn on the device. Returns the metrics of ``windows`` equal consecutive runs of steps (the log windows:
+    ``runner.loop.feed``); without them each step's batch is drawn on the device. Returns the
+    metrics of ``windows`` equal consecutive runs of steps (the log windows:
     each metric has shape ``(windows,)``), each averaged over its steps, except ``lr``: the
     value at the window's last step. ``unroll`` steps run per iteration of the loop.
 

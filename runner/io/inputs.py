@@ -2,7 +2,8 @@
 
 A task that reads files says which in ``inputs(recorded)`` (``task=arrays``: the absolute path,
 its size, modification time and SHA-256, and its statistics; given the run's record on a
-resume, it hashes again only a file whose size or modification time changed). ``resume=`` and ``runner.eval`` read the same files (a recorded key that is a task
+resume, it hashes again only a file whose size or modification time changed). ``resume=``
+and ``runner.eval`` read the same files (a recorded key that is a task
 key, such as ``path``, replaces the stored config's possibly relative value) and refuse to go on,
 with one line, when what the task reads now differs from the record.
 """

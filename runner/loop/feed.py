@@ -117,9 +117,11 @@ class HostFeed:
         local = indices[:, self.rows]
         examples = self.task.read_examples(local.reshape(-1).astype(np.int64))
         check_structure(examples, local.size, self.reference, what="read_examples")
+        block = {name: a.reshape(*local.shape, *a.shape[1:]) for name, a in examples.items()}
+        if jax.process_count() == 1:  # the whole batch is this process's
+            return jax.device_put(block, self.sharding)
         return {name: jax.make_array_from_process_local_data(
-            self.sharding, a.reshape(*local.shape, *a.shape[1:]),
-            (self.chunk, k, *a.shape[1:])) for name, a in examples.items()}
+            self.sharding, a, (self.chunk, k, *a.shape[2:])) for name, a in block.items()}
 
     def next(self) -> Batch:
         """The next dispatch's block (waiting for the reading thread if it is behind)."""
