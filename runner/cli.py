@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> float:
     # Imported here, once Hydra has composed the config (bad overrides fail before them).
     from runner.io.rundir import HydraJob, remove_if_unused
     from runner.run.console import print_config_tree
-    from runner.run.sweep import run_sweep_job
+    from runner.run.sweep import marks_failed_trials, run_sweep_job
     from runner.run.train import run
 
     # The modules imported so far hold ~10^5 objects that live as long as the process: frozen,
@@ -33,9 +33,8 @@ def main(cfg: DictConfig) -> float:
     job = HydraJob.current(cfg)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         parallel = "joblib" in str(hydra_cfg.launcher.get("_target_", "")).lower()
-        optuna = "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower()
         return run_sweep_job(cfg, run_dir, overrides=overrides, parallel=parallel,
-                             raise_failure=optuna, hydra_job=job)
+                             raise_failure=marks_failed_trials(hydra_cfg), hydra_job=job)
     try:
         summary = run(cfg, run_dir, overrides=overrides, hydra_job=job,
                       announce=print_config_tree)

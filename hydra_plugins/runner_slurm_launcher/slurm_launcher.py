@@ -98,7 +98,7 @@ class RunnerSlurmLauncher(SlurmLauncher):
         for each member that has none of its own (killed before its run started: the summary
         lists it), and what a failed sweep job returns (``runner.run.sweep``): NaN, or under
         Optuna a failed trial."""
-        from runner.run.sweep import JobFailed
+        from runner.run.sweep import JobFailed, marks_failed_trials
 
         try:
             results = job.results()[0]
@@ -110,9 +110,12 @@ class RunnerSlurmLauncher(SlurmLauncher):
         log.error("sweep job%s #%s: %s", "s" if len(indices) > 1 else "",
                   ", #".join(map(str, indices)), reason)
         for idx, overrides in zip(indices, members):
-            self.record(idx, overrides, reason)
+            try:
+                self.record(idx, overrides, reason)
+            except Exception as record_err:  # noqa: BLE001 (the sweep goes on to its summary)
+                log.error("sweep job #%d: its failure is not recorded: %s", idx, record_err)
         assert self.config is not None
-        if "optuna" in str(self.config.hydra.sweeper.get("_target_", "")).lower():
+        if marks_failed_trials(self.config.hydra):
             return [JobReturn(overrides=m, status=JobStatus.FAILED,
                               _return_value=JobFailed(reason)) for m in members]
         return [JobReturn(overrides=m, status=JobStatus.COMPLETED, _return_value=math.nan)

@@ -34,7 +34,8 @@ from runner.loop.member import MEMBERS, Member, working_for
 from runner.loop.programs import compiled_name
 from runner.platform.preemption import Interrupted, stop_on_signals
 from runner.run.hparams import job_choices
-from runner.run.sweep import JobFailed, completed_value, continue_or_restart, record_failure
+from runner.run.sweep import (JobFailed, completed_value, continue_or_restart,
+                              marks_failed_trials, record_failure)
 from runner.run.train import Session, train_group
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Job:
 
 def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
            indices: Optional[Sequence[int]] = None) -> List[JobReturn]:
-    optuna = "optuna" in str(launcher.config.hydra.sweeper.get("_target_", "")).lower()
+    optuna = marks_failed_trials(launcher.config.hydra)
     log.info("fused groups run on one device each (device.num_devices=1 unless a job sets it; "
              "such a job trains alone, data-parallel)")
     if indices is None:  # a batch's jobs are numbered on from initial_job_idx

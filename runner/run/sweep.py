@@ -38,6 +38,12 @@ class JobFailed(RunnerError):
     """A job that failed, for a sweeper that marks failed trials itself (Optuna)."""
 
 
+def marks_failed_trials(hydra_cfg: DictConfig) -> bool:
+    """Whether the sweeper (``hydra_cfg.sweeper``) marks failed trials itself (Optuna): a failed
+    job then raises ``JobFailed`` rather than returning NaN."""
+    return "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower()
+
+
 def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
                   parallel: bool, raise_failure: bool = False,
                   hydra_job: Optional[HydraJob] = None) -> float:
