@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import os
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -155,19 +156,30 @@ def _file_chunks(path: Path, digest):
         row_shape = tuple(shape[1:])
         rows = _rows_per_chunk(row_shape)
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
-        for start in range(0, shape[0], rows):
-            block = f.read(min(rows, shape[0] - start) * row_bytes)
-            digest.update(block)
-            yield start, np.frombuffer(block, dtype).reshape(-1, *row_shape)
+        # hashlib releases the GIL on large buffers: a chunk is hashed on another thread while
+        # this one checks and counts it
+        with ThreadPoolExecutor(1) as hasher:
+            hashed = None
+            for start in range(0, shape[0], rows):
+                block = f.read(min(rows, shape[0] - start) * row_bytes)
+                if hashed is not None:
+                    hashed.result()
+                hashed = hasher.submit(digest.update, block)
+                yield start, np.frombuffer(block, dtype).reshape(-1, *row_shape)
+            if hashed is not None:
+                hashed.result()
         for rest in iter(lambda: f.read(8 << 20), b""):
             digest.update(rest)
 
 
 def _check_finite(chunk: np.ndarray, key: str, name: str, start: int = 0) -> None:
     """No NaN or Inf in ``chunk`` (rows ``start`` on of array ``name``)."""
-    if not np.issubdtype(chunk.dtype, np.inexact):
+    # The sum is NaN or Inf where a value is (or where it overflows: then look closer)
+    if not np.issubdtype(chunk.dtype, np.inexact) or np.isfinite(chunk.sum(dtype=np.float64)):
         return
     bad = np.argwhere(~np.isfinite(chunk))
+    if not len(bad):
+        return
     if len(bad):
         index = (start + int(bad[0][0]), *(int(i) for i in bad[0][1:]))
         value = chunk[tuple(int(i) for i in bad[0])]

@@ -1,11 +1,12 @@
-"""Examples of a ``.npy`` file read by index: positioned reads (``os.preadv``) of the rows in
-file order, consecutive rows coalesced into one read, split over a few threads.
+"""Examples of a ``.npy`` file read by index: positioned reads (``os.preadv``) in file order,
+consecutive rows in one read, split over a few threads.
 
-Why not the memory map: a random gather from a memory-mapped ``.npy`` whose pages are not
-cached reads ~500 examples/s here (each fault reads ahead 8 MB of which one row is used),
-sorted positioned reads from 16 threads ~19k/s; with the pages cached both gather faster than
-the train step consumes. A positioned read also ends in an error, not a SIGBUS, when the file
-shrinks under it, and the file's size and modification time are checked at every read.
+Why not a memory map: with the pages evicted, a random gather from a memory-mapped 2.2 GB
+``.npy`` read 11-12k examples/s here (each fault reads ahead far more than the row it needs),
+these reads 42-63k/s on 8 threads; cached, the map gathered ~3x faster, but a file cut short
+under a map kills the process (SIGBUS) where a positioned read ends the run with one line. The
+file's size and modification time are also checked at every read
+(``docs/benchmarks.md``).
 """
 
 import os
@@ -43,29 +44,42 @@ class Rows:
         self.threads = max(1, threads)
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        """The rows at ``indices`` (any order; repeats allowed), ``[len(indices), ...]``: each
-        read straight into its place, consecutive rows bound for consecutive places in one
-        call (a whole range: one read)."""
+        """The rows at ``indices`` (any order; repeats allowed), ``[len(indices), ...]``, read
+        in file order. Where the distinct rows form far fewer runs of consecutive rows than
+        there are indices (a small file: repeats and neighbours), each run is read once into a
+        buffer and the rows gathered from it; else each row is read straight into its place,
+        consecutive rows bound for consecutive places in one read."""
         self.check_unchanged()
         indices = np.asarray(indices, np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= self.length):
             raise RunnerError(f"{self.path}: row {int(indices.max())} asked for, the file "
                               f"holds {self.length}")
+        unique, inverse = np.unique(indices, return_inverse=True)
+        runs = _run_starts(unique)
+        if 2 * len(runs) < len(indices):
+            buffer = np.empty((len(unique), *self.row_shape), self.dtype)
+            self._read_all(buffer, unique[runs], runs, np.diff(np.append(runs, len(unique))))
+            return buffer[inverse]
         out = np.empty((len(indices), *self.row_shape), self.dtype)
-        if not len(indices):
-            return out
-        order = np.argsort(indices, kind="stable")  # file order: readahead and disks like it
+        order = np.argsort(indices, kind="stable")
         rows = indices[order]
         starts = np.flatnonzero(np.concatenate(
             [[True], (np.diff(rows) != 1) | (np.diff(order) != 1)]))
-        lengths = np.diff(np.append(starts, len(rows))) * self.row_bytes
+        self._read_all(out, rows[starts], order[starts], np.diff(np.append(starts, len(rows))))
+        return out
+
+    def _read_all(self, out: np.ndarray, first_rows: np.ndarray, places: np.ndarray,
+                  counts: np.ndarray) -> None:
+        """Read ``counts`` rows from each of ``first_rows`` into ``out`` at ``places``."""
+        if not len(first_rows):
+            return
+        rb = self.row_bytes
         # Python ints: per-read arithmetic on numpy scalars cost more than the reads (cached)
-        reads = list(zip((self.offset + rows[starts] * self.row_bytes).tolist(),
-                         (order[starts] * self.row_bytes).tolist(), lengths.tolist()))
+        reads = list(zip((self.offset + first_rows * rb).tolist(), (places * rb).tolist(),
+                         (counts * rb).tolist()))
         view = memoryview(out.reshape(-1).view(np.uint8))
         parts = [reads[i::self.threads] for i in range(min(self.threads, len(reads)))]
         list(self.pool.map(lambda part: self._read_into(view, part), parts))
-        return out
 
     def _read_into(self, view: memoryview, reads: List[Tuple[int, int, int]]) -> None:
         fd, preadv = self.fd, os.preadv
@@ -87,6 +101,11 @@ class Rows:
             raise RunnerError(f"{self.path}: changed during the run (size {self.stamp[0]} -> "
                               f"{stat.st_size} bytes, or its modification time): the run "
                               f"needs the data it started with")
+
+
+def _run_starts(unique: np.ndarray) -> np.ndarray:
+    """Where each run of consecutive values of sorted ``unique`` starts."""
+    return np.flatnonzero(np.concatenate([[True], np.diff(unique) != 1]))
 
 
 _OPEN = {}  # (path, threads, stamp) -> Rows: the runs of a process (a sweep's jobs) share one

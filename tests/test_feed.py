@@ -137,6 +137,9 @@ def test_rows_are_read_in_any_order_and_an_io_error_names_the_file(tmp_path, mon
     rows = Rows(tmp_path / "a.npy", 4, (stat.st_size, stat.st_mtime_ns))
     indices = np.array([999, 3, 4, 5, 3, 0, 512, 6])  # runs, repeats, both ends
     np.testing.assert_array_equal(rows.read(indices), a[indices])
+    crowded = np.random.default_rng(0).integers(0, 50, 400)  # repeats: read once, gathered
+    np.testing.assert_array_equal(rows.read(crowded), a[crowded])
+    np.testing.assert_array_equal(rows.read(np.arange(1000)), a)  # one read
 
     def unreadable(fd, buffers, offset):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
