@@ -6,7 +6,8 @@ reference's Flax step vs runner's, GFLOP/s against this machine's fp32 matmul, P
 installed), overheads (compile time, whole-process wall vs bare imports, logging and
 checkpointing per 1,000 steps), compilations per run and per sweep, and three sweeps (8-job
 linear_fit, 4-job digits ``task=arrays``, 2-job CNN) on the basic and the fused launcher against
-one run, side by side.
+one run, side by side, and ``task=arrays`` read from the host against kept on the device
+(``runner.bench.feed``).
 Writes a table to the console and everything to ``bench/results.json``.
 """
 
@@ -21,10 +22,12 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
+from runner.bench.feed import bench_feed
 from runner.bench.process import (bench_compiles, bench_process_wall, bench_sweeps,
                                   machine_info, median_times)
 from runner.bench.table import print_table
 
+SECTIONS = ("linear_fit", "arrays", "cnn", "overheads", "compiles", "sweeps", "feed")
 
 
 def _compose(overrides: List[str]):
@@ -255,20 +258,26 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke mode: 1 round, few steps (figures are not meaningful)")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    parser.add_argument("--only", nargs="+", choices=SECTIONS,
+                        help="run only these sections (updated in --out, the others kept)")
     parser.add_argument("--linear-fit-worker", choices=["reference", "runner"],
                         help=argparse.SUPPRESS)  # one side of the linear_fit comparison
     parser.add_argument("--steps", type=int, default=2000, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.linear_fit_worker:
         return _linear_fit_worker(args.linear_fit_worker, args.steps)
-    repeats = 1 if args.quick else args.repeats
-    results = {"machine": machine_info(), "repeats": repeats, "quick": args.quick}
-    results["linear_fit"] = bench_linear_fit(repeats, steps=200 if args.quick else 2000)
-    results["arrays"] = bench_arrays(repeats, steps=200 if args.quick else 2000)
-    results["cnn"] = bench_cnn(repeats, steps=1 if args.quick else 10)
-    results["overheads"] = bench_overheads(repeats)
-    results["compiles"] = bench_compiles()
-    results["sweeps"] = bench_sweeps(repeats, quick=args.quick)
+    repeats, steps = (1, 200) if args.quick else (args.repeats, 2000)
+    sections = {"linear_fit": lambda: bench_linear_fit(repeats, steps=steps),
+                "arrays": lambda: bench_arrays(repeats, steps=steps),
+                "cnn": lambda: bench_cnn(repeats, steps=1 if args.quick else 10),
+                "overheads": lambda: bench_overheads(repeats), "compiles": bench_compiles,
+                "sweeps": lambda: bench_sweeps(repeats, quick=args.quick),
+                "feed": lambda: bench_feed(repeats, quick=args.quick)}
+    # --only: those sections, updated in the results file (the others kept as they were)
+    results = json.loads(args.out.read_text()) if args.only and args.out.exists() else {}
+    results.update({"machine": machine_info(), "repeats": repeats, "quick": args.quick})
+    for name in args.only or sections:
+        results[name] = sections[name]()
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

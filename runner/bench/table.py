@@ -42,6 +42,7 @@ def print_table(results: dict) -> None:
         rows.append(("train-step compiles: run / 3-job sweep",
                      f"{comp['per_run']} / {comp['per_sweep']}"))
     rows += _sweep_rows(results.get("sweeps"))
+    rows += _feed_rows(results.get("feed"))
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
 
@@ -62,4 +63,30 @@ def _sweep_rows(sweeps) -> list:
               "met" if sweeps["fused_goal_met"] else "not met"),
              ("fused sweep <= basic, every case",
               "met" if sweeps["fused_never_slower"] else "not met")]
+    return rows
+
+
+def _feed_rows(feed) -> list:
+    """task=arrays from the host against on the device; cold reading, memory, start-up."""
+    if not feed:
+        return []
+    n = f"{feed['dataset']['n_train']:,}x{feed['dataset']['features']}"
+    rows = [(f"feed {name}: device / host steps/s",
+             f"{s['device_steps_per_s']:,.0f} / {s['host_steps_per_s']:,.0f} = "
+             f"{s['host_over_device']:.2f}x")
+            for name, s in (("digits", feed["steps_per_s"]["digits"]),
+                            (n, feed["steps_per_s"]["big"]))]
+    cold, mem, start = feed["cold"], feed["memory"], feed["startup"]
+    rows += [(f"feed host >= {feed['host_goal_over_device']}x device, both",
+              "met" if feed["host_goal_met"] else "not met"),
+             ("feed reader examples/s: warm / cold pages",
+              f"{cold['read_warm_examples_per_s']:,.0f} / {cold['read_cold_examples_per_s']:,.0f}"),
+             ("feed host run examples/s: warm / cold pages",
+              f"{cold['warm_consumption_examples_per_s']:,.0f} / "
+              f"{cold['run_cold_examples_per_s']:,.0f}"),
+             (f"feed {n} host peak RssAnon over baseline",
+              f"{mem['host_over_baseline_mib']:,.0f} MiB (goal <= {mem['goal_mib']}; device "
+              f"{mem['device_peak_mib'] - mem['baseline_mib']:,.0f})"),
+             (f"feed {n} start-up over a small dataset's",
+              f"first run {start['first_extra_s']:.2f} s, resume {start['resume_extra_s']:.2f} s")]
     return rows
