@@ -7,7 +7,7 @@ by the training set's per-feature mean and std, on the device, batch by batch: t
 in their file's dtype (a uint8 image stays a byte). Each step's batch is drawn without
 replacement from (seed, step): gathered on the device from the whole training set kept there
 (``feed=device``), or read from the file a dispatch ahead (``feed=host``: a training set of any
-size; ``auto``: on the device when it fits, ``runner.core.feed``). Eval covers every eval
+size; ``auto``: on the device when it fits, ``runner.loop.feed``). Eval covers every eval
 example in equal batches, the last one padded and masked.
 """
 
@@ -59,6 +59,10 @@ class Arrays:
             mean, std = chunked_stats(raw["y_train"])
             info = dataclasses.replace(info, y_mean=tuple(map(float, mean)),
                                        y_std=tuple(map(float, std)))
+        x = raw["x_train"]
+        if isinstance(x, np.memmap) and x.ndim > 1 and not x.flags.c_contiguous:
+            raise ConfigError(f"task.path={self.path}: x_train.npy is stored in Fortran order; "
+                              f"save it C-ordered (np.save(path, np.ascontiguousarray(a)))")
         if self.batch_size > info.n_train:
             raise ConfigError(f"task.batch_size={self.batch_size}: more than the "
                               f"{info.n_train} training examples of {self.path}")

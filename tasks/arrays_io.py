@@ -111,6 +111,7 @@ def scan(arrays: Dict[str, np.ndarray], path: Path, given: str, standardize: boo
     directory's ``x_train.npy`` is read once: each chunk's bytes are hashed and its rows
     checked and counted. Memory: a chunk, whatever the file's size."""
     key, digest = f"task.path={given}", hashlib.sha256()
+    before = stamp(path)  # what the hash and statistics describe, unless it changes meanwhile
     moments = Moments(int(np.prod(x_shape)))
     chunks = (_file_chunks(path / "x_train.npy", digest) if path.is_dir()
               else _chunks(arrays["x_train"]))
@@ -123,7 +124,10 @@ def scan(arrays: Dict[str, np.ndarray], path: Path, given: str, standardize: boo
     for start, chunk in _chunks(arrays["x_eval"]):
         _check_finite(chunk, key, "x_eval", start)
     mean, std = moments.result()
-    return {**stamp(path), "sha256": digest.hexdigest(), "x_mean": mean.reshape(x_shape),
+    if stamp(path) != before:
+        raise ConfigError(f"{key}: {path} changed while it was read; start the run once it is "
+                          f"written")
+    return {**before, "sha256": digest.hexdigest(), "x_mean": mean.reshape(x_shape),
             "x_std": std.reshape(x_shape)}
 
 
@@ -178,8 +182,6 @@ def _check_finite(chunk: np.ndarray, key: str, name: str, start: int = 0) -> Non
     if not np.issubdtype(chunk.dtype, np.inexact) or np.isfinite(chunk.sum(dtype=np.float64)):
         return
     bad = np.argwhere(~np.isfinite(chunk))
-    if not len(bad):
-        return
     if len(bad):
         index = (start + int(bad[0][0]), *(int(i) for i in bad[0][1:]))
         value = chunk[tuple(int(i) for i in bad[0])]

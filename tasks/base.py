@@ -97,7 +97,7 @@ class PreparesBatch(Protocol):
 class ChoosesFeed(Protocol):
     # (``HostExamples``) ``device``: every training example read once and kept on the
     # device, each step's batch gathered there; ``host``: read a dispatch ahead;
-    # ``auto``: on the device when the training set fits (``runner.core.feed``).
+    # ``auto``: on the device when the training set fits (``runner.loop.feed``).
     feed: str
 
 
@@ -137,6 +137,11 @@ def check_task(task: Any) -> None:
         missing = [hook for hook in REQUIRED if not hasattr(task, hook)]
         raise ConfigError(f"{name}: lacks {', '.join(missing)} (see runner.tasks.base.Task)")
     sources = [source.__name__ for source in SOURCES if isinstance(task, source)]
+    if sources == ["HostExamples"] and not 0 < task.batch_size <= task.train_examples:
+        # each step draws batch_size distinct examples of train_examples
+        raise ConfigError(f"task.batch_size={task.batch_size}: {name} has "
+                          f"{task.train_examples} training examples (train_examples); a batch "
+                          f"is 1 to that many distinct ones")
     if len(sources) != 1:
         raise ConfigError(f"{name}: needs exactly one data source: make_data(rng) and "
                           f"train_batch (arrays made on device), load_data() and train_batch "

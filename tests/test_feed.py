@@ -264,6 +264,59 @@ def test_two_processes_each_read_their_rows_and_match_the_device_feed(digits, tm
         "processes"] == 2
 
 
+FLAKY = """
+import dataclasses, os
+
+from runner.tasks.arrays import Arrays
+
+BLOCKS = []
+
+
+@dataclasses.dataclass(frozen=True)
+class FailsOnOneProcess(Arrays):
+    def read_examples(self, indices):
+        if len(indices) > 1:
+            BLOCKS.append(len(indices))
+        if os.environ.get("FAIL_READS") and len(BLOCKS) > 3:
+            raise OSError(5, "Input/output error")
+        return super().read_examples(indices)
+"""
+
+
+@pytest.mark.slow
+def test_a_read_failing_on_one_of_two_processes_stops_both_in_one_line(digits, tmp_path):
+    """Each process reads its own rows: when one cannot, it trains that dispatch on zeros with
+    the other (which would otherwise wait in the step's collectives until JAX's heartbeats
+    abort it) and both stop together, in one line each."""
+    (tmp_path / "flaky").mkdir()
+    (tmp_path / "flaky" / "__init__.py").write_text(FLAKY)
+    (tmp_path / "myconf" / "task").mkdir(parents=True)
+    (tmp_path / "myconf" / "task" / "flaky.yaml").write_text(
+        "_target_: flaky.FailsOnOneProcess\npath: ???\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "XLA_FLAGS")}
+    env["PYTHONPATH"] = str(tmp_path)
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "runner", "--config-dir", "myconf", "task=flaky",
+         f"task.path={digits}", "task.feed=host", "task.batch_size=32",
+         "trainer.steps=1000000", "trainer.log_every=500", "trainer.checkpoint_every=500",
+         "trainer.eval_every=1000000", "trainer.steps_per_dispatch=500",
+         "trainer.progress_bar=false", "device=cpu", "device.distributed=true",
+         "device.num_processes=2", f"device.process_id={i}",
+         f"device.coordinator_address=127.0.0.1:{port}", "hydra.run.dir=run"],
+        cwd=tmp_path, env={**env, **({"FAIL_READS": "1"} if i == 1 else {})},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], errors
+    for err in errors:
+        assert "Traceback" not in err and "Check failure" not in err, err[-3000:]
+    assert errors[1].strip().splitlines()[-1].startswith(
+        "error: reading the training examples of steps "), errors[1][-2000:]
+    assert "process 1 of this run failed" in errors[0].strip().splitlines()[-1], errors[0][-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["steps"] < 1000000
+
+
 def test_a_fused_sweep_reads_each_block_once_for_its_members_of_one_seed(digits, tmp_path):
     """Fused (on the CPU: in turn on one compiled step) equals the basic launcher's runs, bit
     for bit, and the members of one seed share one reading thread."""

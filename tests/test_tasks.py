@@ -180,6 +180,10 @@ def test_a_task_class_lacking_a_hook_is_one_line_naming_it():
         def example_input(self): ...
 
     check_task(Reader())
+    with pytest.raises(ConfigError, match=r"^task.batch_size=11: task \(.*Reader\) has 10 "
+                                          r"training examples \(train_examples\); a batch is 1 "
+                                          r"to that many distinct ones$"):
+        check_task(Reader(batch_size=11))  # each step's examples are distinct
 
     @dataclasses.dataclass(frozen=True)
     class ReaderAndBatches(Reader):

@@ -104,9 +104,7 @@ class RunnerSlurmLauncher(SlurmLauncher):
             results = job.results()[0]
             return results if isinstance(results, list) else [results]
         except Exception as err:  # noqa: BLE001 (submitit's UncompletedJobError, a job's error)
-            text = str(err).strip().splitlines()
-            reason = (f"SLURM job {job.job_id} ended {job.state} without a result: "
-                      f"{text[0] if text else type(err).__name__}")
+            reason = f"SLURM job {job.job_id} ended {job.state} without a result: {_cause(err)}"
         log.error("sweep job%s #%s: %s", "s" if len(indices) > 1 else "",
                   ", #".join(map(str, indices)), reason)
         for idx, overrides in zip(indices, members):
@@ -193,3 +191,12 @@ def partition(job_overrides: Sequence[Sequence[str]],
         indices.append(idx)
         members.append(list(overrides))
     return list(groups.values())
+
+
+def _cause(err: BaseException) -> str:
+    """The line that says why: submitit's failed-job error quotes the job's traceback, whose
+    last line is the exception; its other errors say it first."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[-1] if "failed during processing" in lines[0] else lines[0]

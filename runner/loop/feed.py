@@ -13,11 +13,12 @@ multi-process run each process reads only its own rows of each global batch.
 """
 
 import collections
+import contextlib
 import functools
 import logging
 import queue
 import threading
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,10 @@ def from_host(task: Any, devices: Sequence[jax.Device]) -> bool:
     need = task.train_examples * sum(a.nbytes for a in probe(task).values())
     room = [free for free in (free_bytes(local(devices)), available_memory()) if free is not None]
     host = bool(room) and need > FIT_FRACTION * min(room)
+    if jax.process_count() > 1:  # one choice for all: they must compile the same programs
+        from jax.experimental import multihost_utils
+
+        host = bool(np.any(multihost_utils.process_allgather(np.array(host))))
     log.info("task.feed=auto: the training set (%.2f GiB) %s (%.2f GiB free)", need / 2**30,
              "is read from the host a dispatch ahead" if host else "is kept on the device",
              min(room) / 2**30 if room else float("inf"))
@@ -90,6 +95,7 @@ class HostFeed:
         self.queue: "queue.Queue" = queue.Queue(maxsize=DEPTH)
         self.closed = threading.Event()
         self.in_flight: "collections.deque" = collections.deque()
+        self.failure: Optional[RunnerError] = None  # a read that failed (multi-process runs)
         self.thread = threading.Thread(target=self._produce, name="runner-feed", daemon=True)
         self.thread.start()
 
@@ -114,12 +120,17 @@ class HostFeed:
         k = self.task.batch_size
         indices = np.asarray(block_indices(self.rng, np.int32(step), count=self.chunk,
                                            n=self.task.train_examples, k=k))
-        local = indices[:, self.rows]
-        examples = self.task.read_examples(local.reshape(-1).astype(np.int64))
-        check_structure(examples, local.size, self.reference, what="read_examples")
-        block = {name: a.reshape(*local.shape, *a.shape[1:]) for name, a in examples.items()}
+        mine = indices[:, self.rows]
+        examples = self.task.read_examples(mine.reshape(-1).astype(np.int64))
+        check_structure(examples, mine.size, self.reference, what="read_examples")
+        return self._placed({name: a.reshape(*mine.shape, *a.shape[1:])
+                             for name, a in examples.items()})
+
+    def _placed(self, block: Dict[str, np.ndarray]) -> Batch:
+        """This process's rows of a block, as the global arrays the compiled steps take."""
         if jax.process_count() == 1:  # the whole batch is this process's
             return jax.device_put(block, self.sharding)
+        k = self.task.batch_size
         return {name: jax.make_array_from_process_local_data(
             self.sharding, a, (self.chunk, k, *a.shape[2:])) for name, a in block.items()}
 
@@ -131,12 +142,21 @@ class HostFeed:
                 step, item = self.queue.get(timeout=1.0)
                 break
             except queue.Empty:
-                if not self.thread.is_alive():
+                if not self.thread.is_alive() and self.queue.empty():  # its last put counts
                     raise RunnerError(f"steps {expected + 1}..{expected + self.chunk}: the "
                                       f"reading thread ended without their examples") from None
         if isinstance(item, Exception):
-            raise RunnerError(f"reading the training examples of steps {step + 1}.."
-                              f"{step + self.chunk}: {first_line(item)}") from item
+            error = RunnerError(f"reading the training examples of steps {step + 1}.."
+                                f"{step + self.chunk}: {first_line(item)}")
+            error.__cause__ = item
+            if jax.process_count() == 1:
+                raise error
+            # The other processes are entering this dispatch's collectives: take part with
+            # zeros, and fail after it (``failure``), all together (runner.loop.host)
+            self.failure = self.failure or error
+            rows = self.rows.stop - self.rows.start
+            return self._placed({name: np.zeros((self.chunk, rows, *a.shape[1:]), a.dtype)
+                                 for name, a in self.reference.items()})
         return item
 
     def dispatched(self, outputs: Any) -> None:
@@ -157,23 +177,32 @@ class HostFeed:
         self.in_flight.clear()
 
 
-def feeds_for(runs: Sequence[Any]) -> List[Optional[HostFeed]]:
-    """Each run's feed (None: its data is on the device). Runs of one task, train key and start
-    step (a fused group's members of one seed) share one: a block is read once for them."""
+@contextlib.contextmanager
+def feeds_for(runs: Sequence[Any]) -> Iterator[List[Optional[HostFeed]]]:
+    """Each run's feed (None: its data is on the device), closed on leaving. Runs of one task,
+    train key and start step (a fused group's members of one seed) share one: a block is read
+    once for them."""
     feeds: Dict[Any, HostFeed] = {}
     out: List[Optional[HostFeed]] = []
-    for run in runs:
-        if not run.host_fed:
-            out.append(None)
-            continue
-        key = (run.parts.task, np.asarray(jax.device_get(run.train_rng)).tobytes(),
-               run.start_step)
-        if key not in feeds:
-            feeds[key] = HostFeed(run.parts.task, run.train_rng, start=run.start_step,
-                                  chunk=run.chunk, steps=run.cfg.trainer.steps,
-                                  mesh=run.spec.mesh)
-        out.append(feeds[key])
-    return out
+    try:
+        for run in runs:
+            if not run.host_fed:
+                out.append(None)
+                continue
+            key = (run.parts.task, np.asarray(jax.device_get(run.train_rng)).tobytes(),
+                   run.start_step)
+            if key not in feeds:
+                feeds[key] = HostFeed(run.parts.task, run.train_rng, start=run.start_step,
+                                      chunk=run.chunk, steps=run.cfg.trainer.steps,
+                                      mesh=run.spec.mesh)
+            out.append(feeds[key])
+        if feeds:
+            log.info("examples read on the host for %d run(s) by %d reading thread(s)",
+                     len(out) - out.count(None), len(feeds))
+        yield out
+    finally:
+        for feed in feeds.values():
+            feed.close()
 
 
 def _local_rows(sharding, shape) -> slice:

@@ -136,6 +136,11 @@ class HostLoop:
         # The trace's start and its writing (debug=profile) are no steps: left out
         window.dispatched(self.chunk, metrics,
                           excluded=self.profiler.after_dispatch(self.chunk, metrics))
+        failure = self.program.read_failure()
+        if failure is not None:  # this process trained on zeros: it fails, the others with it
+            for i in self.living():
+                self.end(i, failure)
+            self.errors.append(failure)
         return True
 
     def fetch(self, window: Throughput) -> Dict[str, float]:

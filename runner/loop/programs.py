@@ -36,6 +36,10 @@ class Program(Protocol):
     def host_states(self) -> List[Any]:
         """Each member's state after the last dispatch, where its actions read it."""
 
+    def read_failure(self) -> Optional[Exception]:
+        """Why a feed could not read the last dispatch's examples (a multi-process run
+        dispatched zeros in their place: the run must fail), if it could not."""
+
 
 class SingleProgram:
     """One run's ``train_steps``: its state stays on its devices, where its actions read it."""
@@ -64,6 +68,9 @@ class SingleProgram:
 
     def host_states(self) -> List[Any]:
         return [self.state]
+
+    def read_failure(self) -> Optional[Exception]:
+        return None if self.feed is None else self.feed.failure
 
 
 class FusedProgram:
@@ -110,6 +117,9 @@ class FusedProgram:
                                    for i in range(self.size)]
         return self.fetched_states
 
+    def read_failure(self) -> Optional[Exception]:
+        return next((f.failure for f in self.feeds if f is not None and f.failure), None)
+
 
 class InTurnProgram:
     """Each member ``alive`` on a single run's ``train_steps`` in turn (see
@@ -135,6 +145,9 @@ class InTurnProgram:
 
     def host_states(self) -> List[Any]:
         return [m.state for m in self.members]
+
+    def read_failure(self) -> Optional[Exception]:
+        return next((m.read_failure() for m in self.members if m.read_failure()), None)
 
 
 def compiled_name(members: int) -> str:

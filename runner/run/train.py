@@ -229,20 +229,12 @@ def train_group(sessions: Sequence[Session], stop: StopRequest) -> List[Result]:
     loop: a run alone on its own program, several fused into one. Each one's summary, or the
     exception it ended with."""
     runs = [session.run for session in sessions]
-    feeds = feeds_for(runs)
-    readers = len({id(f) for f in feeds if f is not None})
-    if readers:
-        log.info("examples read on the host for %d run(s) by %d reading thread(s)",
-                 sum(f is not None for f in feeds), readers)
-    try:
+    with feeds_for(runs) as feeds:
         program = program_for(runs[0].spec, [(r.state, r.data, r.train_rng) for r in runs],
                               feeds)
         return HostLoop(program, [session.member for session in sessions],
                         trainer=runs[0].cfg.trainer, stop=stop,
                         peak_flops=runs[0].peak_flops).run()
-    finally:
-        for feed in {id(f): f for f in feeds if f is not None}.values():
-            feed.close()
 
 
 def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRenderer],
