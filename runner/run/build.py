@@ -18,12 +18,12 @@ from runner.config.schema import Precision, validate
 from runner.config.targets import build, check
 from runner.core.optim import Optimizer, make_optimizer
 from runner.core.shapes import check_output
+from runner.core.examples import probe
 from runner.core.sharding import DATA_AXIS, make_mesh, peak_flops, place, replicated
 from runner.core.spec import StepSpec
 from runner.core.steps import check_examples, setup, step_flops
 from runner.io import inputs
 from runner.io.checkpoint import restore_latest
-from runner.core.examples import probe
 from runner.loop.feed import from_host
 from runner.loop.host import log_windows
 from runner.platform.device import configure_jax, is_primary
