@@ -11,7 +11,7 @@ import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -147,29 +147,44 @@ def _chunks(a: np.ndarray):
         yield start, np.asarray(a[start:start + rows])
 
 
+class NpyLayout(NamedTuple):
+    """Where a C-ordered ``.npy`` file keeps its rows (examples)."""
+
+    length: int
+    row_shape: Tuple[int, ...]
+    dtype: np.dtype
+    offset: int  # the header's bytes: the first row starts here
+    row_bytes: int
+
+
+def npy_layout(f) -> NpyLayout:
+    """The layout of the ``.npy`` file open as ``f`` (read from its header)."""
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read_header(f)
+    row_shape = tuple(shape[1:])
+    return NpyLayout(shape[0], row_shape, dtype, f.tell(),
+                     int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize)
+
+
 def _file_chunks(path: Path, digest):
     """A ``.npy`` file's rows in chunks, read once: every byte goes to ``digest`` too."""
     with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, _, dtype = read_header(f)
-        header = f.tell()
+        layout = npy_layout(f)
         f.seek(0)
-        digest.update(f.read(header))
-        row_shape = tuple(shape[1:])
-        rows = _rows_per_chunk(row_shape)
-        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+        digest.update(f.read(layout.offset))
+        n, rows = layout.length, _rows_per_chunk(layout.row_shape)
         # hashlib releases the GIL on large buffers: a chunk is hashed on another thread while
         # this one checks and counts it
         with ThreadPoolExecutor(1) as hasher:
             hashed = None
-            for start in range(0, shape[0], rows):
-                block = f.read(min(rows, shape[0] - start) * row_bytes)
+            for start in range(0, n, rows):
+                block = f.read(min(rows, n - start) * layout.row_bytes)
                 if hashed is not None:
                     hashed.result()
                 hashed = hasher.submit(digest.update, block)
-                yield start, np.frombuffer(block, dtype).reshape(-1, *row_shape)
+                yield start, np.frombuffer(block, layout.dtype).reshape(-1, *layout.row_shape)
             if hashed is not None:
                 hashed.result()
         for rest in iter(lambda: f.read(8 << 20), b""):

@@ -18,6 +18,7 @@ from typing import List, Tuple
 import numpy as np
 
 from runner.config.errors import RunnerError, os_reason
+from runner.tasks.arrays_io import npy_layout
 
 
 class Rows:
@@ -28,17 +29,9 @@ class Rows:
     def __init__(self, path: Path, threads: int, stamp: Tuple[int, int]):
         self.path, self.stamp = path, stamp
         self.fd = os.open(path, os.O_RDONLY)
-        with os.fdopen(os.dup(self.fd), "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran, self.dtype = read_header(f)
-            self.offset = f.tell()
-        if fortran and len(shape) > 1:
-            raise RunnerError(f"{path}: stored in Fortran order; save it C-ordered "
-                              f"(np.save(path, np.ascontiguousarray(a)))")
-        self.length, self.row_shape = shape[0], tuple(shape[1:])
-        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        with os.fdopen(os.dup(self.fd), "rb") as f:  # task=arrays refused a Fortran order
+            (self.length, self.row_shape, self.dtype, self.offset,
+             self.row_bytes) = npy_layout(f)
         self.check_unchanged()
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="runner-rows")
         self.threads = max(1, threads)
