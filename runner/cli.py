@@ -21,6 +21,7 @@ def main(cfg: DictConfig) -> float:
     # Imported here, once Hydra has composed the config (bad overrides fail before them).
     from runner.io.rundir import HydraJob, remove_if_unused
     from runner.run.console import print_config_tree
+    from runner.run.search import TrialLink
     from runner.run.sweep import marks_failed_trials, run_sweep_job
     from runner.run.train import run
 
@@ -34,7 +35,8 @@ def main(cfg: DictConfig) -> float:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         parallel = "joblib" in str(hydra_cfg.launcher.get("_target_", "")).lower()
         return run_sweep_job(cfg, run_dir, overrides=overrides, parallel=parallel,
-                             raise_failure=marks_failed_trials(hydra_cfg), hydra_job=job)
+                             raise_failure=marks_failed_trials(hydra_cfg), hydra_job=job,
+                             trial=TrialLink.of(hydra_cfg))
     try:
         summary = run(cfg, run_dir, overrides=overrides, hydra_job=job,
                       announce=print_config_tree)

@@ -13,8 +13,12 @@ class AlreadyComplete(RunnerError):
     """A resumed run that has nothing left to do: not a failure (requeue loops rerun the same
     resume command), and nothing in its run dir is touched."""
 
-    def __init__(self, run_dir, step: int, *, stopped_early: bool = False):
-        if stopped_early:
+    def __init__(self, run_dir, step: int, *, stopped_early: bool = False,
+                 pruned: bool = False):
+        if pruned:
+            super().__init__(f"{run_dir}: already complete: its search pruned it at step "
+                             f"{step} (hydra.sweeper.pruner)")
+        elif stopped_early:
             super().__init__(f"{run_dir}: already complete: stopped early at step {step} "
                              f"(trainer.early_stop)")
         else:
@@ -60,8 +64,10 @@ def chosen(group: str, default: str) -> str:
     return f"{group}={option or default}"
 
 
-# Config options that an optional extra of the distribution installs: (group, name) -> extra.
-EXTRAS = {("hydra/sweeper", "optuna"): "optuna"}
+# Config options of plugins that are not installed, and what to use instead.
+MISSING_PLUGINS = {("hydra/sweeper", "optuna"): (
+    "not installed (hydra-optuna-sweeper); runner's own Optuna sweeper is "
+    "hydra/sweeper=search: pip install 'jax-yaml-runner[search]'")}
 
 
 def describe_error(err: BaseException) -> "str | None":
@@ -87,9 +93,8 @@ def describe_error(err: BaseException) -> "str | None":
             return f"{unchosen}: no option chosen; pick one with {unchosen}=<name>"
         if isinstance(e, MissingConfigException):
             group, _, name = (e.missing_cfg_file or "").rpartition("/")
-            if (group, name) in EXTRAS:
-                return (f"{group}={name}: not installed; it comes with an extra: pip install "
-                        f"'jax-yaml-runner[{EXTRAS[group, name]}]'")
+            if (group, name) in MISSING_PLUGINS:
+                return f"{group}={name}: {MISSING_PLUGINS[group, name]}"
             if group and e.options:
                 return f"{group}={name}: no such option; available: {', '.join(e.options)}"
             return first_line(e)

@@ -169,7 +169,8 @@ class HostLoop:
     def act(self, due: Dict[int, List[str]], perf: Optional[Dict[str, float]],
             last: bool) -> None:
         """Each member's actions due (every dispatch: figures come back meanwhile), the state
-        on the host only when an action reads it; a member that stopped early is finished."""
+        on the host only when an action reads it; a member that stopped (early stopping, a
+        pruned trial) is finished, alone."""
         needs_state = self.trainer.log_histograms or any(
             name != "log" for names in due.values() for name in names)
         states = self.program.host_states() if needs_state else None
@@ -177,7 +178,7 @@ class HostLoop:
             member = self.members[i]
             self.attempt(i, functools.partial(member.act, self.share_of(i, last, perf, states),
                                               due[i]))
-            if self.alive[i] and member.stopped_early_at is not None:
+            if self.alive[i] and member.stopped is not None:
                 self.finish(i)
 
     def interrupt(self, due: Dict[int, List[str]], perf: Optional[Dict[str, float]],

@@ -1,6 +1,6 @@
 """One run's share of a host loop (``runner.loop.host``): its named actions on their cadences
-(log the train metrics, evaluate and keep the best state, save a checkpoint), early stopping,
-figures, how a stop request ends it, and its summary. The loop hands it each dispatch's slice
+(log the train metrics, evaluate and keep the best state, save a checkpoint), the reasons to
+stop at an eval (early stopping; an ``on_eval`` hook such as a search's pruner), figures, how a stop request ends it, and its summary. The loop hands it each dispatch's slice
 (``Dispatched``); a single run is a group of one member.
 
 ``MEMBERS`` says whose work is being done, for the log lines' routing: a fused sweep's jobs
@@ -58,6 +58,20 @@ class Dispatched(NamedTuple):
     state: Any
 
 
+class Stop(NamedTuple):
+    """A reason to end a run at the eval of ``step``, before ``trainer.steps``: what
+    ``metrics.json`` records of it (``stopped_early_at``; or ``status: pruned``, ``pruned_at``)
+    and the line logged. The run's last checkpoint and TensorBoard step are ``step``."""
+
+    step: int
+    record: Dict[str, Any]
+    message: str
+
+
+# Called after each eval with (step, eval metrics); a Stop ends the run there.
+EvalHook = Callable[[int, Dict[str, float]], Optional[Stop]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Every:
     """The action ``name`` after a dispatch that ends on a multiple of ``every`` (None:
@@ -75,10 +89,12 @@ class Member:
     """One run in a host loop: ``logger`` and ``checkpointer`` into ``run_dir``, ``renderer``
     (None: no figures) drawing its eval outputs, ``spec`` and ``data`` to evaluate it. Its
     actions are ``log`` (every ``trainer.log_every`` steps), ``eval`` (``eval_every``) and
-    ``checkpoint`` (``checkpoint_every``), each also after the last step."""
+    ``checkpoint`` (``checkpoint_every``), each also after the last step. ``on_eval`` is asked
+    after each eval whether to stop there (a search's pruner, ``runner.run.search``)."""
 
     def __init__(self, run_dir: Path, *, spec: StepSpec, data, trainer, logger, checkpointer,
-                 start_step: int, renderer=None, resume_command: str = ""):
+                 start_step: int, renderer=None, resume_command: str = "",
+                 on_eval: Optional[EvalHook] = None):
         self.run_dir, self.spec, self.data, self.trainer = run_dir, spec, data, trainer
         self.logger, self.checkpointer, self.renderer = logger, checkpointer, renderer
         # printed when a signal stops the run
@@ -90,7 +106,8 @@ class Member:
         self.checkpoint: Optional[Path] = None
         self.early_stop = EarlyStop(trainer, path=checkpointer.dir / "early_stop.json",
                                     write=checkpointer.write, start_step=start_step)
-        self.stopped_early_at: Optional[int] = None
+        self.on_eval = on_eval
+        self.stopped: Optional[Stop] = None  # why it ended before trainer.steps
         self.actions: List[Every] = [Every("log", trainer.log_every, self.log_train),
                                      Every("eval", trainer.eval_every, self.evaluate),
                                      Every("checkpoint", trainer.checkpoint_every, self.save)]
@@ -111,12 +128,12 @@ class Member:
 
     def act(self, dispatched: Dispatched, names: Sequence[str]) -> None:
         """The actions ``names``, and the figures drawn meanwhile logged; after an eval that
-        stops the run early, the rest of a last step's work (log, checkpoint)."""
+        stops the run (``Stop``), the rest of a last step's work (log, checkpoint)."""
         self.step = dispatched.step
         for action in self.actions:
             if action.name in names:
                 action.action(dispatched)
-        if self.stopped_early_at is not None and not dispatched.last:
+        if self.stopped is not None and not dispatched.last:
             for action in self.actions:
                 if action.name not in names and action.name != "eval":
                     action.action(dispatched)
@@ -151,11 +168,15 @@ class Member:
             self.renderer.submit(step, jax.device_get(outputs))
         self.checkpointer.consider(state, step, self.eval_metrics)
         self.report(self.eval_metrics, prefix="eval")
+        # The hook first: a search's trial reports every eval, an early-stopping one included.
+        stop = self.on_eval(step, self.eval_metrics) if self.on_eval else None
         if self.early_stop.update(step, self.eval_metrics[self.trainer.best_metric]):
-            self.stopped_early_at = step
-            log.info("step %d: eval/%s has not improved for %d evals "
-                     "(trainer.early_stop.patience): stopping early", step,
-                     self.trainer.best_metric, self.early_stop.rounds)
+            stop = stop or Stop(step, {"stopped_early_at": step}, (
+                f"step {step}: eval/{self.trainer.best_metric} has not improved for "
+                f"{self.early_stop.rounds} evals (trainer.early_stop.patience): stopping early"))
+        if stop is not None:
+            self.stopped = stop
+            log.info("%s", stop.message)
 
     def save(self, dispatched: Dispatched) -> None:
         self.checkpoint = self.checkpointer.save(dispatched.state, dispatched.step)
@@ -180,8 +201,8 @@ class Member:
         """How the run ended: what ``metrics.json`` records of the loop."""
         summary = {"status": "completed", "steps": self.step, "train": self.train_metrics,
                    "eval": self.eval_metrics, "checkpoint": str(self.checkpoint)}
-        if self.stopped_early_at is not None:
-            summary["stopped_early_at"] = self.stopped_early_at
+        if self.stopped is not None:
+            summary.update(self.stopped.record)
         return summary
 
     def log_compile(self, step: int, seconds: float) -> None:

@@ -34,6 +34,7 @@ from runner.loop.member import MEMBERS, Member, working_for
 from runner.loop.programs import compiled_name
 from runner.platform.preemption import Interrupted, stop_on_signals
 from runner.run.hparams import job_choices
+from runner.run.search import TrialLink
 from runner.run.sweep import (JobFailed, completed_value, continue_or_restart,
                               marks_failed_trials, record_failure)
 from runner.run.train import Session, train_group
@@ -54,6 +55,7 @@ class Job:
     session: Optional[Session] = None
     member: Optional[Member] = None  # its share of a host loop, once its run is built
     reason: str = ""  # why it failed
+    trial: Optional[TrialLink] = None  # a search's trial (runner.run.search)
 
 
 def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
@@ -115,14 +117,15 @@ def _register(launcher, idx: int, overrides: List[str]) -> Job:
 
     def record(cfg):
         recorded.update(cfg=cfg, run_dir=Path(HydraConfig.get().runtime.output_dir),
-                        choices=job_choices(), hydra_job=HydraJob.current(cfg))
+                        choices=job_choices(), hydra_job=HydraJob.current(cfg),
+                        trial=TrialLink.of(HydraConfig.get()))
 
     ret = run_job(hydra_context=launcher.hydra_context, task_function=record, config=config,
                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
     job = Job(idx, overrides, recorded["run_dir"], ret=ret, hydra_job=recorded["hydra_job"],
-              choices=recorded["choices"])
+              choices=recorded["choices"], trial=recorded["trial"])
     try:
-        job.value = completed_value(job.run_dir, overrides)
+        job.value = completed_value(job.run_dir, overrides, job.trial)
     except RunnerError as err:  # another sweep's job: touch nothing
         return _fail_early(job, str(err), write=False)
     if job.value is not None:
@@ -152,7 +155,8 @@ def _open(job: Job) -> None:
     failure is the job's alone."""
     job.session = Session(job.cfg, job.run_dir, overrides=job.overrides,
                           claim=continue_or_restart(job.overrides), hydra_job=job.hydra_job,
-                          choices=job.choices, log_filter=_OwnLines(job.run_dir))
+                          choices=job.choices, log_filter=_OwnLines(job.run_dir),
+                          on_eval=job.trial.on_eval if job.trial else None)
     try:
         job.member = job.session.open()
     except Exception as err:  # noqa: BLE001 (recorded as the job's failure)
@@ -186,7 +190,8 @@ def _train(members: List[Job], stop) -> bool:
 def _end(job: Job, *, result=None, error: Optional[BaseException] = None) -> None:
     if error is None:
         try:
-            job.value = job.session.finish(result)["eval"]["loss"]
+            summary = job.session.finish(result)
+            job.value = job.trial.value(summary) if job.trial else summary["eval"]["loss"]
             return
         except Exception as err:  # noqa: BLE001
             error = err

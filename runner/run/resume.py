@@ -98,6 +98,8 @@ def _unless_complete(cfg: DictConfig):
             raise AlreadyComplete(run_dir, done["steps"])
         if done.get("status") == "completed" and done.get("stopped_early_at") is not None:
             raise AlreadyComplete(run_dir, done["steps"], stopped_early=True)
+        if done.get("status") == "pruned":
+            raise AlreadyComplete(run_dir, done["steps"], pruned=True)
         return True
     return claim
 

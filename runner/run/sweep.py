@@ -17,7 +17,7 @@ import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -27,11 +27,13 @@ from runner.io import lock
 from runner.io.checkpoint import list_checkpoints
 from runner.io.files import write_atomic
 from runner.platform.preemption import Interrupted
+from runner.run.search import TrialLink, Value, is_search, pareto_front
 from runner.io.rundir import (MULTIRUN_FILE, Claim, HydraJob, held_run, log_error_line,
                            read_metrics, write_hydra_files)
 from runner.config.schema import typed
 
 log = logging.getLogger(__name__)
+ENDED = ("completed", "pruned")  # a job's statuses that a rerun of its sweep keeps
 
 
 class JobFailed(RunnerError):
@@ -39,21 +41,24 @@ class JobFailed(RunnerError):
 
 
 def marks_failed_trials(hydra_cfg: DictConfig) -> bool:
-    """Whether the sweeper (``hydra_cfg.sweeper``) marks failed trials itself (Optuna): a failed
-    job then raises ``JobFailed`` rather than returning NaN."""
-    return "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower()
+    """Whether the sweeper (``hydra_cfg.sweeper``) marks failed trials itself (Optuna, runner's
+    search): a failed job then raises ``JobFailed`` rather than returning NaN."""
+    return "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower() or is_search(hydra_cfg)
 
 
 def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
                   parallel: bool, raise_failure: bool = False,
-                  hydra_job: Optional[HydraJob] = None) -> float:
+                  hydra_job: Optional[HydraJob] = None,
+                  trial: Optional[TrialLink] = None) -> Union[float, Value]:
     """Run one multirun job in ``run_dir``; returns its eval loss, NaN when it failed (or,
     with ``raise_failure``, raises JobFailed: Optuna marks the trial failed, where a NaN value
     would stop hydra-optuna-sweeper 1.3 with a ValueError of its own). ``hydra_job``: its
-    ``.hydra/`` files, written once the dir is the job's."""
+    ``.hydra/`` files, written once the dir is the job's. ``trial``: a search's job reports
+    each eval to its trial, may be pruned, and returns ``trial.value``."""
     from runner.run.train import run
 
-    done = completed_value(run_dir, overrides)  # another sweep's job there: stop this sweep
+    # another sweep's job there: stop this sweep
+    done = completed_value(run_dir, overrides, trial)
     if done is not None:
         return done
     try:
@@ -64,8 +69,9 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         cfg.trainer.progress_bar = False
     try:
-        return run(cfg, run_dir, overrides=overrides, claim=continue_or_restart(overrides),
-                   hydra_job=hydra_job)["eval"]["loss"]
+        summary = run(cfg, run_dir, overrides=overrides, claim=continue_or_restart(overrides),
+                      hydra_job=hydra_job, on_eval=trial.on_eval if trial else None)
+        return trial.value(summary) if trial else summary["eval"]["loss"]
     except Interrupted as err:
         # SIGTERM/SIGINT is meant for the whole sweep (preemption, Ctrl-C): stop it here;
         # rerunning the command resumes this job and runs the rest.
@@ -75,19 +81,20 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
         return _failed(_job_failed(run_dir, overrides, err, hydra_job), raise_failure)
 
 
-def completed_value(run_dir: Path, overrides: Sequence[str]) -> Optional[float]:
-    """The eval loss of this very job when ``run_dir`` holds it completed (skip it), else
-    None (run it). A completed job with other overrides (another sweep's) is a RunnerError:
-    nothing of it is touched."""
+def completed_value(run_dir: Path, overrides: Sequence[str],
+                    trial: Optional[TrialLink] = None) -> Optional[Union[float, Value]]:
+    """The eval loss (a search's: ``trial.value``) of this very job when ``run_dir`` holds it
+    completed or pruned (skip it), else None (run it). A completed job with other overrides
+    (another sweep's) is a RunnerError: nothing of it is touched."""
     previous = read_metrics(run_dir)
-    if previous.get("status") != "completed":
+    if previous.get("status") not in ENDED:
         return None
     if previous.get("overrides") != list(overrides):
         raise RunnerError(f"{run_dir} holds a completed job with other overrides "
                           f"({' '.join(previous.get('overrides', []))}); use another "
                           f"hydra.sweep.dir")
-    log.info("%s already completed: skipping it", run_dir)
-    return previous["eval"]["loss"]
+    log.info("%s already %s: skipping it", run_dir, previous["status"])
+    return trial.value(previous) if trial else previous["eval"]["loss"]
 
 
 def continue_or_restart(overrides: Sequence[str]) -> Claim:
@@ -174,13 +181,13 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         with _SWEEP_HELD:
             sweep_dir = Path(config.hydra.sweep.dir)
-            rows = summarize(sweep_dir)
+            rows = summarize(sweep_dir, ranked_by(config))
             if not rows:
                 return
             _write_csv(sweep_dir / "summary.csv", rows)
         print(format_table(rows))
         print(f"summary: {sweep_dir / 'summary.csv'}")
-        failed = [r for r in rows if r["status"] != "completed"]
+        failed = [r for r in rows if r["status"] not in ENDED]
         if failed:
             # Hydra turns a callback's exception into a warning (exit 0); exit here instead.
             print(f"error: {len(failed)} of {len(rows)} jobs failed: " + "; ".join(
@@ -211,8 +218,22 @@ def refuse_other_sweep(sweep_dir: Path, overrides: List[str]) -> None:
                           f"finish it, or give this one another hydra.sweep.dir")
 
 
-def summarize(sweep_dir: Path) -> List[Dict[str, Any]]:
-    """One row per job dir of the sweep: overrides, status, final metrics, times, best."""
+def ranked_by(config: DictConfig) -> List[Tuple[str, str]]:
+    """The columns (and directions) that pick a sweep's best job: a search's objectives, else
+    the eval loss."""
+    if is_search(config.hydra):
+        from runner.run.search import directions, objectives
+
+        names = objectives(config.hydra.sweeper, config.trainer)
+        return list(zip(names, directions(config.hydra.sweeper, config.trainer, names)))
+    return [("eval/loss", "minimize")]
+
+
+def summarize(sweep_dir: Path,
+              ranking: Sequence[Tuple[str, str]] = (("eval/loss", "minimize"),)
+              ) -> List[Dict[str, Any]]:
+    """One row per job dir of the sweep: overrides, status, final metrics, times, best (by
+    ``ranking``'s columns and directions; several: each job on their Pareto front)."""
     rows = []
     job_dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
     by_number = lambda p: (int(p.name) if p.name.isdigit() else math.inf, p.name)  # noqa: E731
@@ -227,11 +248,15 @@ def summarize(sweep_dir: Path) -> List[Dict[str, Any]]:
         row.update({f"train/{k}": v for k, v in m.get("train", {}).items()})
         row.update({k: m.get(k) for k in ("steps", "wall_time_s", "compile_s",
                                           "train_step_compiles")})
+        if "pruned_at" in m:
+            row["pruned_at"] = m["pruned_at"]
         rows.append(row)
     done = [r for r in rows if r["status"] == "completed"
-            and math.isfinite(r.get("eval/loss", math.nan))]
-    if done:
-        min(done, key=lambda r: r["eval/loss"])["best"] = "*"
+            and all(math.isfinite(r.get(column, math.nan)) for column, _ in ranking)]
+    signs = [1.0 if direction == "minimize" else -1.0 for _, direction in ranking]
+    for i in pareto_front([[s * r[column] for s, (column, _) in zip(signs, ranking)]
+                           for r in done]):
+        done[i]["best"] = "*"
     return rows
 
 
@@ -250,7 +275,9 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
                if c.startswith("eval/") or c in ("job", "overrides", "status", "wall_time_s",
                                                   "best")]
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa
-    table = [columns] + [[cell(row.get(c)) for c in columns] for row in rows]
+    shown = lambda row, c: (f"pruned@{row['pruned_at']}"  # noqa: E731
+                            if c == "status" and "pruned_at" in row else cell(row.get(c)))
+    table = [columns] + [[shown(row, c) for c in columns] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in table)
 

@@ -24,7 +24,7 @@ from runner.io.manifest import write_manifest
 from runner.io.tb_logger import NullLogger, TensorBoardLogger
 from runner.loop.feed import feeds_for
 from runner.loop.host import HostLoop, Result
-from runner.loop.member import Member
+from runner.loop.member import EvalHook, Member
 from runner.loop.programs import program_for
 from runner.platform.compiles import cache_hits, compile_stats
 from runner.platform.device import is_primary
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (), resume: bool = False,
         claim: Optional[rundir.Claim] = None, hydra_job: Optional[rundir.HydraJob] = None,
         announce: Optional[Callable[[DictConfig], None]] = None,
-        parts: Optional[Parts] = None) -> Dict[str, Any]:
+        parts: Optional[Parts] = None, on_eval: Optional[EvalHook] = None) -> Dict[str, Any]:
     """Train as ``cfg`` says, writing TensorBoard events, checkpoints, ``metrics.json``,
     ``manifest.json`` and ``model_summary.txt`` into ``run_dir``. Returns the run's summary
     (what ``metrics.json`` holds: ``summary["eval"]["loss"]`` is the final eval loss).
@@ -50,7 +50,8 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (), resume: bool = Fal
     dir that holds a run is refused (``cfg.overwrite`` moves that run aside). ``claim``
     decides instead (``runner.io.rundir``). ``hydra_job``: the ``.hydra/`` files to write once
     the dir is this run's; ``announce`` is called with the config once it is checked;
-    ``parts``: the config's task, model and optimizer when the caller built them already.
+    ``parts``: the config's task, model and optimizer when the caller built them already;
+    ``on_eval``: asked after each eval whether to stop there (``runner.loop.member.Stop``).
     SIGTERM and SIGINT save a checkpoint at the current step and stop the run.
     ``metrics.json`` is written however the run ends: ``"status"`` is ``completed``,
     ``interrupted`` or ``failed``, with the ``reason``; ``overrides`` (the job's command-line
@@ -61,7 +62,7 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (), resume: bool = Fal
     if resume and claim is None:
         claim = rundir.resuming
     session = Session(cfg, run_dir, overrides=overrides, claim=claim, hydra_job=hydra_job,
-                      parts=parts)
+                      parts=parts, on_eval=on_eval)
     with stop_on_signals() as stop:
         try:
             session.open(announce=announce)
@@ -85,8 +86,9 @@ class Session:
                  claim: Optional[rundir.Claim] = None,
                  hydra_job: Optional[rundir.HydraJob] = None,
                  choices: Optional[Dict[str, Any]] = None,
-                 log_filter: Optional[logging.Filter] = None, parts: Optional[Parts] = None):
-        self.cfg, self.run_dir, self.overrides = cfg, run_dir, overrides
+                 log_filter: Optional[logging.Filter] = None, parts: Optional[Parts] = None,
+                 on_eval: Optional[EvalHook] = None):
+        self.cfg, self.run_dir, self.overrides, self.on_eval = cfg, run_dir, overrides, on_eval
         # A fresh run's by default: a dir that holds a run is refused (or, overwrite=true,
         # set aside).
         self.claim = claim or rundir.fresh(overwrite=bool(cfg.get("overwrite")))
@@ -131,7 +133,7 @@ class Session:
         else:  # another process writes the run dir; this one records only its own failure
             self.committed = True
         self.member = _prepare(self.run, self.overrides, renderer, self.closing, self.result,
-                               self.choices)
+                               self.choices, self.on_eval)
         return self.member
 
     def _commit(self) -> None:
@@ -238,7 +240,8 @@ def train_group(sessions: Sequence[Session], stop: StopRequest) -> List[Result]:
 
 
 def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRenderer],
-             closing: ExitStack, summary: Dict[str, Any], choices: Dict[str, Any]) -> Member:
+             closing: ExitStack, summary: Dict[str, Any], choices: Dict[str, Any],
+             on_eval: Optional[EvalHook]) -> Member:
     """The run's files, its TensorBoard logger and checkpointer, and its member of a host loop.
     The logger's closing (HParams, with ``summary``'s metrics once the run ends; flush) is left on
     ``closing``."""
@@ -273,7 +276,7 @@ def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRender
     logger.text("model_summary", model_summary)
     return Member(run.run_dir, spec=run.spec, data=run.data, trainer=trainer, logger=logger,
                   checkpointer=checkpointer, start_step=run.start_step, renderer=renderer,
-                  resume_command=resume_command(run.run_dir, run.cfg))
+                  resume_command=resume_command(run.run_dir, run.cfg), on_eval=on_eval)
 
 
 def _write_run_files(run: Run, overrides: Sequence[str]) -> str:
