@@ -109,25 +109,15 @@ class SearchSweeper(Sweeper):
         """``hydra.sweeper.sampler`` built, seeded by ``hydra.sweeper.seed`` unless it has a
         seed of its own."""
         import optuna
-        from hydra.utils import instantiate
 
-        from runner.config.errors import RunnerError, first_line
+        from runner.run.search import build_optuna
 
         spec = OmegaConf.to_container(self.sampler_spec) if isinstance(
             self.sampler_spec, DictConfig) else dict(self.sampler_spec or {})
         if self.seed is not None and spec.get("seed") is None:
             spec["seed"] = self.seed
-        target = spec.get("_target_")
-        try:
-            sampler = instantiate(spec)
-        except Exception as err:  # noqa: BLE001 (Hydra's and the sampler's own errors)
-            raise RunnerError(f"hydra.sweeper.sampler._target_={target}: {first_line(err)}; "
-                              f"name one of optuna.samplers (e.g. "
-                              f"optuna.samplers.TPESampler)") from None
-        if not isinstance(sampler, optuna.samplers.BaseSampler):
-            raise RunnerError(f"hydra.sweeper.sampler._target_={target}: not an Optuna "
-                              f"sampler (optuna.samplers.BaseSampler)")
-        return sampler
+        return build_optuna("hydra.sweeper.sampler", spec, optuna.samplers.BaseSampler,
+                            "optuna.samplers.TPESampler")
 
     def check_composes(self, space: Dict[str, Any], fixed: Dict[str, str]) -> None:
         """Compose a job per value of the widest choice (numbers at their lower bound): a

@@ -118,10 +118,13 @@ def _register(launcher, idx: int, overrides: List[str]) -> Job:
     def record(cfg):
         recorded.update(cfg=cfg, run_dir=Path(HydraConfig.get().runtime.output_dir),
                         choices=job_choices(), hydra_job=HydraJob.current(cfg),
-                        trial=TrialLink.of(HydraConfig.get()))
+                        trial=TrialLink.of(HydraConfig.get()),
+                        # hydra.* overrides (a search's study) are Hydra's, not the job's
+                        overrides=list(HydraConfig.get().overrides.task))
 
     ret = run_job(hydra_context=launcher.hydra_context, task_function=record, config=config,
                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    overrides = recorded["overrides"]
     job = Job(idx, overrides, recorded["run_dir"], ret=ret, hydra_job=recorded["hydra_job"],
               choices=recorded["choices"], trial=recorded["trial"])
     try:

@@ -62,7 +62,8 @@ def directions(sweeper: DictConfig, trainer: DictConfig, names: Sequence[str]) -
         return ["minimize" if mode == "min" else "maximize"] * len(names)
     given = [given] if isinstance(given, str) else [str(d) for d in given]
     if len(given) != len(names):
-        raise RunnerError(f"hydra.sweeper.direction={given}: {len(given)} direction(s) for "
+        raise RunnerError(f"hydra.sweeper.direction=[{','.join(given)}]: {len(given)} "
+                          f"direction(s) for "
                           f"{len(names)} objective(s) ({', '.join(names)}); give one each")
     for direction in given:
         if direction not in DIRECTIONS:
@@ -97,24 +98,38 @@ def open_storage(url: str):
 
 
 def build_pruner(spec: Optional[Any]):
-    """``hydra.sweeper.pruner`` (a ``_target_`` and its arguments) built, or None."""
+    """``hydra.sweeper.pruner`` (a ``_target_`` and its arguments) built; None without one."""
     import optuna
-    from hydra.utils import instantiate
 
     spec = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec or {})
-    target = spec.get("_target_")
-    if target is None:
+    if spec.get("_target_") is None:
         return None
+    return build_optuna("hydra.sweeper.pruner", spec, optuna.pruners.BasePruner,
+                        "optuna.pruners.MedianPruner")
+
+
+def build_optuna(key: str, spec: Dict[str, Any], kind: type, example: str):
+    """An Optuna sampler or pruner from ``spec`` (``_target_`` and arguments) at config
+    ``key``; a target that is not there, not a ``kind``, or refuses its arguments is one
+    line."""
+    from hydra.utils import get_object, instantiate
+
+    target = spec.get("_target_")
+    where = f"{key}._target_={target}"
     try:
-        pruner = instantiate(spec)
-    except Exception as err:  # noqa: BLE001 (Hydra's and the pruner's own errors)
-        raise RunnerError(f"hydra.sweeper.pruner._target_={target}: {first_line(err)}; "
-                          f"name one of optuna.pruners (e.g. optuna.pruners.MedianPruner)"
+        get_object(str(target))
+    except Exception:  # noqa: BLE001 (ImportError, AttributeError, Hydra's wrapping)
+        raise RunnerError(f"{where}: no such class; name one of "
+                          f"{example.rsplit('.', 1)[0]} (e.g. {example})") from None
+    try:
+        built = instantiate(spec)
+    except Exception as err:  # noqa: BLE001 (its own argument checks)
+        cause = err.__cause__ or err
+        raise RunnerError(f"{where}: {first_line(cause)} (its arguments: {key}.<name>)"
                           ) from None
-    if not isinstance(pruner, optuna.pruners.BasePruner):
-        raise RunnerError(f"hydra.sweeper.pruner._target_={target}: not an Optuna pruner "
-                          f"(optuna.pruners.BasePruner)")
-    return pruner
+    if not isinstance(built, kind):
+        raise RunnerError(f"{where}: not an Optuna {kind.__module__}.{kind.__name__}")
+    return built
 
 
 @dataclasses.dataclass(frozen=True)
