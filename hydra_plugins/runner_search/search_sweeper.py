@@ -82,7 +82,7 @@ class SearchSweeper(Sweeper):
         from runner.run.search import build_pruner, directions, objectives
 
         try:
-            import optuna  # noqa: F401
+            import optuna
         except ImportError:
             raise RunnerError("hydra/sweeper=search needs Optuna: pip install "
                               "'jax-yaml-runner[search]'") from None
@@ -96,7 +96,7 @@ class SearchSweeper(Sweeper):
         names = objectives(self.config.hydra.sweeper, self.config.trainer)
         ways = directions(self.config.hydra.sweeper, self.config.trainer, names)
         pruner = build_pruner(self.pruner_spec)
-        if pruner is not None and len(names) > 1:
+        if not isinstance(pruner, optuna.pruners.NopPruner) and len(names) > 1:
             raise RunnerError(f"hydra.sweeper.pruner: Optuna prunes single-objective searches "
                               f"only; this one has {len(names)} objectives ({', '.join(names)})")
         parsed = self.parse([*(f"{k}={v}" for k, v in self.params.items()), *arguments])
@@ -150,17 +150,21 @@ class SearchSweeper(Sweeper):
                       pruner=search["pruner"])
         try:
             storage = open_storage(url)
-            try:
+            try:  # looked up first: a refused rerun must not add to the study's journal
+                storage.get_study_id_from_name(search["name"])
+                study = optuna.load_study(storage=storage, **kwargs)
+            except KeyError:
                 study = optuna.create_study(storage=storage, directions=search["directions"],
                                             **kwargs)
-            except optuna.exceptions.DuplicatedStudyError:
-                study = optuna.load_study(storage=storage, **kwargs)
         except Exception as err:  # noqa: BLE001 (the file system's, Optuna's, SQLAlchemy's)
             raise RunnerError(f"hydra.sweeper.storage={url}: cannot open the study there: "
                               f"{describe_error(err) or first_line(err)}") from None
         search["storage"] = storage
         record = json.loads(json.dumps(space_record(search)))
         before = study.user_attrs.get(SPACE_ATTR)
+        if before is None and [d.name.lower() for d in study.directions] != record[
+                "directions"]:  # a study of the same name not made here
+            before = {**record, "directions": [d.name.lower() for d in study.directions]}
         if before is None:
             study.set_user_attr(SPACE_ATTR, record)
         elif before != record:

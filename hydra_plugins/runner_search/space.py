@@ -6,7 +6,7 @@ Optuna's distributions; and a trial's parameters back to a job's overrides.
 | ``interval(a, b)`` | ``FloatDistribution(a, b)`` (``int(interval(a, b))``: ``IntDistribution``) |
 | ``tag(log, interval(a, b))`` | the same with ``log=True`` |
 | ``range(a, b, s)`` of ints | ``IntDistribution(a, last, step=s)`` (``b`` excluded, as Hydra's range) |
-| ``range`` of floats, ``shuffle(range(...))`` | ``CategoricalDistribution`` of its values |
+| ``range`` of floats | ``CategoricalDistribution`` of its values (``shuffle(...)``: the same) |
 | ``choice(x, y)``, ``x,y`` | ``CategoricalDistribution`` (lists and dicts as their override text) |
 | ``x`` | fixed: the same value for every trial |
 """
@@ -39,12 +39,14 @@ def distribution(override: Override):
                                       IntDistribution)
 
     value = override.value()
+    if getattr(value, "shuffle", False):  # a sampler draws in its own order: as written
+        value.shuffle = False
     if override.is_interval_sweep():
         log = "log" in value.tags
         if isinstance(value.start, int) and isinstance(value.end, int):
             return IntDistribution(value.start, value.end, log=log)
         return FloatDistribution(float(value.start), float(value.end), log=log)
-    if override.is_range_sweep() and not value.shuffle and all(
+    if override.is_range_sweep() and all(
             isinstance(v, int) for v in (value.start, value.stop, value.step)):
         values = list(range(value.start, value.stop, value.step))
         if not values:

@@ -98,12 +98,13 @@ def open_storage(url: str):
 
 
 def build_pruner(spec: Optional[Any]):
-    """``hydra.sweeper.pruner`` (a ``_target_`` and its arguments) built; None without one."""
+    """``hydra.sweeper.pruner`` (a ``_target_`` and its arguments) built; without one, Optuna's
+    ``NopPruner`` (Optuna's own default for a study is ``MedianPruner``)."""
     import optuna
 
     spec = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec or {})
     if spec.get("_target_") is None:
-        return None
+        return optuna.pruners.NopPruner()
     return build_optuna("hydra.sweeper.pruner", spec, optuna.pruners.BasePruner,
                         "optuna.pruners.MedianPruner")
 
