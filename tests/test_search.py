@@ -181,15 +181,15 @@ def test_a_fused_member_pruned_stops_alone(tmp_path):
 def test_a_killed_search_resumes_its_running_trial_to_the_same_bits(tmp_path):
     """SIGKILL mid-trial, rerun: the trial left running goes on from its own checkpoint in its
     own dir, and ends byte-identical to the same trial of a search never interrupted."""
-    long = ["hydra.sweeper.n_trials=1", "trainer.steps=40000", "trainer.log_every=4000",
-            "trainer.eval_every=4000", "trainer.checkpoint_every=4000"]
+    long = ["hydra.sweeper.n_trials=1", "trainer.steps=20000", "trainer.log_every=2000",
+            "trainer.eval_every=2000", "trainer.checkpoint_every=2000"]
     args = [sys.executable, "-m", "runner", *SEARCH, *long]
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     proc = subprocess.Popen([*args, f"hydra.sweep.dir={tmp_path / 'killed'}"], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        first = tmp_path / "killed" / "0" / "checkpoints" / "step_4000.msgpack"
+        first = tmp_path / "killed" / "0" / "checkpoints" / "step_2000.msgpack"
         deadline = time.monotonic() + 240
         while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -198,7 +198,7 @@ def test_a_killed_search_resumes_its_running_trial_to_the_same_bits(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert left and max(left) < 40000, left  # killed mid-trial
+    assert left and max(left) < 20000, left  # killed mid-trial
     assert study_of(tmp_path / "killed").trials[0].state == optuna.trial.TrialState.RUNNING
 
     rerun = run_cli([*args[3:], f"hydra.sweep.dir={tmp_path / 'killed'}"], cwd=tmp_path)
@@ -206,8 +206,8 @@ def test_a_killed_search_resumes_its_running_trial_to_the_same_bits(tmp_path):
     run_cli([*args[3:], f"hydra.sweep.dir={tmp_path / 'ref'}"], cwd=tmp_path)
     resumed = metrics(tmp_path / "killed" / "0")
     assert resumed["status"] == "completed" and resumed["resumed_from"] == max(left)
-    assert ((tmp_path / "killed/0/checkpoints/step_40000.msgpack").read_bytes()
-            == (tmp_path / "ref/0/checkpoints/step_40000.msgpack").read_bytes())
+    assert ((tmp_path / "killed/0/checkpoints/step_20000.msgpack").read_bytes()
+            == (tmp_path / "ref/0/checkpoints/step_20000.msgpack").read_bytes())
     trials = study_of(tmp_path / "killed").trials  # the total stays n_trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
     assert trials[0].value == pytest.approx(resumed["eval"]["loss"])
@@ -275,11 +275,11 @@ def test_optuna_dashboard_reads_the_study_from_the_sweep_dir(tmp_path):
     run_cli([*SEARCH, *PRUNE, f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
     port = free_port()
     dashboard = subprocess.Popen(
-        [str(Path(sys.executable).with_name("optuna-dashboard")), str(tmp_path / "optuna.journal"),
-         "--port", str(port), "--host", "127.0.0.1"],
+        [str(Path(sys.executable).with_name("optuna-dashboard")),
+         str(tmp_path / "optuna.journal"), "--port", str(port), "--host", "127.0.0.1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        studies = get_json(f"http://127.0.0.1:{port}/api/studies", dashboard)["studies"]
+        studies = get_json(f"http://127.0.0.1:{port}/api/studies", dashboard)["study_summaries"]
         assert [s["study_name"] for s in studies] == ["linear_fit"]
         detail = get_json(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}",
                           dashboard)
