@@ -372,9 +372,17 @@ def test_an_optuna_trial_with_a_bad_value_is_marked_failed(tmp_path):
     bad = {job for job, row in rows.items() if "optimizer.lr=abc" in row["overrides"]}
     assert bad and len(bad) < 4, rows
     assert {job for job, row in rows.items() if row["status"] == "failed"} == bad
-    # Optuna records those trials as failed, and picks its best among the others.
-    assert (proc.stdout + proc.stderr).count(
-        "Failed experiment: optimizer.lr: Value 'abc'") == len(bad)
+    # Optuna records those trials as failed (with the reason), and picks its best among the
+    # others.
+    for job in bad:
+        assert f"trial {job} failed: optimizer.lr: Value 'abc'" in proc.stdout + proc.stderr
+    import optuna
+    study = optuna.load_study(study_name="linear_fit", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    assert {str(t.number) for t in study.trials
+            if t.state == optuna.trial.TrialState.FAIL} == bad
+    assert all(t.user_attrs["fail_reason"].startswith("optimizer.lr: Value 'abc'")
+               for t in study.trials if str(t.number) in bad)
     import yaml
     results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert results["best_params"]["optimizer.lr"] == 0.001

@@ -166,7 +166,7 @@ def test_the_wheel_installs_runner_alone_and_runs_from_any_directory(tmp_path):
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(
         ".dist-info")} == {"runner", "hydra_plugins"}
     assert {name.split("/")[1] for name in names if name.startswith("hydra_plugins/")} == {
-        "runner_fused_launcher", "runner_slurm_launcher", "runner_sweeper"}
+        "runner_fused_launcher", "runner_slurm_launcher", "runner_sweeper", "runner_search"}
     assert "hydra_plugins/__init__.py" not in names  # a namespace package, shared
     assert {"runner/conf/config.yaml", "runner/conf/task/linear_fit.yaml",
             "runner/__main__.py", "runner/models/cnn.py", "runner/tasks/linear_fit.py"} <= set(
@@ -190,18 +190,19 @@ def test_the_wheel_installs_runner_alone_and_runs_from_any_directory(tmp_path):
     assert [done(tmp_path / "sweep" / job)["steps"] for job in ("0", "1")] == [4, 4]
 
 
-def test_hparams_search_without_the_optuna_extra_names_the_install_command(tmp_path):
-    """Without hydra-optuna-sweeper (an extra: it pins optuna<3): one line, exit 1. The
-    plugin is made unimportable here, as if it were not installed."""
+def test_hparams_search_without_the_search_extra_names_the_install_command(tmp_path):
+    """Without Optuna (the search extra's; not in a base install, which must not change a
+    user's own optuna): one line, exit 1. Optuna is made unimportable here, as if it were not
+    installed; runner's sweeper plugin still registers (its config imports no Optuna)."""
     code = textwrap.dedent("""
         import runpy, sys
-        sys.modules["hydra_plugins.hydra_optuna_sweeper"] = None
+        sys.modules["optuna"] = None
         sys.argv = ["runner", "-m", "hparams_search=linear_fit_optuna", "hydra.sweep.dir=s"]
         runpy.run_module("runner", run_name="__main__")
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == ("error: hydra/sweeper=optuna: not installed; it comes with "
-                                   "an extra: pip install 'jax-yaml-runner[optuna]'")
-    assert not (tmp_path / "s").exists()
+    assert proc.stderr.strip() == ("error: hydra/sweeper=search needs Optuna: pip install "
+                                   "'jax-yaml-runner[search]'")
+    assert [p.name for p in (tmp_path / "s").iterdir()] == [".lock"]  # the sweep dir's, only

@@ -99,7 +99,8 @@ def test_hparams_search_still_selects_optuna(tmp_path):
     run_cli(["-m", "hparams_search=linear_fit_optuna", "hydra.sweeper.n_trials=2", *TINY_JOB,
              f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
     assert (tmp_path / "optimization_results.yaml").is_file()  # Optuna's, not basic's
-    assert not (tmp_path / "multirun.yaml").exists()  # hydra/sweeper=runner's (and basic's)
+    assert (tmp_path / "optuna.journal").is_file()  # the study of hydra/sweeper=search
+    assert sweeper_target(tmp_path).endswith("SearchSweeper")
     assert [r[2] for r in results(tmp_path)] == ["completed"] * 2
 
 
