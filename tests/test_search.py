@@ -65,7 +65,7 @@ def test_the_override_grammar_maps_to_optuna_distributions():
                          "c=int(interval(1,10))", "d=tag(log, int(interval(1,64)))",
                          "e=choice([64],[128])", "f=range(1,9,2)", "g=x,y",
                          "h=range(0.1,0.3,0.1)", "i=shuffle(range(1,4))", "j=5",
-                         "k=choice(true,false)")
+                         "k=choice(true,false)", "l=shuffle(a,b,c,d,e)")
     assert space == {
         "a": FloatDistribution(1e-4, 1e-1), "b": FloatDistribution(1e-4, 1e-1, log=True),
         "c": IntDistribution(1, 10), "d": IntDistribution(1, 64, log=True),
@@ -74,10 +74,20 @@ def test_the_override_grammar_maps_to_optuna_distributions():
         "g": CategoricalDistribution(["x", "y"]),
         "h": CategoricalDistribution([0.1, 0.2]),
         "i": IntDistribution(1, 3),  # Optuna draws in its own order
-        "k": CategoricalDistribution([True, False])}
+        "k": CategoricalDistribution([True, False]),
+        "l": CategoricalDistribution(["a", "b", "c", "d", "e"])}  # the same on a rerun
     assert fixed == {"j": "5"}
     assert overrides({"e": "[64]", "a": 0.001, "k": False}, fixed) == [
         "e=[64]", "a=0.001", "k=false", "j=5"]
+
+
+def test_no_pruner_given_is_optunas_nop_pruner_not_its_median_default():
+    from runner.run.search import build_pruner
+
+    assert isinstance(build_pruner({"_target_": None}), optuna.pruners.NopPruner)
+    assert isinstance(build_pruner(None), optuna.pruners.NopPruner)
+    assert isinstance(build_pruner({"_target_": "optuna.pruners.ThresholdPruner", "upper": 1}),
+                      optuna.pruners.ThresholdPruner)
 
 
 def test_the_pareto_front_is_marked_in_the_summary(tmp_path):
