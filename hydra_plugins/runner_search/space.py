@@ -5,7 +5,7 @@ Optuna's distributions; and a trial's parameters back to a job's overrides.
 |---|---|
 | ``interval(a, b)`` | ``FloatDistribution(a, b)`` (``int(interval(a, b))``: ``IntDistribution``) |
 | ``tag(log, interval(a, b))`` | the same with ``log=True`` |
-| ``range(a, b, s)`` of ints | ``IntDistribution(a, last, step=s)`` (``b`` excluded, as Hydra's range) |
+| ``range(a, b, s)`` of ints | ``IntDistribution(a, last, step=s)`` (``b`` left out, as Hydra's) |
 | ``range`` of floats | ``CategoricalDistribution`` of its values (``shuffle(...)``: the same) |
 | ``choice(x, y)``, ``x,y`` | ``CategoricalDistribution`` (lists and dicts as their override text) |
 | ``x`` | fixed: the same value for every trial |

@@ -1,6 +1,7 @@
 """One run's share of a host loop (``runner.loop.host``): its named actions on their cadences
 (log the train metrics, evaluate and keep the best state, save a checkpoint), the reasons to
-stop at an eval (early stopping; an ``on_eval`` hook such as a search's pruner), figures, how a stop request ends it, and its summary. The loop hands it each dispatch's slice
+stop at an eval (early stopping; an ``on_eval`` hook such as a search's pruner), figures, how
+a stop request ends it, and its summary. The loop hands it each dispatch's slice
 (``Dispatched``); a single run is a group of one member.
 
 ``MEMBERS`` says whose work is being done, for the log lines' routing: a fused sweep's jobs
