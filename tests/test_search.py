@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import free_port, run_cli
+from conftest import free_port, group_options, run_cli
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -79,6 +79,19 @@ def test_the_override_grammar_maps_to_optuna_distributions():
     assert fixed == {"j": "5"}
     assert overrides({"e": "[64]", "a": 0.001, "k": False}, fixed) == [
         "e=[64]", "a=0.001", "k=false", "j=5"]
+
+
+@pytest.mark.parametrize("option", group_options("hparams_search"))
+def test_every_hparams_search_option_is_runners_search_over_a_parsed_space(option):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="runner.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=[f"hparams_search={option}"],
+                      return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_ == "hydra_plugins.runner_search.search_sweeper.SearchSweeper"
+    space, fixed = parse(*(f"{k}={v}" for k, v in sweeper.params.items()))
+    assert space and not fixed and sweeper.storage is None and sweeper.sampler.seed == 0
 
 
 def test_no_pruner_given_is_optunas_nop_pruner_not_its_median_default():
