@@ -57,8 +57,7 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
     each eval to its trial, may be pruned, and returns ``trial.value``."""
     from runner.run.train import run
 
-    # another sweep's job there: stop this sweep
-    done = completed_value(run_dir, overrides, trial)
+    done = completed_value(run_dir, overrides, trial)  # another sweep's job: stop this sweep
     if done is not None:
         return done
     try:
