@@ -3,13 +3,13 @@
 ``run_sweep_job`` runs one job: a job whose dir already says ``completed`` (for the same
 overrides) is skipped and an interrupted one resumes from its checkpoint, so rerunning a sweep
 with the same ``hydra.sweep.dir`` finishes only the missing work; a failing job is recorded and
-returns NaN instead of stopping the sweep.
+returns NaN instead of stopping the sweep. A job returns its final eval value of
+``trainer.best_metric`` (``job_value``), which also picks the sweep's best job.
 ``SweepSummary`` (a Hydra callback) writes ``summary.csv`` when the multirun ends and exits 1,
-naming the failed jobs, if any failed.
+naming the failed jobs, if any failed; a signal stops the sweep with the same ending
+(``end_sweep``), naming the command that continues it.
 """
 
-import csv
-import io
 import json
 import logging
 import math
@@ -17,7 +17,7 @@ import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -25,11 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from runner.config.errors import RunnerError, describe_error, first_line
 from runner.io import lock
 from runner.io.checkpoint import list_checkpoints
-from runner.io.files import write_atomic
+from runner.io.files import write_metrics
 from runner.platform.preemption import Interrupted
 from runner.io.rundir import (MULTIRUN_FILE, Claim, HydraJob, held_run, log_error_line,
                            read_metrics, write_hydra_files)
 from runner.config.schema import typed
+from runner.run.summary import (ending_line, format_table, job_value, rerun_command, summarize,
+                                write_csv)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ def marks_failed_trials(hydra_cfg: DictConfig) -> bool:
 def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
                   parallel: bool, raise_failure: bool = False,
                   hydra_job: Optional[HydraJob] = None) -> float:
-    """Run one multirun job in ``run_dir``; returns its eval loss, NaN when it failed (or,
+    """Run one multirun job in ``run_dir``; returns ``job_value``, NaN when it failed (or,
     with ``raise_failure``, raises JobFailed: Optuna marks the trial failed, where a NaN value
     would stop hydra-optuna-sweeper 1.3 with a ValueError of its own). ``hydra_job``: its
     ``.hydra/`` files, written once the dir is the job's."""
@@ -64,19 +66,19 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         cfg.trainer.progress_bar = False
     try:
-        return run(cfg, run_dir, overrides=overrides, claim=continue_or_restart(overrides),
-                   hydra_job=hydra_job)["eval"]["loss"]
+        return job_value(run(cfg, run_dir, overrides=overrides,
+                             claim=continue_or_restart(overrides), hydra_job=hydra_job,
+                             continue_with=rerun_command(run_dir.parent)))
     except Interrupted as err:
         # SIGTERM/SIGINT is meant for the whole sweep (preemption, Ctrl-C): stop it here;
-        # rerunning the command resumes this job and runs the rest.
-        log.error("%s", err)
-        raise SystemExit(1) from None
+        # rerunning its command resumes this job and runs the rest.
+        raise SystemExit(stop_sweep(err)) from None
     except Exception as err:  # noqa: BLE001  (isolate the failure; it is in metrics.json)
         return _failed(_job_failed(run_dir, overrides, err, hydra_job), raise_failure)
 
 
 def completed_value(run_dir: Path, overrides: Sequence[str]) -> Optional[float]:
-    """The eval loss of this very job when ``run_dir`` holds it completed (skip it), else
+    """The ``job_value`` of this very job when ``run_dir`` holds it completed (skip it), else
     None (run it). A completed job with other overrides (another sweep's) is a RunnerError:
     nothing of it is touched."""
     previous = read_metrics(run_dir)
@@ -87,7 +89,7 @@ def completed_value(run_dir: Path, overrides: Sequence[str]) -> Optional[float]:
                           f"({' '.join(previous.get('overrides', []))}); use another "
                           f"hydra.sweep.dir")
     log.info("%s already completed: skipping it", run_dir)
-    return previous["eval"]["loss"]
+    return job_value(previous)
 
 
 def continue_or_restart(overrides: Sequence[str]) -> Claim:
@@ -122,8 +124,6 @@ def record_failure(run_dir: Path, overrides: Sequence[str], reason: str,
     """``metrics.json``, ``.hydra/`` and a ``runner.log`` line of a job that failed before its
     run started, holding its lock; a dir that holds a run (or another process) keeps what it
     has."""
-    text = json.dumps({"status": "failed", "steps": 0, "overrides": list(overrides),
-                       "reason": reason}, indent=2, sort_keys=True) + "\n"
     try:
         lock.check_free(run_dir)
         if held_run(run_dir) is not None:
@@ -131,7 +131,8 @@ def record_failure(run_dir: Path, overrides: Sequence[str], reason: str,
         with lock.hold(run_dir):
             if hydra_job is not None:
                 write_hydra_files(run_dir, hydra_job)
-            write_atomic(run_dir / "metrics.json", text.encode())
+            write_metrics(run_dir, {"status": "failed", "steps": 0,
+                                    "overrides": list(overrides), "reason": reason})
             log_error_line(run_dir, __name__, f"job {run_dir.name} ({' '.join(overrides)}) "
                                               f"failed: {reason}")
     except (RunnerError, OSError) as write_err:
@@ -148,9 +149,17 @@ def interrupted_here(run_dir: Path, overrides: Sequence[str]) -> bool:
         list_checkpoints(run_dir / "checkpoints"))
 
 
-# The sweep dir's lock while its multirun runs. Not on the callback: Hydra pickles its
-# callbacks to send them to the joblib and SLURM launchers' jobs.
-_SWEEP_HELD = ExitStack()
+class _HeldSweep:
+    """The sweep dir this process holds (its lock) while its multirun runs; ``dir`` is None in
+    a process that holds none (a joblib or SLURM job's). Not on the callback: Hydra pickles its
+    callbacks to send them to the joblib and SLURM launchers' jobs."""
+
+    def __init__(self) -> None:
+        self.dir: Optional[Path] = None
+        self.lock = ExitStack()
+
+
+_HELD = _HeldSweep()
 
 
 class SweepSummary(Callback):
@@ -164,29 +173,53 @@ class SweepSummary(Callback):
         try:
             lock.check_free(sweep_dir)
             refuse_other_sweep(sweep_dir, overrides)
-            _SWEEP_HELD.enter_context(lock.hold(sweep_dir))
+            _HELD.lock.enter_context(lock.hold(sweep_dir))
+            _HELD.dir = sweep_dir
             refuse_other_sweep(sweep_dir, overrides)  # as it stands, held
         except RunnerError as err:
-            _SWEEP_HELD.close()
+            _HELD.lock.close()
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        with _SWEEP_HELD:
-            sweep_dir = Path(config.hydra.sweep.dir)
-            rows = summarize(sweep_dir)
-            if not rows:
-                return
-            _write_csv(sweep_dir / "summary.csv", rows)
+        status = end_sweep(Path(config.hydra.sweep.dir))
+        if status:  # Hydra turns a callback's exception into a warning (exit 0): exit here
+            sys.exit(status)
+
+
+def end_sweep(sweep_dir: Path) -> int:
+    """A sweep's ending, at its end or when a signal stopped it: ``summary.csv`` and the table,
+    then, if a job did not complete, one ``error:`` line naming each (for an interrupted one,
+    the command that continues the sweep); the sweep dir's lock released. The exit status."""
+    with _HELD.lock:
+        _HELD.dir = None
+        rows = summarize(sweep_dir)
+        if rows:
+            write_csv(sweep_dir / "summary.csv", rows)
+    if rows:
         print(format_table(rows))
-        print(f"summary: {sweep_dir / 'summary.csv'}")
-        failed = [r for r in rows if r["status"] != "completed"]
-        if failed:
-            # Hydra turns a callback's exception into a warning (exit 0); exit here instead.
-            print(f"error: {len(failed)} of {len(rows)} jobs failed: " + "; ".join(
-                f"job {r['job']} ({r['overrides']}): {r['reason']}" for r in failed),
-                file=sys.stderr)
-            sys.exit(1)
+        ranked = ", ".join(dict.fromkeys(r["best_by"] for r in rows if r["best"]))
+        print(f"summary: {sweep_dir / 'summary.csv'}" + (f"  (* best final {ranked})"
+                                                          if ranked else ""))
+    line = ending_line(rows, sweep_dir)
+    if line:
+        print(line, file=sys.stderr)
+    return 1 if line else 0
+
+
+def stop_sweep(err: BaseException) -> int:
+    """A job interrupted by a signal stops its sweep. In the process that holds the sweep
+    (the basic and fused launchers) the sweep ends as at its end (``end_sweep``), where Hydra
+    would not call ``on_multirun_end``; in a job's own process (joblib, SLURM) the job's line
+    is logged. The exit status."""
+    if _HELD.dir is None:
+        log.error("%s", err)
+        return 1
+    sweep_dir = _HELD.dir
+    if not end_sweep(sweep_dir):  # no job recorded the stop: it came before the job's run began
+        print(f"error: {err}; continue the sweep with: {rerun_command(sweep_dir)}",
+              file=sys.stderr)
+    return 1
 
 
 def refuse_other_sweep(sweep_dir: Path, overrides: List[str]) -> None:
@@ -209,48 +242,3 @@ def refuse_other_sweep(sweep_dir: Path, overrides: List[str]) -> None:
         shown = " ".join(before) or "no overrides"
         raise RunnerError(f"{sweep_dir} holds another sweep ({shown}); rerun that one to "
                           f"finish it, or give this one another hydra.sweep.dir")
-
-
-def summarize(sweep_dir: Path) -> List[Dict[str, Any]]:
-    """One row per job dir of the sweep: overrides, status, final metrics, times, best."""
-    rows = []
-    job_dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
-    by_number = lambda p: (int(p.name) if p.name.isdigit() else math.inf, p.name)  # noqa: E731
-    for job_dir in sorted(job_dirs, key=by_number):
-        m = read_metrics(job_dir)
-        row = {"job": job_dir.name, "overrides": " ".join(m.get("overrides", [])),
-               "status": m.get("status", "missing"), "best": "",
-               "reason": m.get("reason", "" if m else "no metrics.json (killed?)")}
-        if row["status"] == "running":  # the record a run starts with: it never ended
-            row["reason"] = "still running, or killed"
-        row.update({f"eval/{k}": v for k, v in m.get("eval", {}).items()})
-        row.update({f"train/{k}": v for k, v in m.get("train", {}).items()})
-        row.update({k: m.get(k) for k in ("steps", "wall_time_s", "compile_s",
-                                          "train_step_compiles")})
-        rows.append(row)
-    done = [r for r in rows if r["status"] == "completed"
-            and math.isfinite(r.get("eval/loss", math.nan))]
-    if done:
-        min(done, key=lambda r: r["eval/loss"])["best"] = "*"
-    return rows
-
-
-def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, text.getvalue().encode())
-
-
-def format_table(rows: List[Dict[str, Any]]) -> str:
-    """The summary as an aligned text table (metrics to 4 significant digits)."""
-    columns = [c for c in dict.fromkeys(k for row in rows for k in row)
-               if c.startswith("eval/") or c in ("job", "overrides", "status", "wall_time_s",
-                                                  "best")]
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa
-    table = [columns] + [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in table)
-
