@@ -1,5 +1,9 @@
 """Errors meant for people: each carries a one-line message naming the key or file at fault."""
 
+import os
+import shlex
+import sys
+
 
 class RunnerError(Exception):
     """A user-facing failure; the CLI prints its message on one line and exits non-zero."""
@@ -65,10 +69,6 @@ def runner_command(*args: str) -> str:
     interpreter that runs now (a venv's, though none may be active in the shell it is pasted
     into), shown relative to the working directory when it lies under it
     (``.venv/bin/python``), else absolute."""
-    import os
-    import shlex
-    import sys
-
     python = sys.executable or "python"  # none known (an embedded interpreter): PATH's
     try:
         relative = os.path.relpath(python) if sys.executable else os.pardir
