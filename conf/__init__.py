@@ -4,13 +4,15 @@ registers the schemas the YAML files extend: ``run_schema`` (runner's own keys,
 parameter of its class or optax factory, with the code's defaults (``runner.config.targets``). So
 ``--cfg job`` lists every key, and ``task.num_train=500`` needs no ``+``. They are stored
 untyped (keys and defaults): the job types and checks the values (``runner.config.schema.typed``,
-``runner.config.targets.check``), where a sweep isolates a bad one."""
+``runner.config.targets.check``), where a sweep isolates a bad one. It also registers the
+resolver ``--help`` lists the groups with (``runner.run.console.config_groups``)."""
 
 from hydra.core.config_store import ConfigStore
 
 from runner.config.schema import RunConf, untyped
 from runner.config.targets import load_target, signature_schema
 from runner.core.optim import SCHEMA as OPTIMIZER_SCHEMA
+from runner.run.console import register_help_resolver
 
 BUILT_IN = {
     "task": {"linear_fit": "runner.tasks.linear_fit.LinearFit",
@@ -33,3 +35,4 @@ def register_schemas() -> None:
 
 
 register_schemas()
+register_help_resolver()

@@ -1,4 +1,5 @@
-"""A multilayer perceptron; the default is the reference's Dense(128) -> Dense(1)."""
+"""A multilayer perceptron: Dense(128) -> relu -> Dense(out) by default (``model=mlp``);
+``activation: null`` makes it the reference's linear model (``model=linear``)."""
 
 from typing import Optional, Sequence
 
@@ -12,7 +13,8 @@ from runner.models.init import Init
 
 
 class MLP(nn.Module):
-    """Dense layers of ``features`` (each followed by ``activation``), then Dense(out_features).
+    """Dense layers of ``features`` (each followed by ``activation``; None: none, a linear
+    map), then Dense(out_features).
 
     Inputs with more than one feature axis (images) are flattened first. ``out_features``
     null: the task's output size (runner fills it in).
@@ -20,7 +22,7 @@ class MLP(nn.Module):
 
     features: Sequence[int] = (128,)
     out_features: Optional[int] = None
-    activation: Optional[str] = None
+    activation: Optional[str] = "relu"
     kernel_init: Init = Init("lecun_normal")
     bias_init: Init = Init("zeros_init")
 

@@ -15,15 +15,10 @@ from runner.config.errors import RunnerError, describe_error
 
 def evaluate_run(run_dir: Path, which: str = "last") -> dict:
     """Eval metrics of checkpoint ``which`` (``last``, ``best`` or a step) of ``run_dir``."""
-    import jax
-
-    from runner.config.schema import Precision
-    from runner.core.steps import evaluate, setup
     from runner.io.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
     from runner.io.inputs import verify
     from runner.platform.device import configure_jax
-    from runner.run.build import COMPUTE_DTYPES
-    from runner.run.resume import build_stored, load_run_config
+    from runner.run.resume import build_stored, evaluate_checkpoint, load_run_config
 
     cfg, _ = load_run_config(run_dir)
     parts = build_stored(cfg, run_dir)
@@ -42,12 +37,10 @@ def evaluate_run(run_dir: Path, which: str = "last") -> dict:
         path = checkpoint_path(ckpt_dir, int(which))
     else:
         raise RunnerError(f"--checkpoint {which}: use last, best or a step number")
-    template, data, _, _ = setup(cfg.seed, *parts, host_fed=True)  # no training set needed
-    state = load_checkpoint(path, template)
-    metrics, _ = evaluate(state, data, task=parts.task,
-                          compute_dtype=COMPUTE_DTYPES[Precision(cfg.device.precision)])
+    state, _, metrics = evaluate_checkpoint(
+        cfg, parts, lambda template: (load_checkpoint(path, template), path))
     return {"run_dir": str(run_dir), "checkpoint": str(path), "step": int(state.step),
-            "eval": {k: float(v) for k, v in jax.device_get(metrics).items()}}
+            "eval": metrics}
 
 
 def main(argv=None) -> None:

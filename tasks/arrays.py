@@ -84,6 +84,16 @@ class Arrays:
     def classification(self) -> bool:
         return self.info.kind == "classification"
 
+    # Runs are judged by eval accuracy for a classifier, by the loss for a regression
+    # (runner.tasks.base.DeclaresBestMetric).
+    @property
+    def best_metric(self) -> str:
+        return "accuracy" if self.classification else "loss"
+
+    @property
+    def best_mode(self) -> str:
+        return "max" if self.classification else "min"
+
     @property
     def train_examples(self) -> int:
         return self.info.n_train

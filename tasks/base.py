@@ -12,7 +12,7 @@ Runner asks for an optional hook only through these protocols (``isinstance``), 
 here is the whole interface.
 """
 
-from typing import Any, Dict, Protocol, Tuple, runtime_checkable
+from typing import Any, Dict, Optional, Protocol, Tuple, runtime_checkable
 
 import jax
 import numpy as np
@@ -126,7 +126,18 @@ class DeclaresOutputShape(Protocol):
     output_shape: Any
 
 
+@runtime_checkable
+class DeclaresBestMetric(Protocol):
+    # The eval metric that judges the task's runs when ``trainer.best_metric`` is null:
+    # ``"loss"`` or a key of the metrics ``loss`` returns (e.g. ``"accuracy"``), and
+    # ``best_mode``, ``"max"`` or ``"min"``: whether higher or lower is better (fields,
+    # properties or class attributes). Without them: the loss, lower is better.
+    best_metric: str
+    best_mode: str
+
+
 REQUIRED = ("batch_size", "output_dim", "eval_batches", "loss", "example_input")
+LOSS_RULE = ("loss", "min")  # a task's best metric and mode unless it declares its own
 SOURCES = (DeviceData, HostData, HostExamples)
 
 
@@ -142,9 +153,35 @@ def check_task(task: Any) -> None:
         raise ConfigError(f"task.batch_size={task.batch_size}: {name} has "
                           f"{task.train_examples} training examples (train_examples); a batch "
                           f"is 1 to that many distinct ones")
+    declared = {hook: getattr(task, hook) for hook in ("best_metric", "best_mode")
+                if hasattr(task, hook)}
+    if declared and (len(declared) == 1 or task.best_mode not in ("max", "min")):
+        shown = " and ".join(f"{k}={v!r}" for k, v in declared.items())
+        raise ConfigError(f"{name}: declares {shown}; its own best metric needs both, "
+                          f"best_mode max or min (see runner.tasks.base.DeclaresBestMetric)")
     if len(sources) != 1:
         raise ConfigError(f"{name}: needs exactly one data source: make_data(rng) and "
                           f"train_batch (arrays made on device), load_data() and train_batch "
                           f"(host arrays put on device), or load_data(), train_examples and "
                           f"read_examples(indices) (examples read on the host); it has "
                           f"{' and '.join(sources) or 'none'} (see runner.tasks.base)")
+
+
+def best_rule(task: Any, metric: Optional[str], mode: Optional[str]) -> Tuple[str, str]:
+    """``trainer.best_metric`` and ``best_mode`` with null filled in for ``task``: the metric
+    is the task's own (``DeclaresBestMetric``), else the loss; the mode is the task's for its
+    own metric, ``min`` for the loss. Any other metric needs its mode given: a ConfigError
+    naming the key. This one rule picks ``best.msgpack``, early stopping's best, a sweep's
+    best job and the value a sweep job returns to its sweeper."""
+    own = (task.best_metric, task.best_mode) if isinstance(task, DeclaresBestMetric) \
+        else LOSS_RULE
+    metric = own[0] if metric is None else metric
+    if mode is None:
+        implied = {own[0]: own[1], LOSS_RULE[0]: LOSS_RULE[1]}
+        if metric not in implied:
+            known = " and ".join(f"{k} ({v})" for k, v in implied.items())
+            raise ConfigError(f"trainer.best_metric={metric}: give trainer.best_mode=max or "
+                              f"min too (whether higher or lower is better; it is implied "
+                              f"only for {known})")
+        mode = implied[metric]
+    return metric, str(getattr(mode, "value", mode))

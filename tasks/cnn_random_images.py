@@ -30,6 +30,9 @@ class CNNRandomImages:
     num_classes: int = 10
     prototype_size: int = 7
     noise_std: float = 3.0
+    # Its runs are judged by eval accuracy (runner.tasks.base.DeclaresBestMetric); no fields.
+    best_metric = "accuracy"
+    best_mode = "max"
 
     def __post_init__(self):
         for key in ("batch_size", "num_eval", "image_size", "channels", "prototype_size"):

@@ -1,6 +1,7 @@
 """Shared fixtures: configs composed with Hydra's compose API (tiny sizes), and the real CLI."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,6 +45,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STARTED: List[subprocess.Popen] = []  # every process a test started: ended with the test
+
+
+@pytest.fixture(autouse=True)
+def end_started_processes():
+    """Kill what a test started and left running, however the test ended (an assertion that
+    failed mid-way, a run that never stopped)."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def start_process(args: Sequence[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen(args, **kwargs)``, ended when the test ends if still running."""
+    proc = subprocess.Popen(list(args), **kwargs)
+    STARTED.append(proc)
+    return proc
+
+
 def run_cli(args: Sequence[str], *, cwd: Path, check: bool = True,
             timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m runner <args>`` in a subprocess, as a user runs it."""
@@ -68,3 +91,14 @@ def start(overrides: Sequence[str] = (), *, seed: int = 0, mesh=None):
 @pytest.fixture
 def tiny_cfg():
     return compose_config
+
+
+def chromium_or_skip() -> str:
+    """Debian's chromium for the browser tests: skipped without it, but failed in CI, where
+    .ci/run installs it."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    return chromium

@@ -141,7 +141,10 @@ def test_masked_eval_counts_exactly_the_eval_examples(tmp_path, data_dir):
     (task, model, _), (template, data, *_) = start(["task=arrays", f"task.path={path}",
                                                     "task.batch_size=4"])
     state = load_checkpoint(tmp_path / "run/checkpoints/step_4.msgpack", template)
-    outputs = model.apply({"params": state.params}, data["eval"]["x"][:10])
+    # the inputs as the model sees them: standardized by the training set's statistics
+    x = (np.asarray(data["eval"]["x"][:10], np.float32) - np.asarray(data["stats"]["x_mean"])) \
+        / np.asarray(data["stats"]["x_std"])
+    outputs = model.apply({"params": state.params}, x)
     accuracy = float(np.mean(np.argmax(outputs, -1) == np.asarray(data["eval"]["y"][:10])))
     assert summary["eval"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
     assert round(summary["eval"]["accuracy"] * 10, 4) == round(accuracy * 10)

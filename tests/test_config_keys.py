@@ -11,26 +11,28 @@ import yaml
 from conftest import TINY, run_cli
 
 MODEL = '''
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 
 class Wide(nn.Module):
-    """A user's model whose YAML sets only ``hidden``; ``activation``'s default (a function)
-    is no config value."""
+    """A user's model whose YAML sets only ``hidden``; the defaults of ``activation`` (a
+    function) and ``dtype`` (a dtype) are no config values."""
 
     hidden: int
     depth: int = 2
     use_layernorm: bool = False
     out_features: Optional[int] = None
     activation: Callable = nn.relu
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         x = x.reshape(x.shape[0], -1)
         for _ in range(self.depth):
-            x = self.activation(nn.Dense(self.hidden)(x))
+            x = self.activation(nn.Dense(self.hidden, dtype=self.dtype)(x))
             x = nn.LayerNorm()(x) if self.use_layernorm else x
         return nn.Dense(self.out_features)(x)
 '''
@@ -101,6 +103,10 @@ STEPS_KEYS = ("steps, log_every, eval_every, checkpoint_every, steps_per_dispatc
               "best_mode, early_stop, profile_steps")
 
 
+LEARNING_RATE = ("optimizer.learning_rate: runner sets optax.adam's learning_rate from "
+                 "optimizer.lr; set optimizer.lr=... instead")
+
+
 @pytest.mark.parametrize("args, message", [
     (["model=wide", "model.use_layernrom=true"],
      "model.use_layernrom: unknown key; valid keys: hidden, depth, use_layernorm, out_features"),
@@ -116,9 +122,27 @@ STEPS_KEYS = ("steps, log_every, eval_every, checkpoint_every, steps_per_dispatc
      "prefix: 'model.depth=3' Or add a second + to add or override 'model.depth': "
      "'++model.depth=3'"),
     (["~model"], "model: no option chosen; pick one with model=<name>"),
+    # a parameter of the factory that runner sets itself: `+` cannot add it either
+    (["optimizer.learning_rate=1e-3"], LEARNING_RATE),
+    (["+optimizer.learning_rate=1e-3"], LEARNING_RATE),
+    (["optimizer=sgd", "+optimizer.learning_rate=1e-3"], LEARNING_RATE.replace("adam", "sgd")),
 ])
 def test_a_key_error_is_one_line_suggesting_plus_only_where_it_works(project, args, message):
     assert one_line_error(["--config-dir", "myconf", *args], project) == f"error: {message}"
+
+
+def test_the_plus_advice_works_where_it_is_given(project):
+    """A parameter whose default is no config value: the error says `+`, and `+` sets it."""
+    assert one_line_error(["--config-dir", "myconf", "model=wide", "model.dtype=bfloat16"],
+                          project) == (
+        "error: model.dtype: a parameter of myproj.models.Wide that the config leaves out (its "
+        "default is no config value); set it with +model.dtype=...")
+    run_cli(["--config-dir", "myconf", *TINY, "model=wide", "task=small_fit",
+             "+model.dtype=bfloat16", "hydra.run.dir=out/run"], cwd=project)
+    assert json.loads((project / "out/run/metrics.json").read_text())["status"] == "completed"
+    stored = yaml.safe_load((project / "out/run/.hydra/config.yaml").read_text())
+    assert stored["model"]["dtype"] == "bfloat16"
+    assert "bfloat16" in (project / "out/run/model_summary.txt").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from conftest import TINY, compose_config, free_port, run_cli
+from conftest import TINY, compose_config, free_port, run_cli, start_process
 from test_run_dirs import assert_same
 from test_run_dirs import snapshot as dir_bytes
 from test_run_dirs import one_error_line as only_error_line
@@ -38,25 +38,10 @@ UNBOUNDED = "trainer.steps=1000000000"  # a run a fault is meant to end never en
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-STARTED: list = []  # every process a test started: killed when the test ends, however it ends
-
-
-@pytest.fixture(autouse=True)
-def kill_leftovers():
-    yield
-    while STARTED:
-        proc = STARTED.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def popen(args, cwd, **kwargs):
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "XLA_FLAGS")}
-    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
-    STARTED.append(proc)
-    return proc
+    return start_process(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, **kwargs)
 
 
 def runner_args(*args):

@@ -12,20 +12,21 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import runner.loop.feed
-from conftest import REPO, compose_config, free_port, run_cli
+from conftest import REPO, compose_config, free_port, run_cli, start_process
 from runner.config.errors import RunnerError
 from runner.run.build import Parts, build_parts
 from runner.run.train import run
 from runner.tasks import arrays_io
 from runner.tasks.arrays import Arrays
 from test_resume import newest_step, wait_past
-from test_resume import start as start_cli
+from test_run_dirs import one_error_line
 
 SHORT = ["model.activation=relu", "trainer.steps=600", "trainer.log_every=100",
          "trainer.eval_every=300", "trainer.checkpoint_every=100", "trainer.progress_bar=false"]
@@ -57,6 +58,24 @@ def digits_copy(digits: Path, tmp_path: Path) -> Path:
 
 def checkpoints(run_dir: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted((run_dir / "checkpoints").glob("*.msgpack"))}
+
+
+def start_cli(args, cwd: Path) -> subprocess.Popen:
+    """``python -m runner <args>`` in the background (killed when the test ends, if still
+    running)."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return start_process([sys.executable, "-m", "runner", *args], cwd=cwd, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def rewrite_in_place(npy: Path) -> None:
+    """Other values over the data bytes of a uint8 ``.npy`` file, written in place: the same
+    size (never shorter, even while it is written), a new modification time."""
+    data = np.load(npy)
+    assert data.dtype == np.uint8
+    with open(npy, "r+b") as f:
+        f.seek(npy.stat().st_size - data.nbytes)
+        f.write((255 - data).tobytes())
 
 
 def test_host_and_device_feeds_train_the_same_bits(digits, tmp_path):
@@ -111,8 +130,7 @@ def test_a_host_fed_run_killed_anywhere_resumes_to_the_same_bits(digits, tmp_pat
                                                         ).read_bytes()
 
 
-def test_a_resume_rehashes_only_a_file_whose_size_or_time_changed(digits, tmp_path,
-                                                                 monkeypatch):
+def test_a_process_scans_the_files_of_one_stamp_once(digits, tmp_path, monkeypatch):
     import runner.tasks.arrays as arrays_task
 
     path = digits_copy(digits, tmp_path)
@@ -120,12 +138,37 @@ def test_a_resume_rehashes_only_a_file_whose_size_or_time_changed(digits, tmp_pa
     assert first["sha256"] == arrays_io.sha256(path)
     scanned, scan = [], arrays_task.scan
     monkeypatch.setattr(arrays_task, "scan", lambda *a: scanned.append(a[1]) or scan(*a))
-    assert Arrays(str(path)).inputs(first) == first and scanned == []  # taken as recorded
+    assert Arrays(str(path)).inputs({}) == first and scanned == []  # this process's scan
     os.utime(path / "x_train.npy", ns=(1, 1))  # touched: read and hashed again
     touched = Arrays(str(path)).inputs(first)
     assert scanned == [path] and touched == {**first, "mtime_ns": [1, *first["mtime_ns"][1:]]}
     # ...once per process: a sweep's next job takes this process's scan
     assert Arrays(str(path)).inputs(first) == touched and scanned == [path]
+
+
+def test_a_resume_rehashes_a_file_only_when_its_stamp_differs_from_the_record(digits,
+                                                                             tmp_path):
+    """Each resume a fresh process (no scan of its own to fall back on). Which hash it took
+    shows in bytes changed under the recorded size and time: the record's, so the resume goes
+    on; once the file is touched, the file's, so the resume is refused naming the hash."""
+    path = digits_copy(digits, tmp_path)
+    run_cli(["task=arrays", f"task.path={path}", "trainer.steps=20", "trainer.log_every=10",
+             "trainer.eval_every=20", "trainer.checkpoint_every=10",
+             "trainer.progress_bar=false", "hydra.run.dir=run"], cwd=tmp_path)
+    recorded = json.loads((tmp_path / "run" / "inputs.json").read_text())
+    x = path / "x_eval.npy"
+    stat = x.stat()
+    rewrite_in_place(x)
+    os.utime(x, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # its size and time as recorded
+    run_cli(["resume=run", "trainer.steps=40"], cwd=tmp_path)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 40
+    os.utime(x, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # touched: hashed again
+    line = one_error_line(run_cli(["resume=run", "trainer.steps=60"], cwd=tmp_path,
+                                  check=False))
+    rehashed = arrays_io.sha256(path)
+    assert rehashed != recorded["sha256"]
+    assert f"(sha256: now {rehashed[:12]}…, recorded {recorded['sha256'][:12]}…;" in line, line
 
 
 def test_rows_are_read_in_any_order_and_an_io_error_names_the_file(tmp_path, monkeypatch):
@@ -160,6 +203,23 @@ def long_host_run(path: Path, tmp_path: Path):
                       "hydra.run.dir=run"], tmp_path)
 
 
+def stderr_once_refused(proc: subprocess.Popen, run_dir: Path, changed_at: int) -> str:
+    """The stderr of ``long_host_run`` once it has ended, as it must at its next read after a
+    change to its file (at step ``changed_at`` or later); a run that trains on well past that
+    (blocks read before the change included) never refused the changed file."""
+    ahead = 4 * 500  # dispatches read before the change, and the checkpoint seen late
+    deadline = time.monotonic() + 300  # the wait's own bound: a run that neither ends nor trains
+    while True:
+        try:
+            return proc.communicate(timeout=0.5)[1]
+        except subprocess.TimeoutExpired:  # still running: how far?
+            pass
+        step = newest_step(run_dir)
+        assert step <= changed_at + ahead, (f"the run trained on to step {step} (changed at "
+                                            f"step {changed_at}): it never refused the file")
+        assert time.monotonic() < deadline, f"the run neither ended nor trained past {step}"
+
+
 @pytest.mark.parametrize("change", ["truncate", "rewrite"])
 def test_a_file_changed_during_a_run_ends_it_in_one_line(digits, tmp_path, change):
     path = digits_copy(digits, tmp_path)
@@ -170,13 +230,13 @@ def test_a_file_changed_during_a_run_ends_it_in_one_line(digits, tmp_path, chang
     if change == "truncate":
         os.truncate(x, x.stat().st_size // 2)
     else:  # the same size, other values
-        data = np.load(x)
-        np.save(x, 255 - data)
-    _, stderr = proc.communicate(timeout=120)  # never a hang
+        rewrite_in_place(x)
+    stderr = stderr_once_refused(proc, tmp_path / "run", newest_step(tmp_path / "run"))
     assert proc.returncode == 1
     line = stderr.strip().splitlines()[-1]
-    assert re.match(rf"error: reading the training examples of steps \d+\.\.\d+: {x}: "
-                    rf"(changed during the run|rows from \d+ cut short)", line), stderr
+    assert re.match(rf"error: reading the training examples of steps \d+\.\.\d+: "
+                    rf"{re.escape(str(x))}: (changed during the run|rows from \d+ cut short)",
+                    line), stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "failed" and str(x) in metrics["reason"]
     after = checkpoints(tmp_path / "run")
@@ -247,7 +307,7 @@ def test_two_processes_each_read_their_rows_and_match_the_device_feed(digits, tm
               "device.distributed=true", "device.num_processes=2"]
     for feed in ("device", "host"):
         port = free_port()
-        procs = [subprocess.Popen(
+        procs = [start_process(
             [sys.executable, "-m", "runner", *common, f"task.feed={feed}",
              f"hydra.run.dir={feed}", f"device.coordinator_address=127.0.0.1:{port}",
              f"device.process_id={i}"],
@@ -296,7 +356,7 @@ def test_a_read_failing_on_one_of_two_processes_stops_both_in_one_line(digits, t
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "XLA_FLAGS")}
     env["PYTHONPATH"] = str(tmp_path)
     port = free_port()
-    procs = [subprocess.Popen(
+    procs = [start_process(
         [sys.executable, "-m", "runner", "--config-dir", "myconf", "task=flaky",
          f"task.path={digits}", "task.feed=host", "task.batch_size=32",
          "trainer.steps=1000000", "trainer.log_every=500", "trainer.checkpoint_every=500",

@@ -42,6 +42,13 @@ def jobs(sweep_dir: Path):
     return sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
 
 
+def job_pairs(tmp_path: Path, count: int):
+    """Job ``i`` of the fused sweep and of the basic one, for each of the ``count`` jobs."""
+    fused, basic = jobs(tmp_path / "fused"), jobs(tmp_path / "basic")
+    assert [p.name for p in fused] == [p.name for p in basic] == [str(i) for i in range(count)]
+    return list(zip(fused, basic))
+
+
 def curve(run_dir: Path, tag: str):
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
@@ -77,9 +84,7 @@ def test_a_fused_sweep_equals_the_basic_launchers_job_by_job(tmp_path):
     sweep(tmp_path, "basic", *SWEEP, *COMMON, launcher="basic")
     assert "fusing jobs 0, 1, 2, 3, 4, 5, 6, 7 into one group (8 members" in (
         proc.stdout + proc.stderr)
-    fused, basic = jobs(tmp_path / "fused"), jobs(tmp_path / "basic")
-    assert [p.name for p in fused] == [str(i) for i in range(8)]
-    for f, b in zip(fused, basic):
+    for f, b in job_pairs(tmp_path, 8):
         assert {p.name for p in f.iterdir()} >= {
             ".hydra", "runner.log", "tb", "checkpoints", "metrics.json", "manifest.json",
             "model_summary.txt"}
@@ -98,7 +103,7 @@ def test_on_the_cpu_fused_members_are_the_basic_launchers_runs_bit_for_bit(tmp_p
             "trainer.checkpoint_every=4", "trainer.progress_bar=false"]
     sweep(tmp_path, "fused", *args)
     sweep(tmp_path, "basic", *args, launcher="basic")
-    for f, b in zip(jobs(tmp_path / "fused"), jobs(tmp_path / "basic")):
+    for f, b in job_pairs(tmp_path, 2):
         for step in (4, 8):
             name = f"checkpoints/step_{step}.msgpack"
             assert (f / name).read_bytes() == (b / name).read_bytes(), (f.name, step)
@@ -110,7 +115,7 @@ def test_a_fused_cnn_sweep_equals_the_basic_launchers(tmp_path):
             "trainer.eval_every=3", "trainer.checkpoint_every=3", "trainer.progress_bar=false"]
     sweep(tmp_path, "fused", *args)
     sweep(tmp_path, "basic", *args, launcher="basic")
-    for f, b in zip(jobs(tmp_path / "fused"), jobs(tmp_path / "basic")):
+    for f, b in job_pairs(tmp_path, 2):
         assert_same_run(f, b, 6)
 
 

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 from jax import lax
 
+from conftest import compose_config
 from runner.bench.cases import ReferenceCNN  # the reference's CNN, verbatim
 from runner.config.errors import ConfigError
 from runner.models.cnn import CNN
 from runner.models.conv import conv_general_dilated
 from runner.models.mlp import MLP
 from runner.models.pooling import max_pool
+from runner.run.build import build_parts
 
 
 def param_count(model, x):
@@ -20,10 +22,47 @@ def param_count(model, x):
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
 
 
-def test_mlp_default_is_the_reference_385_parameters():
+def test_mlp_default_has_the_reference_385_parameters():
     assert param_count(MLP(out_features=1), jnp.zeros((1, 1))) == 385
     reference = nn.Sequential([nn.Dense(128), nn.Dense(1)])
     assert param_count(reference, jnp.zeros((1, 1))) == 385
+
+
+def additivity_gap(model, x: jax.Array) -> float:
+    """max |f(a+b) - f(a) - f(b) + f(0)| over pairs of ``x``'s rows: 0 for an affine map."""
+    params = model.init(jax.random.PRNGKey(0), x[:1])
+    f = lambda v: model.apply(params, v)  # noqa: E731
+    a, b = x, jnp.roll(x, 1, axis=0) * -2.0
+    return float(jnp.max(jnp.abs(f(a + b) - f(a) - f(b) + f(jnp.zeros_like(a)))))
+
+
+def test_model_mlp_is_nonlinear_by_default():
+    """``model=mlp``, with a task that takes the group's default (arrays) or picked over a
+    task's own (cnn_random_images), has an activation: it is no linear map."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 3))
+    assert additivity_gap(MLP(out_features=2), x) > 1e-2
+    for overrides in (["task=cnn_random_images", "model=mlp"], ["model=mlp"]):
+        model = build_parts(compose_config(overrides)).model
+        assert model.activation == "relu" and additivity_gap(model, x) > 1e-2
+
+
+def test_linear_fit_trains_the_reference_linear_model():
+    """The default run's model (task=linear_fit's own, model=linear) is the reference's
+    Dense(128) -> Dense(1), no activation: the same parameters give the same outputs."""
+    cfg = compose_config()
+    model = build_parts(cfg).model
+    assert cfg.model.activation is None and list(cfg.model.features) == [128]
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 1))
+    assert additivity_gap(model, x) < 1e-5
+    reference = nn.Sequential([nn.Dense(128), nn.Dense(1)])
+    ref_params = reference.init(jax.random.PRNGKey(42), x[:1])
+    ours = model.init(jax.random.PRNGKey(42), x[:1])
+    assert jax.tree.map(jnp.shape, jax.tree.leaves(ours)) == \
+        jax.tree.map(jnp.shape, jax.tree.leaves(ref_params))
+    same = jax.tree.unflatten(jax.tree.structure(ours), jax.tree.leaves(ref_params))
+    np.testing.assert_array_equal(model.apply(same, x), reference.apply(ref_params, x))
+    reference_experiment = build_parts(compose_config(["experiment=linear_fit_reference"]))
+    assert reference_experiment.model == model
 
 
 def test_mlp_without_activation_is_affine_and_with_one_is_not():

@@ -190,6 +190,21 @@ def test_the_wheel_installs_runner_alone_and_runs_from_any_directory(tmp_path):
     assert [done(tmp_path / "sweep" / job)["steps"] for job in ("0", "1")] == [4, 4]
 
 
+def test_pip_install_brings_the_tensorboard_every_run_names():
+    """Every run ends with ``view: tensorboard --logdir <run dir>``: a base requirement of the
+    installed distribution (no extra), its console script beside the interpreter."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    base = [Requirement(r) for r in requires("jax-yaml-runner") if "extra ==" not in r]
+    assert "tensorboard" in {r.name for r in base}
+    proc = subprocess.run([str(Path(sys.executable).parent / "tensorboard"), "--version"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()[0].isdigit(), proc.stdout
+
+
 def test_hparams_search_without_the_search_extra_names_the_install_command(tmp_path):
     """Without Optuna (the search extra's; not in a base install, which must not change a
     user's own optuna): one line, exit 1. Optuna is made unimportable here, as if it were not

@@ -120,7 +120,7 @@ def test_sigterm_saves_a_checkpoint_and_marks_the_run_interrupted(tmp_path):
     stderr = proc.stderr.read()
     assert "Traceback" not in stderr
     stopped = re.fullmatch(r"error: stopped by SIGTERM at step (\d+), checkpoint (\S+); "
-                           r"continue with: python -m runner resume=(\S+)",
+                           r"continue with: \S+ -m runner resume=(\S+)",
                            stderr.strip().splitlines()[-1])
     assert stopped, stderr
     step = int(stopped.group(1))
@@ -162,14 +162,65 @@ def test_resume_extends_a_finished_run_and_tensorboard_has_each_step_once(tmp_pa
     assert before == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
 
-def test_a_resume_with_nothing_left_keeps_the_run_files(tmp_path):
+def snapshot(run_dir: Path):
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*")
+            if p.is_file()}
+
+
+def test_a_resume_with_nothing_left_records_the_run_completed(tmp_path):
     """Checkpointed to the end but no metrics.json (killed in between): resume says so, exit
-    0, and writes nothing (no metrics.json claiming a failure)."""
+    0, and records the run completed, with its final eval metrics; nothing else changes."""
     run_cli([*TINY, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    finished = json.loads((tmp_path / "metrics.json").read_text())
     (tmp_path / "metrics.json").unlink()
+    before = snapshot(tmp_path)
     again = run_cli([f"resume={tmp_path}"], cwd=tmp_path)
     assert "already complete at step 4" in again.stdout
-    assert not (tmp_path / "metrics.json").exists()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["status"], metrics["steps"], metrics["checkpoint"]) == (
+        "completed", 4, str(tmp_path / "checkpoints/step_4.msgpack"))
+    assert metrics["eval"] == pytest.approx(finished["eval"], rel=1e-6)
+    assert metrics["best"] == finished["best"]
+    after = snapshot(tmp_path)
+    assert after.pop("metrics.json") and after == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps", ["at", "below"])
+def test_a_resume_of_an_interrupted_run_with_nothing_to_train_completes_it(tmp_path, steps):
+    """`resume=<dir> trainer.steps=N` at or below the step an interrupted run stopped at:
+    the run is recorded completed at that step with its eval metrics (those runner.eval
+    gives), every other file as it was; a later resume then changes nothing."""
+    run_dir = tmp_path / "run"
+    proc = start([*LONG, UNBOUNDED, f"hydra.run.dir={run_dir}"], tmp_path)
+    try:
+        wait_past(proc, run_dir, 0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    interrupted = json.loads((run_dir / "metrics.json").read_text())
+    step = interrupted["steps"]
+    assert interrupted["status"] == "interrupted" and step >= DISPATCH
+    before = snapshot(run_dir)
+    end = step if steps == "at" else step // 2
+    again = run_cli([f"resume={run_dir}", f"trainer.steps={end}"], cwd=tmp_path)
+    assert again.stdout.strip().splitlines()[-1] == (
+        f"{run_dir}: already complete at step {step}; give a larger trainer.steps to train "
+        f"longer")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    evaluated = json.loads(subprocess.run(
+        [sys.executable, "-m", "runner.eval", str(run_dir)], capture_output=True, text=True,
+        check=True).stdout)
+    assert (metrics["status"], metrics["steps"], metrics["checkpoint"], metrics["eval"]) == (
+        "completed", step, evaluated["checkpoint"], evaluated["eval"])
+    assert "reason" not in metrics and metrics["overrides"] == interrupted["overrides"]
+    after = snapshot(run_dir)
+    assert after.pop("metrics.json") != before.pop("metrics.json") and after == before
+    # Completed now: a resume with nothing to train exits 0 and rewrites nothing.
+    completed = snapshot(run_dir)
+    for args in ([f"trainer.steps={step}"], [f"trainer.steps={step // 2}"]):
+        run_cli([f"resume={run_dir}", *args], cwd=tmp_path)
+        assert snapshot(run_dir) == completed
 
 
 def test_interrupted_attempt_logged_past_its_checkpoint_is_purged(tmp_path):
@@ -228,7 +279,7 @@ def test_best_mode_max_keeps_the_highest(tmp_path):
 
 def test_unknown_best_metric_names_the_valid_ones(tmp_path):
     with pytest.raises(RunnerError, match="trainer.best_metric=accuracy: .* valid: loss, mse"):
-        run(compose_config(["trainer.best_metric=accuracy"]), tmp_path)
+        run(compose_config(["trainer.best_metric=accuracy", "trainer.best_mode=max"]), tmp_path)
 
 
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path):

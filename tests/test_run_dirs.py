@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Dict
 
+import numpy as np
 import pytest
 
 from conftest import TINY, run_cli
@@ -69,6 +70,34 @@ def test_a_fresh_run_never_reuses_a_run_dir(tmp_path):
         ["best.json", "best.msgpack", "step_2.msgpack", "step_4.msgpack", "step_6.msgpack"]
     assert json.loads((tmp_path / "runs/same/metrics.json").read_text())["steps"] == 6
     assert len(list((tmp_path / "runs/same/tb").glob("events.*"))) == 1
+
+
+def small_arrays(path: Path, seed: int) -> Path:
+    """A task=arrays file: 3-class labels of 3 features, 24 to train on and 8 to eval."""
+    rng = np.random.default_rng(seed)
+    np.savez(path, x_train=rng.normal(size=(24, 3)).astype(np.float32),
+             y_train=rng.integers(0, 3, 24), x_eval=rng.normal(size=(8, 3)).astype(np.float32),
+             y_eval=rng.integers(0, 3, 8))
+    return path
+
+
+@pytest.mark.slow
+def test_overwrite_sets_aside_every_file_of_a_run_that_read_files(tmp_path):
+    """The record of the files an arrays run read (inputs.json) goes aside with its run: the
+    new run records its own."""
+    common = [*TINY, "task=arrays", "task.batch_size=8", "hydra.run.dir=runs/a"]
+    first = small_arrays(tmp_path / "first.npz", 0)
+    run_cli([*common, f"task.path={first}"], cwd=tmp_path)
+    before = snapshot(tmp_path / "runs/a")
+    assert "inputs.json" in before
+    second = small_arrays(tmp_path / "second.npz", 1)
+    run_cli([*common, f"task.path={second}", "overwrite=true"], cwd=tmp_path)
+    kept = snapshot(tmp_path / "runs/a/attempts/1")
+    assert sorted(kept) == sorted(k for k in before if k != ".lock")
+    assert [k for k in kept if kept[k] != before[k]] == []
+    recorded = json.loads((tmp_path / "runs/a/inputs.json").read_text())
+    assert recorded["path"] == str(second) and recorded["bytes"] == [second.stat().st_size]
+    assert json.loads(kept["inputs.json"])["path"] == str(first)
 
 
 @pytest.mark.slow
@@ -143,7 +172,7 @@ def test_the_printed_resume_command_works_as_printed(project):  # noqa: F811
     printed = re.search(r"continue with: (.*)$", err, re.M)
     assert printed, err[-2000:]
     command = printed.group(1)
-    assert command.startswith("RUNNER_TRUST=myproj python -m runner resume="), command
+    assert command.startswith(f"RUNNER_TRUST=myproj {sys.executable} -m runner resume="), command
     stopped = json.loads((project / "out/s/metrics.json").read_text())["steps"]
     resumed = subprocess.run(
         f"{command} trainer.steps={stopped + 100}",

@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from hydra_plugins.runner_search.space import distributions, overrides
 from runner.io.checkpoint import list_checkpoints
-from runner.run.sweep import summarize
+from runner.run.summary import summarize
 
 # Two trials of 20 steps, an eval every 10. With the sampler's seed 0, trial 0 draws lr=0.008
 # (eval/loss ~1.0 at step 10) and trial 1 lr=1e-5 (~5.9: it has barely moved).

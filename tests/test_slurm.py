@@ -181,8 +181,9 @@ def test_scancel_term_ends_the_sweep_in_one_line_and_a_rerun_resumes(tmp_path):
     assert done.returncode == 1
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: 1 of 1 jobs failed: job 0 (optimizer.lr=0.001 ") and (
-        "stopped by SIGTERM" in last), done.stderr[-3000:]
+    assert last.startswith("error: 1 of 1 jobs did not complete: job 0 interrupted at step ") \
+        and "continue the sweep with: " in last and "hydra/launcher=slurm" in last, \
+        done.stderr[-3000:]
     assert [r["status"] for r in summary(tmp_path / "s")] == ["interrupted"]
     stopped_at = metrics(tmp_path / "s" / "0")["steps"]
     slurm_sweep(tmp_path, "s", "optimizer.lr=1e-3", *LONG)  # the same command again

@@ -2,8 +2,6 @@
 (EventAccumulator, the real server's HTTP API, and the real UI in headless Chromium)."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,8 +12,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import REPO, TINY, TINY_CNN, compose_config, free_port, run_cli
+from conftest import (REPO, TINY, TINY_CNN, chromium_or_skip, compose_config, free_port,
+                      run_cli)
 from runner.config.errors import RunnerError
+from runner.io.tb_logger import TensorBoardLogger
 from runner.run.train import run
 
 ARTIFACTS = REPO / "test-artifacts"  # screenshots of the browser test, kept after the run
@@ -61,10 +61,24 @@ def test_a_run_writes_scalars_images_text_and_its_own_hparams(tmp_path):
     assert {"task", "model", "optimizer", "optimizer.lr", "seed", "trainer.steps",
             "device"} <= set(start)
     assert start["optimizer.lr"].number_value == pytest.approx(1e-3)
-    assert (start["seed"].string_value, start["trainer.steps"].string_value) == ("0", "4")
+    assert (start["seed"].number_value, start["trainer.steps"].number_value) == (0, 4)
+    assert start["trainer.steps"].WhichOneof("kind") == "number_value"  # old: the text "4"
     assert start["task"].string_value == "LinearFit"  # composed without Hydra's choices
     assert hp["session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS
     assert [p.name for p in (tmp_path / "tb").iterdir() if p.is_dir()] == []  # no sub-run
+
+
+def test_hparams_keep_each_values_kind(tmp_path):
+    """Integers and floats are numbers (sorted by value, numeric axes), booleans booleans."""
+    logger = TensorBoardLogger(tmp_path / "tb")
+    logger.hparams({"seed": 10, "optimizer.lr": 0.5, "task": "linear_fit",
+                    "model.use_bias": False}, completed=True)
+    logger.close()
+    start = hparams_data(load(tmp_path))["session_start_info"].session_start_info.hparams
+    assert {k: (v.WhichOneof("kind"), getattr(v, v.WhichOneof("kind")))
+            for k, v in start.items()} == {
+        "seed": ("number_value", 10), "optimizer.lr": ("number_value", 0.5),
+        "task": ("string_value", "linear_fit"), "model.use_bias": ("bool_value", False)}
 
 
 def test_cnn_logs_sample_grid_and_confusion_matrix(tmp_path):
@@ -178,11 +192,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 @pytest.mark.slow
 def test_tensorboard_ui_renders_both_runs_in_chromium(tensorboard_url, tmp_path):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: .ci/run installs Debian's chromium")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)

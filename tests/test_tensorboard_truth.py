@@ -1,13 +1,12 @@
 """What TensorBoard shows is true: the Profile tab's steps span their compute; the HPARAMS
 columns are the union over every run under a logdir of mixed tasks and launchers, integers
-shown as integers, the platform that ran; a fused member's perf scalars say they are its
+as numbers, the platform that ran; a fused member's perf scalars say they are its
 group's; fused and basic checkpoints are byte-identical; the task figures are legible at the
 image card's size. Read back from the event files, the real TensorBoard server and (slow) its
 UI in headless Chromium."""
 
 import gzip
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.text import Text
 
-from conftest import TINY, TINY_CNN, free_port, run_cli
+from conftest import TINY, TINY_CNN, chromium_or_skip, free_port, run_cli
 from runner.io.figures import render
 from runner.tasks.arrays import Arrays
 from runner.tasks.cnn_random_images import CNNRandomImages
@@ -84,11 +83,11 @@ def test_hparams_rows_are_the_same_from_either_launcher(logdir):
     for job in ("0", "1"):
         basic, fused = session_start(logdir / "basic" / job), session_start(logdir / "fused" / job)
         assert basic == fused
-        assert (basic["task"], basic["model"], basic["device"]) == ("linear_fit", "mlp", "cpu")
-        assert (basic["seed"], basic["trainer.steps"]) == ("3", "20")  # shown as integers
+        assert (basic["task"], basic["model"], basic["device"]) == ("linear_fit", "linear", "cpu")
+        assert (basic["seed"], basic["trainer.steps"]) == (3, 20)  # numbers, not text
     cnn = session_start(logdir / "cnn")
     assert (cnn["task"], cnn["model"], cnn["task.image_size"]) == ("cnn_random_images", "cnn",
-                                                                    "16")
+                                                                    16)
 
 
 def scalar_tags(run_dir: Path, prefix: str) -> dict:
@@ -232,7 +231,7 @@ def test_tensorboard_takes_the_union_of_every_runs_hparams(tensorboard_url):
     experiment = get_json(f"{tensorboard_url}/data/plugin/hparams/experiment",
                           {"experimentName": ""})
     types = {h["name"]: h["type"] for h in experiment["hparamInfos"]}
-    assert types["seed"] == types["trainer.steps"] == "DATA_TYPE_STRING"
+    assert types["seed"] == types["trainer.steps"] == "DATA_TYPE_FLOAT64"
     assert {"eval/accuracy", "eval/mse", "eval/loss"} <= {
         m["name"]["tag"] for m in experiment["metricInfos"]}
     groups = get_json(f"{tensorboard_url}/data/plugin/hparams/session_groups", {
@@ -250,7 +249,7 @@ def test_tensorboard_takes_the_union_of_every_runs_hparams(tensorboard_url):
         cnn = row["hparams"]["task"] == "cnn_random_images"
         assert ("eval/accuracy" in metrics, "eval/mse" in metrics) == (cnn, not cnn), name
         assert (row["hparams"]["device"], row["hparams"]["seed"]) == (
-            "cpu", "3" if name.startswith(("basic", "fused")) else "0")
+            "cpu", 3 if name.startswith(("basic", "fused")) else 0)
 
 
 @pytest.mark.slow
@@ -278,9 +277,7 @@ def trace_host(logdir: Path) -> str:
 
 @pytest.mark.slow
 def test_the_ui_shows_every_tasks_metrics_and_figures_at_a_legible_scale(tensorboard_url):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)

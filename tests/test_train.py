@@ -179,3 +179,18 @@ def test_a_members_actions_are_named_and_fall_due_on_their_cadences(tmp_path):
     assert member.due(4, last=False) == ["log", "eval"]
     assert member.due(6, last=False) == ["log", "checkpoint"]
     assert member.due(12, last=True) == ["log", "eval", "checkpoint"]
+
+
+def test_the_console_has_a_train_line_for_every_log_step(tmp_path, caplog):
+    """A dispatch of 100 steps brings two 50-step log windows (``trainer.log_every=50``):
+    each gets its console line when the dispatch's metrics arrive."""
+    cfg = compose_config(["trainer.steps=200", "trainer.log_every=50", "trainer.eval_every=100",
+                          "trainer.checkpoint_every=100"])
+    assert steps_per_dispatch(cfg.trainer) == 100
+    with caplog.at_level("INFO", logger="runner.loop.member"):
+        run(cfg, tmp_path)
+    train = [r.getMessage().split()[1] for r in caplog.records
+             if r.name == "runner.loop.member" and "train/loss=" in r.getMessage()]
+    assert train == ["50/200", "100/200", "150/200", "200/200"]
+    assert [e.step for e in EventAccumulator(str(tmp_path / "tb")).Reload()
+            .Scalars("train/loss")] == [50, 100, 150, 200]

@@ -95,8 +95,8 @@ class SearchSweeper(Sweeper):
             raise RunnerError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate}: must "
                               f"lie in [0, 1]")
         assert self.config is not None
-        names = objectives(self.config.hydra.sweeper, self.config.trainer)
-        ways = directions(self.config.hydra.sweeper, self.config.trainer, names)
+        names = objectives(self.config.hydra.sweeper, self.config)
+        ways = directions(self.config.hydra.sweeper, self.config, names)
         pruner = build_pruner(self.pruner_spec)
         if not isinstance(pruner, optuna.pruners.NopPruner) and len(names) > 1:
             raise RunnerError(f"hydra.sweeper.pruner: Optuna prunes single-objective searches "

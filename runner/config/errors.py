@@ -1,5 +1,9 @@
 """Errors meant for people: each carries a one-line message naming the key or file at fault."""
 
+import os
+import shlex
+import sys
+
 
 class RunnerError(Exception):
     """A user-facing failure; the CLI prints its message on one line and exits non-zero."""
@@ -64,10 +68,41 @@ def chosen(group: str, default: str) -> str:
     return f"{group}={option or default}"
 
 
+def runner_command(*args: str) -> str:
+    """``<python> -m runner <args>``, shell-quoted, for a message to print: ``<python>`` is the
+    interpreter that runs now (a venv's, though none may be active in the shell it is pasted
+    into), shown relative to the working directory when it lies under it
+    (``.venv/bin/python``), else absolute."""
+    python = sys.executable or "python"  # none known (an embedded interpreter): PATH's
+    try:
+        relative = os.path.relpath(python) if sys.executable else os.pardir
+    except (OSError, ValueError):  # no working directory, or another drive
+        relative = os.pardir
+    if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
+        # a bare name would be looked up on PATH
+        python = relative if os.sep in relative else os.path.join(os.curdir, relative)
+    return " ".join(shlex.quote(word) for word in (python, "-m", "runner", *args))
+
+
 # Config options of plugins that are not installed, and what to use instead.
 MISSING_PLUGINS = {("hydra/sweeper", "optuna"): (
     "not installed (hydra-optuna-sweeper); runner's own Optuna sweeper is "
     "hydra/sweeper=search: pip install 'jax-yaml-runner[search]'")}
+# Parameters of a group's target that runner sets itself, from a key of the group: an optax
+# factory's learning_rate is optimizer.lr times the schedule (runner.core.optim). They are no
+# keys of the group, and `+` cannot add them.
+SET_BY_RUNNER = {"optimizer": {"learning_rate": "lr"}}
+
+
+def set_by_runner(key: str, target: str) -> "str | None":
+    """The one line for ``key`` (``optimizer.learning_rate``) when runner sets that parameter
+    of ``target`` itself, naming the key to set instead; None for any other key."""
+    group, _, name = str(key).rpartition(".")
+    own = SET_BY_RUNNER.get(group, {}).get(name)
+    if own is None:
+        return None
+    return (f"{key}: runner sets {target}'s {name} from {group}.{own}; set {group}.{own}=... "
+            f"instead")
 
 
 def describe_error(err: BaseException) -> "str | None":
@@ -153,6 +188,9 @@ def _unknown_key(err: BaseException) -> str:
 
     key, valid, parent = err.full_key, _valid_keys(err), getattr(err, "parent_node", None)
     target = parent.get("_target_") if isinstance(parent, DictConfig) else None
+    driven = set_by_runner(key, target) if isinstance(target, str) else None
+    if driven:
+        return driven
     if isinstance(target, str) and _is_parameter(target, str(key).rsplit(".", 1)[-1]):
         return (f"{key}: a parameter of {target} that the config leaves out (its default is no "
                 f"config value); set it with +{key}=...")

@@ -110,8 +110,12 @@ class TrainerConf:
     log_images: bool = True
     log_histograms: bool = False
     keep_checkpoints: Optional[int] = bounded(None, gt=0)
-    best_metric: str = "loss"
-    best_mode: BestMode = BestMode.min
+    # The eval metric that picks best.msgpack, early stopping's best, a sweep's best job and
+    # the value a sweep job returns ("loss" or a metric of the task's), and whether higher
+    # (max) or lower (min) is better. null: the task's own (accuracy, max for a classifier),
+    # else loss, min (runner.tasks.base.best_rule, once the task is built).
+    best_metric: Optional[str] = None
+    best_mode: Optional[BestMode] = None
     early_stop: EarlyStopConf = field(default_factory=EarlyStopConf)
     # debug=profile: trace this many steps (after the compiling dispatch) into the run's tb/,
     # for TensorBoard's Profile tab (null: no trace).

@@ -28,7 +28,7 @@ import flax.linen as nn
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from runner.config.errors import ConfigError, RunnerError, first_line
+from runner.config.errors import ConfigError, RunnerError, first_line, set_by_runner
 
 PRIMITIVES = (bool, int, float, str)
 # Fields every flax.linen.Module has that are not configuration
@@ -113,7 +113,8 @@ def check(cfg: DictConfig, key: str, *, skip=(), base: type = object) -> DictCon
     takes = set(parameters(target, skip)) | known
     unknown = [k for k in cfg if k not in takes]
     if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}: unknown key; {path} takes: "
+        raise ConfigError(set_by_runner(f"{key}.{unknown[0]}", path) or
+                          f"{key}.{unknown[0]}: unknown key; {path} takes: "
                           f"{', '.join(sorted(takes - {'_target_'}))}")
     given = OmegaConf.to_container(cfg, resolve=True)  # untyped: the schema types it anew
     try:

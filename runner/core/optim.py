@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from omegaconf import DictConfig, OmegaConf
 
-from runner.config.errors import ConfigError, check_range
+from runner.config.errors import SET_BY_RUNNER, ConfigError, check_range
 from runner.config.schema import OptimizerConf, Schedule, check_fields
 from runner.config.targets import check, load_target
 
@@ -26,7 +26,7 @@ from runner.config.targets import check, load_target
 COMMON_KEYS = tuple(f.name for f in dataclasses.fields(OptimizerConf))
 # An optimizer config's schema: the optax factory's own arguments, less the lr (runner's: the
 # schedule scales it), after runner's common keys (runner.config.targets.signature_schema, check).
-SCHEMA = {"skip": ("learning_rate",), "base": OptimizerConf}
+SCHEMA = {"skip": tuple(SET_BY_RUNNER["optimizer"]), "base": OptimizerConf}
 # Ranges of optax's usual argument names (optax checks none of them).
 RANGES = {"b1": dict(ge=0, le=1), "b2": dict(ge=0, le=1), "decay": dict(ge=0, le=1),
           "momentum": dict(ge=0, le=1), "eps": dict(ge=0), "eps_root": dict(ge=0),

@@ -112,12 +112,16 @@ class Checkpointer:
     def __init__(self, ckpt_dir: Path, *, keep: Optional[int], metric: str, mode: str,
                  write: bool = True):
         """``write=False`` (processes other than 0) tracks the best but writes no file."""
-        self.dir, self.keep, self.metric, self.mode = Path(ckpt_dir), keep, metric, mode
+        self.dir, self.keep, self.metric = Path(ckpt_dir), keep, metric
+        self.mode = str(getattr(mode, "value", mode))  # "min" | "max" (BestMode is a str enum)
         self.write = write
-        try:  # a resumed run keeps comparing against its earlier best
+        try:  # a resumed run keeps comparing against its earlier best, by the same rule
             self.best = json.loads((self.dir / "best.json").read_text())
         except (OSError, ValueError):
             self.best = None
+        if self.best is not None and (self.best.get("metric"), self.best.get(
+                "mode", self.mode)) != (f"eval/{metric}", self.mode):
+            self.best = None  # resumed with another trainer.best_metric or best_mode
 
     def save(self, state, step: int) -> Path:
         if not self.write:
@@ -135,8 +139,8 @@ class Checkpointer:
         if self.best is not None and not (value < self.best["value"] if self.mode == "min"
                                           else value > self.best["value"]):
             return
-        self.best = {"step": step, "metric": f"eval/{self.metric}", "value": value,
-                     "path": str(self.dir / "best.msgpack")}
+        self.best = {"step": step, "metric": f"eval/{self.metric}", "mode": self.mode,
+                     "value": value, "path": str(self.dir / "best.msgpack")}
         if self.write:
             save_checkpoint(self.dir, state, step=step, name="best")
             write_atomic(self.dir / "best.json",

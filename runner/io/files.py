@@ -4,6 +4,7 @@ one, never half of one) and a run's ``metrics.json``."""
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict
 
@@ -51,3 +52,24 @@ def read_metrics(run_dir: Path) -> Dict[str, Any]:
         return json.loads((run_dir / METRICS_FILE).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def write_metrics(run_dir: Path, summary: Dict[str, Any]) -> None:
+    """Write the run's record, ``metrics.json`` (``summary``), atomically. After a failure, on a full disk, the record goes over the ``running``
+    one in place (its blocks are already the file's; not atomic, but better than none); a
+    write that fails even so is said on stderr."""
+    path, data = run_dir / METRICS_FILE, (json.dumps(summary, indent=2, sort_keys=True)
+                                            + "\n").encode()
+    try:
+        write_atomic(path, data)
+    except WriteError as err:
+        if summary["status"] in ("completed", "running"):
+            raise
+        try:
+            with open(path, "r+b") as f:
+                f.write(data)
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            print(f"error: the run's status was not recorded: {err}", file=sys.stderr)

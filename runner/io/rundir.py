@@ -14,11 +14,11 @@ import logging.handlers
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from runner.config.errors import RunnerError
+from runner.config.errors import RunnerError, first_line, runner_command
 from runner.io.checkpoint import list_checkpoints
 from runner.io.files import read_metrics, write_atomic
 
@@ -62,8 +62,9 @@ def refuse_fresh_run(run_dir: Path, *, overwrite: bool) -> None:
         raise RunnerError(f"{shown} holds a sweep; give the run another hydra.run.dir")
     if held is None or overwrite:
         return
-    raise RunnerError(f"{shown} holds a run ({held}): continue it with python -m runner "
-                      f"resume={shown} (trainer.steps=N to train longer), or start over there "
+    raise RunnerError(f"{shown} holds a run ({held}): continue it with "
+                      f"{runner_command(f'resume={shown}')} (trainer.steps=N to train "
+                      f"longer), or start over there "
                       f"with overwrite=true (the old run is moved to {shown}/{ATTEMPTS}/), or "
                       f"give another hydra.run.dir")
 
@@ -112,6 +113,22 @@ def write_hydra_files(run_dir: Path, job: "HydraJob") -> None:
                       ("overrides.yaml", job.overrides)):
         if cfg is not None:
             write_atomic(run_dir / HYDRA_DIR / name, OmegaConf.to_yaml(cfg).encode())
+
+
+def recorded_choices(run_dir: Path) -> Dict[str, str]:
+    """The config group options the run in ``run_dir`` was composed with (``task: arrays``,
+    ``model: cnn1d``), as its ``.hydra/hydra.yaml`` records them (``hydra.runtime.choices``);
+    {} for a run made without Hydra. A resumed run labels itself with these."""
+    path = run_dir / HYDRA_DIR / "hydra.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        choices = OmegaConf.select(OmegaConf.load(path), "hydra.runtime.choices", default=None)
+    except Exception as err:  # noqa: BLE001 (yaml's and OmegaConf's errors for a bad file)
+        raise RunnerError(f"{path}: not a readable Hydra config ({first_line(err)})") from None
+    if not isinstance(choices, DictConfig):
+        return {}
+    return {k: v for k, v in OmegaConf.to_container(choices).items() if v is not None}
 
 
 class HydraJob:

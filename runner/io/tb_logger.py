@@ -102,12 +102,11 @@ class TensorBoardLogger:
         of every run's hyperparameters and scalar tags as the columns, those that differ
         between runs first (the metric columns are the runs' own scalars).
 
-        Integers are written as text: TensorBoard shows every number to 5 significant digits
-        (``seed`` 0 as ``0.0000``, ``trainer.steps`` 200 as ``200.00``).
+        Integers are numbers, as floats are (protobuf's Value has one number kind): they sort
+        by value and are numeric axes of the parallel-coordinates view, at the cost of
+        TensorBoard's showing every number to 5 significant digits (``seed`` 0 as ``0.0000``).
         """
-        values = {k: str(v) if isinstance(v, int) and not isinstance(v, bool) else v
-                  for k, v in hparams.items()}
-        _, session_start, session_end = summaries.hparams(values, {})
+        _, session_start, session_end = summaries.hparams(dict(hparams), {})
         self._summary(session_start)
         if completed:
             self._summary(session_end)

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+from runner.config.errors import runner_command
 from runner.core.spec import StepSpec
 from runner.core.steps import LAYER_GRAD_NORM
 from runner.loop.early_stop import EarlyStop
@@ -99,7 +100,7 @@ class Member:
         self.run_dir, self.spec, self.data, self.trainer = run_dir, spec, data, trainer
         self.logger, self.checkpointer, self.renderer = logger, checkpointer, renderer
         # printed when a signal stops the run
-        self.resume_command = resume_command or f"python -m runner resume={run_dir}"
+        self.resume_command = resume_command or runner_command(f"resume={run_dir}")
         self.step = start_step
         self.group_members, self.bar = 1, None  # its loop's (join)
         self.train_metrics: Dict[str, float] = {}
@@ -143,20 +144,26 @@ class Member:
             self.logger.flush()
 
     def log_train(self, dispatched: Dispatched) -> None:
-        """The train metrics of every log window that ended in this dispatch."""
+        """The train metrics of every log window that ended in this dispatch: to TensorBoard,
+        and a console line each (the dispatch's ``perf`` on its last); all on the host already,
+        fetched together when the dispatch ended."""
         self.logger.scalars(dispatched.step, "perf", dispatched.perf)
         windows = self.spec.windows
-        for i in range(windows):
-            end = dispatched.start + (i + 1) * self.spec.num_steps // windows
-            if is_time(end, self.trainer.log_every) or end == self.trainer.steps:
-                values = {k: float(v[i]) for k, v in dispatched.metrics.items()}
-                layers = {k[len(LAYER_GRAD_NORM):]: values.pop(k) for k in list(values)
-                          if k.startswith(LAYER_GRAD_NORM)}
-                self.logger.scalars(end, "train", values)
-                if self.trainer.log_histograms:  # the step computed the per-layer norms too
-                    self.logger.scalars(end, "opt/grad_norm", layers)
-                    self.logger.histograms(end, "params", dispatched.state.params)
-                self.train_metrics = values
+        ends = [(i, dispatched.start + (i + 1) * self.spec.num_steps // windows)
+                for i in range(windows)]
+        ends = [(i, end) for i, end in ends
+                if is_time(end, self.trainer.log_every) or end == self.trainer.steps]
+        for i, end in ends:
+            values = {k: float(v[i]) for k, v in dispatched.metrics.items()}
+            layers = {k[len(LAYER_GRAD_NORM):]: values.pop(k) for k in list(values)
+                      if k.startswith(LAYER_GRAD_NORM)}
+            self.logger.scalars(end, "train", values)
+            if self.trainer.log_histograms:  # the step computed the per-layer norms too
+                self.logger.scalars(end, "opt/grad_norm", layers)
+                self.logger.histograms(end, "params", dispatched.state.params)
+            self.train_metrics = values
+            if end != dispatched.step:
+                self.report(values, step=end)
         self.report(self.train_metrics, dispatched.perf)
 
     def evaluate(self, dispatched: Dispatched) -> None:
@@ -222,12 +229,14 @@ class Member:
                 self.logger.images(step, "eval", images)
 
     def report(self, metrics: Dict[str, float], extra: Optional[Dict[str, float]] = None, *,
-               prefix: str = "train") -> None:
+               prefix: str = "train", step: Optional[int] = None) -> None:
+        """``metrics`` (and ``extra`` perf scalars) at ``step`` (default: the member's) on the
+        progress bar's postfix, or, without a bar, as a log line."""
         values = {f"{prefix}/{k}": v for k, v in metrics.items()}
         values.update({f"perf/{k}": v for k, v in (extra or {}).items()})
         if self.bar:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()
                                   if k.endswith(("loss", "steps_per_sec", "accuracy"))})
         else:
-            log.info("step %d/%d %s", self.step, self.trainer.steps,
+            log.info("step %d/%d %s", self.step if step is None else step, self.trainer.steps,
                      " ".join(f"{k}={v:.6g}" for k, v in sorted(values.items())))

@@ -27,7 +27,7 @@ from runner.io.checkpoint import restore_latest
 from runner.loop.feed import from_host
 from runner.loop.host import log_windows
 from runner.platform.device import configure_jax, is_primary
-from runner.tasks.base import check_task
+from runner.tasks.base import best_rule, check_task
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ def build_parts(cfg: DictConfig) -> Parts:
     validate(cfg)
     task = build(check(cfg.task, "task"), "task")
     check_task(task)
+    trainer = cfg.trainer  # its null best_metric and best_mode: the task's (once, here)
+    trainer.best_metric, trainer.best_mode = best_rule(task, trainer.best_metric,
+                                                       trainer.best_mode)
     if cfg.model is None:
         raise ConfigError("model: none chosen; pick one with model=<name> (mlp, cnn, or one "
                           "from your own config dir)")

@@ -35,8 +35,9 @@ from runner.loop.programs import compiled_name
 from runner.platform.preemption import Interrupted, stop_on_signals
 from runner.run.hparams import job_choices
 from runner.run.search import TrialLink
+from runner.run.summary import job_value, rerun_command
 from runner.run.sweep import (JobFailed, completed_value, continue_or_restart,
-                              marks_failed_trials, record_failure)
+                              marks_failed_trials, record_failure, stop_sweep)
 from runner.run.train import Session, train_group
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
                                 (run.state, run.data, run.train_rng))
                 groups.setdefault(("alone", job.idx) if key is None else key, []).append(job)
         cap = launcher.max_members or len(jobs) or 1
-        interrupted = False
+        interrupted: Optional[Interrupted] = None  # the first member a signal stopped
         for members in groups.values():
             for start in range(0, len(members), cap):
                 capped = members[start:start + cap]
@@ -95,10 +96,11 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
                                 f"stopped by {stop.signal_name} before its group trained",
                                 job.member.step))
                         continue
-                    interrupted |= _train(part, stop)
+                    stopped = _train(part, stop)
+                    interrupted = interrupted or stopped
     returns = [_job_return(launcher, job, optuna) for job in jobs]
-    if interrupted:  # SIGTERM/SIGINT is meant for the whole sweep: rerun resumes it
-        raise SystemExit(1)
+    if interrupted:  # SIGTERM/SIGINT is meant for the whole sweep: its rerun resumes it
+        raise SystemExit(stop_sweep(interrupted))
     return returns
 
 
@@ -159,7 +161,8 @@ def _open(job: Job) -> None:
     job.session = Session(job.cfg, job.run_dir, overrides=job.overrides,
                           claim=continue_or_restart(job.overrides), hydra_job=job.hydra_job,
                           choices=job.choices, log_filter=_OwnLines(job.run_dir),
-                          on_eval=job.trial.on_eval if job.trial else None)
+                          on_eval=job.trial.on_eval if job.trial else None,
+                          continue_with=rerun_command(job.run_dir.parent))
     try:
         job.member = job.session.open()
     except Exception as err:  # noqa: BLE001 (recorded as the job's failure)
@@ -176,8 +179,8 @@ def _split_to_fit(group: List[Job]) -> List[List[Job]]:
     return split_to_fit(group, need, free_bytes(run.mesh.devices.flat[0]))
 
 
-def _train(members: List[Job], stop) -> bool:
-    """Train a group; True when a signal stopped it."""
+def _train(members: List[Job], stop) -> Optional[Interrupted]:
+    """Train a group; how a signal stopped it (a member's Interrupted), if one did."""
     if len(members) > 1:
         log.info("fusing jobs %s into one group (%d members, %s)",
                  ", ".join(str(j.idx) for j in members), len(members),
@@ -187,21 +190,22 @@ def _train(members: List[Job], stop) -> bool:
         with working_for([job.run_dir]):
             _end(job, **({"error": result} if isinstance(result, BaseException)
                          else {"result": result}))
-    return any(isinstance(r, Interrupted) for r in results)
+    return next((r for r in results if isinstance(r, Interrupted)), None)
 
 
 def _end(job: Job, *, result=None, error: Optional[BaseException] = None) -> None:
     if error is None:
         try:
             summary = job.session.finish(result)
-            job.value = job.trial.value(summary) if job.trial else summary["eval"]["loss"]
+            job.value = job.trial.value(summary) if job.trial else job_value(summary)
             return
         except Exception as err:  # noqa: BLE001
             error = err
     job.session.fail(error)
     reason = describe_error(error) or f"{type(error).__name__}: {error}"
-    if isinstance(error, Interrupted):
-        log.error("%s", error)
+    if isinstance(error, Interrupted):  # the sweep's ending names them all, and the rerun
+        log.info("job %s (%s) interrupted at step %d", job.idx, " ".join(job.overrides),
+                 error.step)
     else:
         log.error("job %s (%s) failed: %s", job.idx, " ".join(job.overrides), reason)
     job.value, job.reason = math.nan, reason or "failed"

@@ -24,8 +24,10 @@ def run_hparams(cfg: DictConfig, overrides: Sequence[str] = (), *,
                 platform: Optional[str] = None) -> Dict[str, Any]:
     """The run's main choices (task, model, optimizer, lr, seed, steps, device) plus every key
     its overrides set, so a sweep's table has a column for each swept key. ``choices`` are the
-    job's group options (``job_choices``; default: the current Hydra job's); ``platform`` is
-    the platform that ran (``cpu``), else the configured one (``auto``)."""
+    job's group options (default: the current Hydra job's, ``job_choices``; a resumed run's:
+    those its first attempt recorded, ``runner.io.rundir.recorded_choices``), so that every
+    attempt and launcher labels a run alike; without any, a group is named by its class.
+    ``platform`` is the platform that ran (``cpu``), else the configured one (``auto``)."""
     choices = job_choices() if choices is None else choices
     name = lambda group: choices.get(group) or cfg[group]._target_.rsplit(".", 1)[-1]  # noqa
     hparams: Dict[str, Any] = {

@@ -3,17 +3,21 @@
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config.errors import (AlreadyComplete, ConfigError, RunnerError, describe_error,
                            first_line)
 from runner.config.schema import typed
-from runner.io.files import read_metrics
+from runner.io import lock
+from runner.io.files import read_metrics, write_metrics
 from runner.io.inputs import use_recorded, verify
-from runner.io.rundir import LOG_FORMAT, HydraJob
+from runner.io.rundir import LOG_FORMAT, HydraJob, recorded_choices
 from runner.run.trust import check_trusted
+
+if TYPE_CHECKING:  # built on demand: importing it imports JAX
+    from runner.run.build import Parts
 
 GROUPS = ("task", "model", "optimizer", "device", "hparams_search")
 def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictConfig, List[str]]:
@@ -68,7 +72,8 @@ def build_stored(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()):
 def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> Tuple[Path, Dict[str, Any]]:
     """Continue the run in ``run_dir_arg`` from its newest valid checkpoint, in place, holding
     its lock; the run dir and the run's summary. A completed run raises AlreadyComplete and
-    leaves every file as it was (the lock file too)."""
+    leaves every file as it was (the lock file too); so does a run with nothing left to train
+    (its newest checkpoint at or past ``trainer.steps``), once recorded completed."""
     from runner.run.train import run
 
     run_dir = Path(run_dir_arg).expanduser().resolve()
@@ -82,11 +87,68 @@ def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> Tuple[Path, Dict[s
     # run dir is rewritten.
     parts = build_stored(cfg, run_dir, overrides)
     verify(parts.task, run_dir)
+    # HParams name the task, model and optimizer by the options the run was composed with.
+    choices = recorded_choices(run_dir)
     _log_to_console()
     # The run dir's config is the run's as it now stands (for later resumes and runner.eval).
     job = HydraJob(cfg, None, all_overrides)
-    return run_dir, run(cfg, run_dir, overrides=all_overrides, claim=_unless_complete(cfg),
-                        hydra_job=job, parts=parts)
+    try:
+        return run_dir, run(cfg, run_dir, overrides=all_overrides, claim=_unless_complete(cfg),
+                            hydra_job=job, parts=parts, choices=choices)
+    except AlreadyComplete:  # nothing to train: a run not yet recorded completed is now
+        if read_metrics(run_dir).get("status") != "completed":
+            record_completed(cfg, run_dir, parts)
+        raise
+
+
+def record_completed(cfg: DictConfig, run_dir: Path, parts: "Parts") -> None:
+    """Record the run in ``run_dir`` completed at its newest valid checkpoint (which reaches
+    ``trainer.steps``), with that state's eval metrics, as a finished run records itself; the
+    run's earlier record (overrides, times) kept, its failure reason dropped. Holds the run
+    dir's lock; every other file stays as it was (the lock file too)."""
+    from runner.io.checkpoint import Checkpointer, restore_latest
+    from runner.platform.device import is_primary
+
+    if not is_primary(cfg.device):  # process 0 writes the run's files
+        return
+    ckpt_dir = run_dir / "checkpoints"
+    with lock.hold(run_dir) as before:
+        try:
+            record = read_metrics(run_dir)
+            if record.get("status") == "completed":  # another resume just recorded it
+                return
+            state, path, metrics = evaluate_checkpoint(
+                cfg, parts, lambda template: restore_latest(ckpt_dir, template))
+            if state is None:
+                return
+            record = {k: v for k, v in record.items() if k != "reason"}
+            record.update(status="completed", steps=int(state.step), eval=metrics,
+                          checkpoint=str(path),
+                          best=Checkpointer(ckpt_dir, keep=None, metric=cfg.trainer.best_metric,
+                                            mode=cfg.trainer.best_mode, write=False).best)
+            write_metrics(run_dir, record)
+        finally:
+            lock.sign(run_dir, before)
+
+
+def evaluate_checkpoint(cfg: DictConfig, parts: "Parts",
+                        restore: Callable[[Any], Tuple[Any, Optional[Path]]]
+                        ) -> Tuple[Any, Optional[Path], Dict[str, float]]:
+    """The state and path ``restore(template)`` gives (a checkpoint of the run; None, None:
+    there is none) and the state's eval metrics on the task's held-out set."""
+    import jax
+
+    from runner.config.schema import Precision
+    from runner.core.steps import evaluate, setup
+    from runner.run.build import COMPUTE_DTYPES
+
+    template, data, _, _ = setup(cfg.seed, *parts, host_fed=True)  # no training set needed
+    state, path = restore(template)
+    if state is None:
+        return None, None, {}
+    metrics, _ = evaluate(state, data, task=parts.task,
+                          compute_dtype=COMPUTE_DTYPES[Precision(cfg.device.precision)])
+    return state, path, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
 def _unless_complete(cfg: DictConfig):

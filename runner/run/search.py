@@ -12,7 +12,7 @@ sweeper tells the study how the trial ended from the job's value: its objective 
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,12 +32,27 @@ def is_search(hydra_cfg: DictConfig) -> bool:
     return str(hydra_cfg.sweeper.get("_target_", "")) == SWEEPER_TARGET
 
 
-def objectives(sweeper: DictConfig, trainer: DictConfig) -> List[str]:
+def best_of(config: DictConfig) -> Tuple[str, str]:
+    """``trainer.best_metric`` and ``best_mode`` as the jobs resolve them (null: the task's,
+    ``runner.tasks.base.best_rule``), from the multirun's config: the task is built to ask."""
+    trainer = config.trainer
+    if trainer.best_metric is not None and trainer.best_mode is not None:
+        return str(trainer.best_metric), str(getattr(trainer.best_mode, "value",
+                                                     trainer.best_mode))
+    from runner.config.schema import typed
+    from runner.config.targets import build, check
+    from runner.tasks.base import best_rule
+
+    task = build(check(typed(config).task, "task"), "task")
+    return best_rule(task, trainer.best_metric, trainer.best_mode)
+
+
+def objectives(sweeper: DictConfig, config: DictConfig) -> List[str]:
     """The metrics a trial's value is made of: ``hydra.sweeper.objective`` (one, or a list for
-    a multi-objective search), by default ``eval/<trainer.best_metric>``."""
+    a multi-objective search), by default ``eval/<trainer.best_metric>`` (``best_of``)."""
     given = sweeper.get("objective")
     if given is None:
-        return [f"{EVAL}{trainer.best_metric}"]
+        return [f"{EVAL}{best_of(config)[0]}"]
     names = [given] if isinstance(given, str) else list(given)
     if not names:
         raise RunnerError("hydra.sweeper.objective=[]: name at least one eval metric")
@@ -48,17 +63,17 @@ def objectives(sweeper: DictConfig, trainer: DictConfig) -> List[str]:
     return names
 
 
-def directions(sweeper: DictConfig, trainer: DictConfig, names: Sequence[str]) -> List[str]:
+def directions(sweeper: DictConfig, config: DictConfig, names: Sequence[str]) -> List[str]:
     """One direction per objective: ``hydra.sweeper.direction`` (a string or a list), or when
     it is null that of ``trainer.best_mode`` for ``eval/<trainer.best_metric>``."""
     given = sweeper.get("direction")
     if given is None:
-        default = f"{EVAL}{trainer.best_metric}"
+        metric, mode = best_of(config)
+        default = f"{EVAL}{metric}"
         if any(name != default for name in names):
             raise RunnerError(f"hydra.sweeper.direction=null: give minimize or maximize for "
                               f"each objective ({', '.join(names)}); only {default} "
                               f"(trainer.best_metric) follows trainer.best_mode by itself")
-        mode = str(getattr(trainer.best_mode, "value", trainer.best_mode))
         return ["minimize" if mode == "min" else "maximize"] * len(names)
     given = [given] if isinstance(given, str) else [str(d) for d in given]
     if len(given) != len(names):
@@ -221,12 +236,3 @@ class TrialLink:
         self.open()
         values = self.objective_values(summary.get("eval", {}))
         return values[0] if len(values) == 1 else values
-
-
-def pareto_front(points: Sequence[Sequence[float]]) -> List[int]:
-    """The indices of the points (each objective to minimise) that no other point dominates;
-    of one objective, the first smallest."""
-    if points and len(points[0]) == 1:
-        return [min(range(len(points)), key=lambda i: points[i][0])]
-    dominated = lambda p, q: all(b <= a for a, b in zip(p, q)) and list(q) != list(p)  # noqa
-    return [i for i, p in enumerate(points) if not any(dominated(p, q) for q in points)]

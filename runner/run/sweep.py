@@ -3,13 +3,13 @@
 ``run_sweep_job`` runs one job: a job whose dir already says ``completed`` (for the same
 overrides) is skipped and an interrupted one resumes from its checkpoint, so rerunning a sweep
 with the same ``hydra.sweep.dir`` finishes only the missing work; a failing job is recorded and
-returns NaN instead of stopping the sweep.
+returns NaN instead of stopping the sweep. A job returns its final eval value of
+``trainer.best_metric`` (``job_value``), which also picks the sweep's best job.
 ``SweepSummary`` (a Hydra callback) writes ``summary.csv`` when the multirun ends and exits 1,
-naming the failed jobs, if any failed.
+naming the failed jobs, if any failed; a signal stops the sweep with the same ending
+(``end_sweep``), naming the command that continues it.
 """
 
-import csv
-import io
 import json
 import logging
 import math
@@ -17,7 +17,7 @@ import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -25,15 +25,16 @@ from omegaconf import DictConfig, OmegaConf
 from runner.config.errors import RunnerError, describe_error, first_line
 from runner.io import lock
 from runner.io.checkpoint import list_checkpoints
-from runner.io.files import write_atomic
+from runner.io.files import write_metrics
 from runner.platform.preemption import Interrupted
-from runner.run.search import TrialLink, Value, is_search, pareto_front
+from runner.run.search import TrialLink, Value, is_search
 from runner.io.rundir import (MULTIRUN_FILE, Claim, HydraJob, held_run, log_error_line,
                            read_metrics, write_hydra_files)
 from runner.config.schema import typed
+from runner.run.summary import (ENDED, ending_line, format_table, job_value, rerun_command,
+                                summarize, write_csv)
 
 log = logging.getLogger(__name__)
-ENDED = ("completed", "pruned")  # a job's statuses that a rerun of its sweep keeps
 
 
 class JobFailed(RunnerError):
@@ -50,7 +51,7 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
                   parallel: bool, raise_failure: bool = False,
                   hydra_job: Optional[HydraJob] = None,
                   trial: Optional[TrialLink] = None) -> Union[float, Value]:
-    """Run one multirun job in ``run_dir``; returns its eval loss, NaN when it failed (or,
+    """Run one multirun job in ``run_dir``; returns ``job_value``, NaN when it failed (or,
     with ``raise_failure``, raises JobFailed: Optuna marks the trial failed, where a NaN value
     would stop hydra-optuna-sweeper 1.3 with a ValueError of its own). ``hydra_job``: its
     ``.hydra/`` files, written once the dir is the job's. ``trial``: a search's job reports
@@ -69,22 +70,22 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, *, overrides: Sequence[str],
         cfg.trainer.progress_bar = False
     try:
         summary = run(cfg, run_dir, overrides=overrides, claim=continue_or_restart(overrides),
-                      hydra_job=hydra_job, on_eval=trial.on_eval if trial else None)
-        return trial.value(summary) if trial else summary["eval"]["loss"]
+                      hydra_job=hydra_job, on_eval=trial.on_eval if trial else None,
+                      continue_with=rerun_command(run_dir.parent))
+        return trial.value(summary) if trial else job_value(summary)
     except Interrupted as err:
         # SIGTERM/SIGINT is meant for the whole sweep (preemption, Ctrl-C): stop it here;
-        # rerunning the command resumes this job and runs the rest.
-        log.error("%s", err)
-        raise SystemExit(1) from None
+        # rerunning its command resumes this job and runs the rest.
+        raise SystemExit(stop_sweep(err)) from None
     except Exception as err:  # noqa: BLE001  (isolate the failure; it is in metrics.json)
         return _failed(_job_failed(run_dir, overrides, err, hydra_job), raise_failure)
 
 
 def completed_value(run_dir: Path, overrides: Sequence[str],
                     trial: Optional[TrialLink] = None) -> Optional[Union[float, Value]]:
-    """The eval loss (a search's: ``trial.value``) of this very job when ``run_dir`` holds it
-    completed or pruned (skip it), else None (run it). A completed job with other overrides
-    (another sweep's) is a RunnerError: nothing of it is touched."""
+    """The ``job_value`` (a search's: ``trial.value``) of this very job when ``run_dir``
+    holds it completed or pruned (skip it), else None (run it). A completed job with other
+    overrides (another sweep's) is a RunnerError: nothing of it is touched."""
     previous = read_metrics(run_dir)
     if previous.get("status") not in ENDED:
         return None
@@ -93,7 +94,7 @@ def completed_value(run_dir: Path, overrides: Sequence[str],
                           f"({' '.join(previous.get('overrides', []))}); use another "
                           f"hydra.sweep.dir")
     log.info("%s already %s: skipping it", run_dir, previous["status"])
-    return trial.value(previous) if trial else previous["eval"]["loss"]
+    return trial.value(previous) if trial else job_value(previous)
 
 
 def continue_or_restart(overrides: Sequence[str]) -> Claim:
@@ -128,8 +129,6 @@ def record_failure(run_dir: Path, overrides: Sequence[str], reason: str,
     """``metrics.json``, ``.hydra/`` and a ``runner.log`` line of a job that failed before its
     run started, holding its lock; a dir that holds a run (or another process) keeps what it
     has."""
-    text = json.dumps({"status": "failed", "steps": 0, "overrides": list(overrides),
-                       "reason": reason}, indent=2, sort_keys=True) + "\n"
     try:
         lock.check_free(run_dir)
         if held_run(run_dir) is not None:
@@ -137,7 +136,8 @@ def record_failure(run_dir: Path, overrides: Sequence[str], reason: str,
         with lock.hold(run_dir):
             if hydra_job is not None:
                 write_hydra_files(run_dir, hydra_job)
-            write_atomic(run_dir / "metrics.json", text.encode())
+            write_metrics(run_dir, {"status": "failed", "steps": 0,
+                                    "overrides": list(overrides), "reason": reason})
             log_error_line(run_dir, __name__, f"job {run_dir.name} ({' '.join(overrides)}) "
                                               f"failed: {reason}")
     except (RunnerError, OSError) as write_err:
@@ -154,9 +154,18 @@ def interrupted_here(run_dir: Path, overrides: Sequence[str]) -> bool:
         list_checkpoints(run_dir / "checkpoints"))
 
 
-# The sweep dir's lock while its multirun runs. Not on the callback: Hydra pickles its
-# callbacks to send them to the joblib and SLURM launchers' jobs.
-_SWEEP_HELD = ExitStack()
+class _HeldSweep:
+    """The sweep dir this process holds (its lock) while its multirun runs; ``dir`` is None in
+    a process that holds none (a joblib or SLURM job's). Not on the callback: Hydra pickles its
+    callbacks to send them to the joblib and SLURM launchers' jobs."""
+
+    def __init__(self) -> None:
+        self.dir: Optional[Path] = None
+        self.config: Optional[DictConfig] = None  # the multirun's, for its summary's ranking
+        self.lock = ExitStack()
+
+
+_HELD = _HeldSweep()
 
 
 class SweepSummary(Callback):
@@ -170,29 +179,54 @@ class SweepSummary(Callback):
         try:
             lock.check_free(sweep_dir)
             refuse_other_sweep(sweep_dir, overrides)
-            _SWEEP_HELD.enter_context(lock.hold(sweep_dir))
+            _HELD.lock.enter_context(lock.hold(sweep_dir))
+            _HELD.dir, _HELD.config = sweep_dir, config
             refuse_other_sweep(sweep_dir, overrides)  # as it stands, held
         except RunnerError as err:
-            _SWEEP_HELD.close()
+            _HELD.lock.close()
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        with _SWEEP_HELD:
-            sweep_dir = Path(config.hydra.sweep.dir)
-            rows = summarize(sweep_dir, ranked_by(config))
-            if not rows:
-                return
-            _write_csv(sweep_dir / "summary.csv", rows)
+        status = end_sweep(Path(config.hydra.sweep.dir), ranked_by(config))
+        if status:  # Hydra turns a callback's exception into a warning (exit 0): exit here
+            sys.exit(status)
+
+
+def end_sweep(sweep_dir: Path, ranking: Optional[Sequence[Tuple[str, str]]] = None) -> int:
+    """A sweep's ending, at its end or when a signal stopped it: ``summary.csv`` and the table
+    (the best job by ``ranking``, a search's objectives, else by each job's best metric), then,
+    if a job did not complete, one ``error:`` line naming each (for an interrupted one, the
+    command that continues the sweep); the sweep dir's lock released. The exit status."""
+    with _HELD.lock:
+        _HELD.dir = _HELD.config = None
+        rows = summarize(sweep_dir, ranking)
+        if rows:
+            write_csv(sweep_dir / "summary.csv", rows)
+    if rows:
         print(format_table(rows))
-        print(f"summary: {sweep_dir / 'summary.csv'}")
-        failed = [r for r in rows if r["status"] not in ENDED]
-        if failed:
-            # Hydra turns a callback's exception into a warning (exit 0); exit here instead.
-            print(f"error: {len(failed)} of {len(rows)} jobs failed: " + "; ".join(
-                f"job {r['job']} ({r['overrides']}): {r['reason']}" for r in failed),
-                file=sys.stderr)
-            sys.exit(1)
+        ranked = ", ".join(dict.fromkeys(r["best_by"] for r in rows if r["best"]))
+        print(f"summary: {sweep_dir / 'summary.csv'}" + (f"  (* best final {ranked})"
+                                                          if ranked else ""))
+    line = ending_line(rows, sweep_dir)
+    if line:
+        print(line, file=sys.stderr)
+    return 1 if line else 0
+
+
+def stop_sweep(err: BaseException) -> int:
+    """A job interrupted by a signal stops its sweep. In the process that holds the sweep
+    (the basic and fused launchers) the sweep ends as at its end (``end_sweep``), where Hydra
+    would not call ``on_multirun_end``; in a job's own process (joblib, SLURM) the job's line
+    is logged. The exit status."""
+    if _HELD.dir is None:
+        log.error("%s", err)
+        return 1
+    sweep_dir, config = _HELD.dir, _HELD.config
+    if not end_sweep(sweep_dir, ranked_by(config) if config is not None else None):  # no job recorded the stop: it came before the job's run began
+        print(f"error: {err}; continue the sweep with: {rerun_command(sweep_dir)}",
+              file=sys.stderr)
+    return 1
 
 
 def refuse_other_sweep(sweep_dir: Path, overrides: List[str]) -> None:
@@ -217,66 +251,12 @@ def refuse_other_sweep(sweep_dir: Path, overrides: List[str]) -> None:
                           f"finish it, or give this one another hydra.sweep.dir")
 
 
-def ranked_by(config: DictConfig) -> List[Tuple[str, str]]:
-    """The columns (and directions) that pick a sweep's best job: a search's objectives, else
-    the eval loss."""
-    if is_search(config.hydra):
-        from runner.run.search import directions, objectives
+def ranked_by(config: DictConfig) -> Optional[List[Tuple[str, str]]]:
+    """The columns (and directions) that pick a search's best jobs: its objectives; None for
+    another sweep (each job ranked by its own ``trainer.best_metric``)."""
+    if not is_search(config.hydra):
+        return None
+    from runner.run.search import directions, objectives
 
-        names = objectives(config.hydra.sweeper, config.trainer)
-        return list(zip(names, directions(config.hydra.sweeper, config.trainer, names)))
-    return [("eval/loss", "minimize")]
-
-
-def summarize(sweep_dir: Path,
-              ranking: Sequence[Tuple[str, str]] = (("eval/loss", "minimize"),)
-              ) -> List[Dict[str, Any]]:
-    """One row per job dir of the sweep: overrides, status, final metrics, times, best (by
-    ``ranking``'s columns and directions; several: each job on their Pareto front)."""
-    rows = []
-    job_dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
-    by_number = lambda p: (int(p.name) if p.name.isdigit() else math.inf, p.name)  # noqa: E731
-    for job_dir in sorted(job_dirs, key=by_number):
-        m = read_metrics(job_dir)
-        row = {"job": job_dir.name, "overrides": " ".join(m.get("overrides", [])),
-               "status": m.get("status", "missing"), "best": "",
-               "reason": m.get("reason", "" if m else "no metrics.json (killed?)")}
-        if row["status"] == "running":  # the record a run starts with: it never ended
-            row["reason"] = "still running, or killed"
-        row.update({f"eval/{k}": v for k, v in m.get("eval", {}).items()})
-        row.update({f"train/{k}": v for k, v in m.get("train", {}).items()})
-        row.update({k: m.get(k) for k in ("steps", "wall_time_s", "compile_s",
-                                          "train_step_compiles")})
-        if "pruned_at" in m:
-            row["pruned_at"] = m["pruned_at"]
-        rows.append(row)
-    done = [r for r in rows if r["status"] == "completed"
-            and all(math.isfinite(r.get(column, math.nan)) for column, _ in ranking)]
-    signs = [1.0 if direction == "minimize" else -1.0 for _, direction in ranking]
-    for i in pareto_front([[s * r[column] for s, (column, _) in zip(signs, ranking)]
-                           for r in done]):
-        done[i]["best"] = "*"
-    return rows
-
-
-def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, text.getvalue().encode())
-
-
-def format_table(rows: List[Dict[str, Any]]) -> str:
-    """The summary as an aligned text table (metrics to 4 significant digits)."""
-    columns = [c for c in dict.fromkeys(k for row in rows for k in row)
-               if c.startswith("eval/") or c in ("job", "overrides", "status", "wall_time_s",
-                                                  "best")]
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa
-    shown = lambda row, c: (f"pruned@{row['pruned_at']}"  # noqa: E731
-                            if c == "status" and "pruned_at" in row else cell(row.get(c)))
-    table = [columns] + [[shown(row, c) for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in table)
-
+    names = objectives(config.hydra.sweeper, config)
+    return list(zip(names, directions(config.hydra.sweeper, config, names)))

@@ -1,9 +1,6 @@
 """One training run: build it, write its run files, run the host loop, record how it ended."""
 
-import json
 import logging
-import os
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -13,13 +10,13 @@ import jax
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from runner.config.errors import WriteError, describe_error
+from runner.config.errors import describe_error
 from runner.config.schema import typed
 from runner.core.steps import TRAIN_EXAMPLES
 from runner.io import inputs, lock, rundir
 from runner.io.checkpoint import Checkpointer
 from runner.io.figures import FigureRenderer
-from runner.io.files import remove_stale_temps, write_atomic
+from runner.io.files import remove_stale_temps, write_metrics
 from runner.io.manifest import write_manifest
 from runner.io.tb_logger import NullLogger, TensorBoardLogger
 from runner.loop.feed import feeds_for
@@ -29,7 +26,8 @@ from runner.loop.programs import program_for
 from runner.platform.compiles import cache_hits, compile_stats
 from runner.platform.device import is_primary
 from runner.platform.peers import PeerFailed, agree
-from runner.platform.preemption import Interrupted, StopRequest, stop_on_signals
+from runner.platform.preemption import (Interrupted, StopRequest, stop_if_requested,
+                                        stop_on_signals)
 from runner.run.build import Parts, Run, build_parts, build_run
 from runner.run.hparams import job_choices, run_hparams
 from runner.run.trust import resume_command
@@ -41,7 +39,9 @@ log = logging.getLogger(__name__)
 def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (), resume: bool = False,
         claim: Optional[rundir.Claim] = None, hydra_job: Optional[rundir.HydraJob] = None,
         announce: Optional[Callable[[DictConfig], None]] = None,
-        parts: Optional[Parts] = None, on_eval: Optional[EvalHook] = None) -> Dict[str, Any]:
+        parts: Optional[Parts] = None, choices: Optional[Dict[str, Any]] = None,
+        continue_with: Optional[str] = None, on_eval: Optional[EvalHook] = None
+        ) -> Dict[str, Any]:
     """Train as ``cfg`` says, writing TensorBoard events, checkpoints, ``metrics.json``,
     ``manifest.json`` and ``model_summary.txt`` into ``run_dir``. Returns the run's summary
     (what ``metrics.json`` holds: ``summary["eval"]["loss"]`` is the final eval loss).
@@ -51,6 +51,8 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (), resume: bool = Fal
     decides instead (``runner.io.rundir``). ``hydra_job``: the ``.hydra/`` files to write once
     the dir is this run's; ``announce`` is called with the config once it is checked;
     ``parts``: the config's task, model and optimizer when the caller built them already;
+    ``choices``: the config's group options, for HParams (default: the current Hydra job's);
+    ``continue_with``: the command a stop (a signal) names to continue (default: resume=).
     ``on_eval``: asked after each eval whether to stop there (``runner.loop.member.Stop``).
     SIGTERM and SIGINT save a checkpoint at the current step and stop the run.
     ``metrics.json`` is written however the run ends: ``"status"`` is ``completed``,
@@ -62,9 +64,11 @@ def run(cfg, run_dir: Path, *, overrides: Sequence[str] = (), resume: bool = Fal
     if resume and claim is None:
         claim = rundir.resuming
     session = Session(cfg, run_dir, overrides=overrides, claim=claim, hydra_job=hydra_job,
-                      parts=parts, on_eval=on_eval)
+                      choices=choices, parts=parts, continue_with=continue_with,
+                      on_eval=on_eval)
     with stop_on_signals() as stop:
         try:
+            stop_if_requested("before the run started", stop)  # nothing written: no record
             session.open(announce=announce)
             result, = train_group([session], stop)
             if isinstance(result, BaseException):
@@ -87,8 +91,9 @@ class Session:
                  hydra_job: Optional[rundir.HydraJob] = None,
                  choices: Optional[Dict[str, Any]] = None,
                  log_filter: Optional[logging.Filter] = None, parts: Optional[Parts] = None,
-                 on_eval: Optional[EvalHook] = None):
+                 continue_with: Optional[str] = None, on_eval: Optional[EvalHook] = None):
         self.cfg, self.run_dir, self.overrides, self.on_eval = cfg, run_dir, overrides, on_eval
+        self.continue_with = continue_with  # a sweep job's: the sweep's command
         # A fresh run's by default: a dir that holds a run is refused (or, overwrite=true,
         # set aside).
         self.claim = claim or rundir.fresh(overwrite=bool(cfg.get("overwrite")))
@@ -134,6 +139,8 @@ class Session:
             self.committed = True
         self.member = _prepare(self.run, self.overrides, renderer, self.closing, self.result,
                                self.choices, self.on_eval)
+        if self.continue_with:
+            self.member.resume_command = self.continue_with
         return self.member
 
     def _commit(self) -> None:
@@ -160,7 +167,7 @@ class Session:
         self.summary.update(result)
         agree(self.closing.close)  # the last events and HParams flushed: a failure fails it
         if self.writer:
-            _write_metrics(self.run_dir, self._timed())
+            write_metrics(self.run_dir, self._timed())
         self.held.close()
         return self.summary
 
@@ -173,7 +180,7 @@ class Session:
         # nothing is written. After it, process 0 records how the run ended (another
         # process too when only it knows: its own failure).
         if self.committed and (self.writer or not isinstance(err, (Interrupted, PeerFailed))):
-            _write_metrics(self.run_dir, self._timed())
+            write_metrics(self.run_dir, self._timed())
         _close_quietly(self.closing)
         self.held.close()
 
@@ -191,27 +198,6 @@ class Session:
                             compile_s=float(compile_s), train_step_compiles=int(compiles),
                             compile_cache_hits=cache_hits() - self.hits_before)
         return self.summary
-
-
-def _write_metrics(run_dir: Path, summary: Dict[str, Any]) -> None:
-    """``metrics.json``. After a failure, on a full disk, the record goes over the ``running``
-    one in place (its blocks are already the file's; not atomic, but better than none); a
-    write that fails even so is said on stderr."""
-    path, data = run_dir / "metrics.json", (json.dumps(summary, indent=2, sort_keys=True)
-                                            + "\n").encode()
-    try:
-        write_atomic(path, data)
-    except WriteError as err:
-        if summary["status"] in ("completed", "running"):
-            raise
-        try:
-            with open(path, "r+b") as f:
-                f.write(data)
-                f.truncate()
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError:
-            print(f"error: the run's status was not recorded: {err}", file=sys.stderr)
 
 
 def _close_quietly(closing: ExitStack) -> None:
@@ -252,7 +238,7 @@ def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRender
         remove_stale_temps(run.run_dir / "checkpoints")
         remove_stale_temps(run.run_dir / ".hydra")  # resume= rewrites its config there
         # A record from the start: how the run ends replaces it (in place if the disk is full).
-        _write_metrics(run.run_dir, {"status": "running", "overrides": list(overrides),
+        write_metrics(run.run_dir, {"status": "running", "overrides": list(overrides),
                                      "steps": run.start_step})
     model_summary = agree(lambda: _write_run_files(run, overrides))
     trainer, task = run.cfg.trainer, run.parts.task

@@ -8,7 +8,7 @@ from typing import Any, List
 
 from omegaconf import DictConfig, ListConfig
 
-from runner.config.errors import RunnerError
+from runner.config.errors import RunnerError, runner_command
 
 # A stored config may come from anyone (a shared or downloaded run dir), and building it calls
 # every `_target_` in it: only these module prefixes, and those the user names in RUNNER_TRUST
@@ -52,8 +52,10 @@ def untrusted_modules(cfg: Any) -> List[str]:
 
 
 def resume_command(run_dir: Path, cfg: Any) -> str:
-    """The command that continues the run in ``run_dir`` as it stands, ready to paste: the
-    user's own modules named in RUNNER_TRUST (resume refuses them otherwise)."""
+    """The command that continues the run in ``run_dir`` as it stands, ready to paste into a
+    shell of the same working directory: the interpreter that runs now, and the user's own
+    modules of every ``_target_`` of ``cfg`` named in RUNNER_TRUST (resume refuses them
+    otherwise)."""
     modules = untrusted_modules(cfg)
     trust = f"{TRUST_VARIABLE}={shlex.quote(','.join(modules))} " if modules else ""
-    return f"{trust}python -m runner resume={shlex.quote(str(run_dir))}"
+    return f"{trust}{runner_command(f'resume={run_dir}')}"
