@@ -43,7 +43,8 @@ def best_of(config: DictConfig) -> Tuple[str, str]:
     from runner.config.targets import build, check
     from runner.tasks.base import best_rule
 
-    task = build(check(typed(config).task, "task"), "task")
+    job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])  # a job's keys
+    task = build(check(typed(job).task, "task"), "task")
     return best_rule(task, trainer.best_metric, trainer.best_mode)
 
 
