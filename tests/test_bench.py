@@ -15,7 +15,7 @@ def test_quick_benchmark_writes_the_results_schema(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "bench/results.json").read_text())
     assert {"machine", "linear_fit", "arrays", "cnn", "overheads", "compiles",
-            "sweeps"} <= set(results)
+            "sweeps", "search"} <= set(results)
     assert results["machine"]["versions"]["jax"]
     for key in ("reference_steps_per_s", "runner_steps_per_s", "runner_over_reference"):
         assert results["linear_fit"][key] > 0
@@ -37,6 +37,9 @@ def test_quick_benchmark_writes_the_results_schema(tmp_path):
                     "fused_over_single", "fused_over_basic"):
             assert case[key] > 0
         assert isinstance(case["fused_not_slower"], bool)  # its rule: test_sweep_ratios_...
+    search = results["search"]["searches"]  # --quick: 3 short trials, no baseline venv
+    assert search["hydra_optuna"] == {"skipped": "--quick: no baseline venv"}
+    assert {s["trials"] for n, s in search.items() if n != "hydra_optuna"} == {3}
     assert "linear_fit: runner / reference" in proc.stdout
     assert "digits 2-job sweep / one run: fused" in proc.stdout
     # linear_fit ran in a process with the task config's XLA flag, as `python -m runner` runs
@@ -130,3 +133,117 @@ def test_gpu_check_figures_of_known_events(tmp_path, monkeypatch):
     assert (case["eval_loss"], case["devices"], case["placement"]) == (
         0.5, ["gpu:0"], {"platform": "gpu"})
     assert case["overrides"] == ["trainer.steps=30"] and case["wall_s"] >= 0
+
+
+def trials_of(*rows):
+    """Trials as ``runner.bench.search.read_trials`` reads them: (job, status, steps, value,
+    end_s), in the order they ended."""
+    return [dict(zip(("job", "status", "steps", "value", "end_s"), row)) for row in rows]
+
+
+def search_record(wall_s, *rows, returncode=0):
+    return {"wall_s": wall_s, "returncode": returncode, "load_before": 1.0, "load_after": 1.5,
+            "trials": trials_of(*rows)}
+
+
+def known_searches():
+    """Four trials per search, as if measured (worked by hand in test_search_figures_...)."""
+    return {
+        # best 0.98: the target is 0.98 * 0.99 = 0.9702; reached at job 2 (30 s, 6,000 steps)
+        "unpruned": search_record(50.0, (0, "completed", 2000, 0.90, 10.0),
+                                  (1, "completed", 2000, 0.97, 20.0),
+                                  (2, "completed", 2000, 0.98, 30.0),
+                                  (3, "completed", 2000, 0.95, 40.0)),
+        # job 1's 0.99 is a pruned trial's last eval, not a final value: it reaches nothing
+        "hyperband": search_record(20.0, (0, "completed", 2000, 0.90, 10.0),
+                                   (1, "pruned", 200, 0.99, 11.0),
+                                   (2, "completed", 2000, 0.975, 18.0),
+                                   (3, "pruned", 400, 0.50, 19.0)),
+        "halving": search_record(12.0, (0, "completed", 2000, 0.90, 10.0),
+                                 (1, "pruned", 200, 0.10, 10.5),
+                                 (2, "pruned", 200, 0.10, 11.0),
+                                 (3, "pruned", 200, 0.10, 11.5)),
+        "fused_hyperband": search_record(19.0, (0, "completed", 2000, 0.90, 9.0),
+                                         (1, "pruned", 200, 0.99, 9.0),
+                                         (2, "completed", 2000, 0.975, 15.0),
+                                         (3, "pruned", 400, 0.50, 15.0)),
+        "hydra_optuna": search_record(60.0, (0, "completed", 2000, 0.90, 12.0),
+                                      (1, "failed", 300, None, 14.0),
+                                      (2, "completed", 2000, 0.99, 40.0),
+                                      (3, "completed", 2000, 0.97, 55.0), returncode=1)}
+
+
+def test_search_figures_of_known_trials():
+    """The search section's figures, ratios and verdicts from known trials, worked by hand."""
+    from runner.bench.search import STEPS_GOAL, WALL_GOAL, summarize
+
+    result = summarize(known_searches(), trials=4, steps=2000, eval_every=200)
+    assert (STEPS_GOAL, WALL_GOAL) == (0.4, 0.5)
+    assert result["target"] == pytest.approx(0.9702)
+    s = result["searches"]
+    assert {k: s["unpruned"][k] for k in ("best", "train_steps", "wall_s", "to_target_s",
+                                          "to_target_steps", "to_target_trial")} == {
+        "best": 0.98, "train_steps": 8000, "wall_s": 50.0, "to_target_s": 30.0,
+        "to_target_steps": 6000, "to_target_trial": 2}
+    assert (s["unpruned"]["to_best_s"], s["unpruned"]["to_best_steps"]) == (30.0, 6000)
+    hyperband = s["hyperband"]
+    assert (hyperband["best"], hyperband["completed"], hyperband["pruned"]) == (0.975, 2, 2)
+    # to the target: job 2 at 18 s, after jobs 0, 1 and 2: 2,000 + 200 + 2,000 steps
+    assert (hyperband["to_target_s"], hyperband["to_target_steps"]) == (18.0, 4200)
+    assert hyperband["train_steps"] == 4600
+    assert hyperband["steps_over_unpruned"] == pytest.approx(4600 / 8000)
+    assert hyperband["wall_over_unpruned"] == pytest.approx(0.4)
+    assert hyperband["to_target_steps_over_unpruned"] == pytest.approx(4200 / 8000)  # > 0.4
+    assert hyperband["to_target_wall_over_unpruned"] == pytest.approx(18 / 50)  # <= 0.5
+    assert hyperband["to_target_over_unpruned_to_target"] == pytest.approx(18 / 30)
+    assert hyperband["to_best_s"] is None and hyperband["to_best_over_unpruned_to_best"] is None
+    assert s["halving"]["to_target_s"] is None and s["halving"]["to_target_steps"] is None
+    assert result["pruned_goals_met"] == {"hyperband": {"steps": False, "wall": True},
+                                          "halving": {"steps": False, "wall": False}}
+    baseline = s["hydra_optuna"]
+    assert (baseline["best"], baseline["failed"], baseline["train_steps"]) == (0.99, 1, 6300)
+    assert (baseline["to_target_s"], baseline["to_target_steps"]) == (40.0, 4300)
+    assert baseline["returncode"] == 1
+    assert (baseline["to_best_s"], baseline["to_best_steps"], baseline["to_best_trial"]) == (
+        40.0, 4300, 2)  # its 0.99 is past the unpruned search's best
+    assert baseline["to_best_over_unpruned_to_best"] == pytest.approx(40 / 30)
+    assert result["fused_over_basic"] == pytest.approx(19 / 20)
+    assert result["fused_not_slower"] is True
+
+
+def test_search_fused_verdict_needs_every_trial():
+    """A fused search that stopped early is not counted faster, whatever its wall time."""
+    from runner.bench.search import summarize
+
+    searches = known_searches()
+    searches["fused_hyperband"]["trials"] = searches["fused_hyperband"]["trials"][:2]
+    result = summarize(searches, trials=4, steps=2000, eval_every=200)
+    assert result["fused_over_basic"] == pytest.approx(19 / 20)
+    assert result["fused_not_slower"] is False
+
+
+def test_search_configs_and_the_sweeper_that_ran(tmp_path):
+    """runner's and Hydra's search configs hold the same space, trials and seed; the bench
+    reads the sweeper a search ran from multirun.yaml, or from its first job's hydra.yaml."""
+    from omegaconf import OmegaConf
+
+    from runner.bench.search import HYDRA_SWEEPER, SPACE, sweeper_target, write_configs
+
+    write_configs(tmp_path / "conf", trials=24, steps=2000, eval_every=200)
+    ours, hydras = (OmegaConf.load(tmp_path / "conf" / "hparams_search" / f"{n}.yaml")
+                    for n in ("bench_search", "bench_optuna"))
+    assert ours.defaults[-1] == {"override /hydra/sweeper": "search"}
+    assert hydras.defaults[-1] == {"override /hydra/sweeper": "optuna"}
+    for cfg in (ours, hydras):
+        assert dict(cfg.hydra.sweeper.params) == SPACE and cfg.hydra.sweeper.n_trials == 24
+        assert cfg.hydra.sweeper.sampler.seed == 0 and cfg.trainer.steps == 2000
+        assert (cfg.trainer.best_metric, cfg.trainer.best_mode) == ("accuracy", "max")
+    assert hydras.hydra.sweeper.direction == "maximize"
+    (tmp_path / "ours").mkdir()
+    OmegaConf.save({"hydra": {"sweeper": {"_target_": "ours"}}}, tmp_path / "ours/multirun.yaml")
+    (tmp_path / "hydras/0/.hydra").mkdir(parents=True)
+    OmegaConf.save({"hydra": {"sweeper": {"_target_": HYDRA_SWEEPER}}},
+                   tmp_path / "hydras/0/.hydra/hydra.yaml")
+    assert sweeper_target(tmp_path / "ours") == "ours"
+    assert sweeper_target(tmp_path / "hydras") == HYDRA_SWEEPER
+    assert sweeper_target(tmp_path / "none") is None

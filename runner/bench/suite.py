@@ -7,7 +7,8 @@ installed), overheads (compile time, whole-process wall vs bare imports, logging
 checkpointing per 1,000 steps), compilations per run and per sweep, and three sweeps (8-job
 linear_fit, 4-job digits ``task=arrays``, 2-job CNN) on the basic and the fused launcher against
 one run, side by side, and ``task=arrays`` read from the host against kept on the device
-(``runner.bench.feed``).
+(``runner.bench.feed``), and a hyperparameter search with and without pruning against Hydra's
+optuna sweeper (``runner.bench.search``).
 Writes a table to the console and everything to ``bench/results.json``.
 """
 
@@ -25,9 +26,10 @@ from typing import Callable, Dict, List
 from runner.bench.feed import bench_feed
 from runner.bench.process import (bench_compiles, bench_process_wall, bench_sweeps,
                                   machine_info, median_times)
+from runner.bench.search import bench_search
 from runner.bench.table import print_table
 
-SECTIONS = ("linear_fit", "arrays", "cnn", "overheads", "compiles", "sweeps", "feed")
+SECTIONS = ("linear_fit", "arrays", "cnn", "overheads", "compiles", "sweeps", "feed", "search")
 
 
 def _compose(overrides: List[str]):
@@ -272,7 +274,8 @@ def main(argv=None) -> None:
                 "cnn": lambda: bench_cnn(repeats, steps=1 if args.quick else 10),
                 "overheads": lambda: bench_overheads(repeats), "compiles": bench_compiles,
                 "sweeps": lambda: bench_sweeps(repeats, quick=args.quick),
-                "feed": lambda: bench_feed(repeats, quick=args.quick)}
+                "feed": lambda: bench_feed(repeats, quick=args.quick),
+                "search": lambda: bench_search(quick=args.quick, cache=args.out.parent)}
     # --only: those sections, updated in the results file (the others kept as they were)
     results = json.loads(args.out.read_text()) if args.only and args.out.exists() else {}
     results.update({"machine": machine_info(), "repeats": repeats, "quick": args.quick})

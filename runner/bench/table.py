@@ -43,6 +43,7 @@ def print_table(results: dict) -> None:
                      f"{comp['per_run']} / {comp['per_sweep']}"))
     rows += _sweep_rows(results.get("sweeps"))
     rows += _feed_rows(results.get("feed"))
+    rows += _search_rows(results.get("search"))
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
 
@@ -89,4 +90,33 @@ def _feed_rows(feed) -> list:
               f"{mem['device_peak_mib'] - mem['baseline_mib']:,.0f})"),
              (f"feed {n} start-up over a small dataset's",
               f"first run {start['first_extra_s']:.2f} s, resume {start['resume_extra_s']:.2f} s")]
+    return rows
+
+
+def _search_rows(search) -> list:
+    """Per search: best value, train steps, wall time, and when it reached the target and the
+    unpruned best; then the goals."""
+    if not search:
+        return []
+    rows = [(f"search: target (unpruned best - {search['within']:.0%})",
+             f"{search['objective']} >= {search['target']:.4f}")]
+    for name, s in search["searches"].items():
+        if "skipped" in s:
+            rows.append((f"search {name}", f"skipped: {s['skipped']}"))
+            continue
+        reached = [f"{s[k + '_s']:.0f} s, {s[k + '_steps']:,} steps"
+                   if s[k + "_s"] is not None else "never" for k in ("to_target", "to_best")]
+        best = "none" if s["best"] is None else f"{s['best']:.4f}"
+        failed = f" (exit {s['returncode']})" if s["returncode"] else ""
+        rows.append((f"search {name}: best / steps / wall / to target / to best",
+                     f"{best} / {s['train_steps']:,} / {s['wall_s']:.0f} s / {reached[0]} / "
+                     f"{reached[1]}{failed}"))
+    for name, met in search["pruned_goals_met"].items():
+        rows.append((f"search {name} to target <= {search['steps_goal']:.0%} steps, "
+                     f"{search['wall_goal']:.0%} wall",
+                     f"steps {'met' if met['steps'] else 'not met'}, "
+                     f"wall {'met' if met['wall'] else 'not met'}"))
+    rows.append(("search fused pruned <= basic pruned, wall",
+                 f"{'met' if search['fused_not_slower'] else 'not met'} "
+                 f"({search['fused_over_basic']:.2f}x)"))
     return rows
