@@ -1,6 +1,7 @@
 """Sweeps on a live SLURM cluster (``hydra/launcher=slurm`` and ``fused_slurm``): equal to the
 basic launcher's, a 2-task ``jax.distributed`` job, requeue and preemption resuming to the same
-bits, a user's ``scancel --signal=TERM``, SIGTERM while a job starts, a failing job.
+bits, a user's ``scancel --signal=TERM``, SIGTERM while a job starts, a failing job; an Optuna
+search (``hydra/sweeper=search``) whose SLURM jobs are pruned, and one requeued mid-trial.
 
 They need a cluster: ``scripts/slurm_cluster.sh start DIR`` (``.ci/run`` starts one) and
 ``SLURM_CONF`` from ``DIR/env``; without one they skip, saying so.
@@ -14,14 +15,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Sequence
 
 import jax
 import numpy as np
+import optuna
 import pytest
 from flax import serialization
 
-from conftest import run_cli
+from conftest import run_cli, start_process
+from test_search import PRUNE, SEARCH, study_of
 
 pytestmark = pytest.mark.slurm
 
@@ -62,9 +65,9 @@ def slurm_sweep(tmp_path: Path, name: str, *args, launcher: str = "slurm",
 
 def start_sweep(tmp_path: Path, name: str, *args, launcher: str = "slurm") -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.Popen([sys.executable, "-m", "runner", "-m", f"hydra/launcher={launcher}",
-                             *args, f"hydra.sweep.dir={tmp_path / name}"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_process([sys.executable, "-m", "runner", "-m", f"hydra/launcher={launcher}",
+                          *args, f"hydra.sweep.dir={tmp_path / name}"], cwd=tmp_path,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def metrics(run_dir: Path) -> dict:
@@ -76,11 +79,13 @@ def summary(sweep_dir: Path) -> List[dict]:
         return list(csv.DictReader(f))
 
 
-def slurm_jobs() -> List[str]:
-    """Our SLURM jobs queued or running now."""
+def slurm_jobs(sweep_dir: Path) -> List[str]:
+    """The SLURM jobs of the sweep in ``sweep_dir`` queued or running now (submitit's
+    ``.submitit/<job id>/``): not a job an earlier test or another user left on the cluster."""
     out = subprocess.run(["squeue", "-h", "-o", "%A %T"], capture_output=True, text=True,
                          check=True).stdout.split("\n")
-    return [line.split()[0] for line in out if line.strip()]
+    ours = {p.name for p in (sweep_dir / ".submitit").glob("*") if p.is_dir()}
+    return [line.split()[0] for line in out if line.strip() and line.split()[0] in ours]
 
 
 def wait_for(condition, timeout: float = 180, what: str = ""):
@@ -129,21 +134,23 @@ def test_a_two_task_job_equals_one_process(tmp_path):
 
 
 def interrupt_and_finish(tmp_path: Path, interrupt, *, launcher: str = "slurm",
-                         lrs: str = "1e-3") -> subprocess.CompletedProcess:
-    """A sweep of LONG jobs, ``interrupt(job_id)`` once its first job saved a checkpoint; the
-    sweep's end."""
-    proc = start_sweep(tmp_path, "s", f"optimizer.lr={lrs}", *LONG, launcher=launcher)
+                         lrs: str = "1e-3", args: Sequence[str] = ()
+                         ) -> subprocess.CompletedProcess:
+    """A sweep of LONG jobs (``args``: other sweep arguments than ``optimizer.lr=<lrs>``),
+    ``interrupt(job_id)`` once its first job saved a checkpoint; the sweep's end."""
+    proc = start_sweep(tmp_path, "s", *(args or [f"optimizer.lr={lrs}"]), *LONG,
+                       launcher=launcher)
     first = tmp_path / "s" / "0"
     wait_for(lambda: (first / "checkpoints").is_dir() and checkpoint_steps(first),
              what="a first checkpoint")
-    job_id = wait_for(slurm_jobs, what="the SLURM job")[0]
+    job_id = wait_for(lambda: slurm_jobs(tmp_path / "s"), what="the SLURM job")[0]
     interrupt(job_id)
     out, err = proc.communicate(timeout=600)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def reference(tmp_path: Path, lr: str = "1e-3") -> bytes:
-    run_cli([f"optimizer.lr={lr}", *LONG, f"hydra.run.dir={tmp_path / f'ref{lr}'}"],
+def reference(tmp_path: Path, lr: str = "1e-3", *args: str) -> bytes:
+    run_cli([f"optimizer.lr={lr}", *args, *LONG, f"hydra.run.dir={tmp_path / f'ref{lr}'}"],
             cwd=tmp_path)
     return (tmp_path / f"ref{lr}" / "checkpoints" / "step_400000.msgpack").read_bytes()
 
@@ -196,7 +203,7 @@ def test_sigterm_while_a_job_starts_stops_it(tmp_path):
     step: python, Hydra and runner starting, before the run's own handler (where submitit
     ignores SIGTERM). The job ends, and its record is never left ``running``."""
     proc = start_sweep(tmp_path, "s", "optimizer.lr=1e-3", *LONG)
-    job_id = wait_for(slurm_jobs, what="the SLURM job")[0]
+    job_id = wait_for(lambda: slurm_jobs(tmp_path / "s"), what="the SLURM job")[0]
     wait_for(lambda: subprocess.run(["squeue", "-h", "-s", "-j", job_id], capture_output=True,
                                     text=True).stdout.strip(), what="the job's step")
     for _ in range(10):
@@ -236,3 +243,42 @@ def test_a_fused_group_is_one_slurm_job_and_resumes_when_requeued(tmp_path):
         if job < 2:  # two members against uninterrupted single runs, bit for bit
             assert (run / "checkpoints" / "step_400000.msgpack").read_bytes() == reference(
                 tmp_path, lr)
+
+
+def test_a_search_prunes_its_slurm_job_which_reports_to_the_study_itself(tmp_path):
+    """Two trials as two SLURM jobs; trial 1 crosses the pruner's bound at its first eval.
+    The sweeper tells the study only how a trial ended: the intermediate values come from the
+    jobs' own processes, and the pruned one stopped there."""
+    sweep = tmp_path / "s"
+    slurm_sweep(tmp_path, "s", *SEARCH[1:], *PRUNE, "hydra.sweeper.n_jobs=2")
+    trials = study_of(sweep).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE,
+                                         optuna.trial.TrialState.PRUNED]
+    done, pruned = metrics(sweep / "0"), metrics(sweep / "1")
+    assert trials[0].intermediate_values[20] == pytest.approx(done["eval"]["loss"])
+    assert (pruned["status"], pruned["pruned_at"], pruned["steps"]) == ("pruned", 10, 10)
+    assert trials[1].intermediate_values == {10: pytest.approx(pruned["eval"]["loss"])}
+    assert checkpoint_steps(sweep / "1") == [10]
+    assert [(r["status"], r["pruned_at"]) for r in summary(sweep)] == [
+        ("completed", ""), ("pruned", "10")]
+
+
+# One trial of a LONG job, its lr drawn from a one-value choice (the others fixed).
+LONG_SEARCH = ["hparams_search=linear_fit_optuna", "hydra.sweeper.n_trials=1",
+               "hydra.sweeper.params={optimizer.lr:'choice(0.001)',optimizer.b1:'0.9',"
+               "model.features:'[64]'}"]
+
+
+def test_a_requeued_search_job_resumes_its_trial_from_its_checkpoint(tmp_path):
+    done = interrupt_and_finish(tmp_path, lambda job: subprocess.run(
+        ["scontrol", "requeue", job], check=True), args=LONG_SEARCH)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "s" / "0"
+    assert metrics(run)["status"] == "completed" and metrics(run)["resumed_from"] > 0
+    assert len(json.loads((run / "manifest.json").read_text())["attempts"]) == 2
+    assert (run / "checkpoints" / "step_400000.msgpack").read_bytes() == reference(
+        tmp_path, "0.001", "optimizer.b1=0.9", "model.features=[64]")
+    trials = study_of(tmp_path / "s").trials  # the total stays n_trials, told COMPLETE once
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
+    assert trials[0].value == pytest.approx(metrics(run)["eval"]["loss"])
+    assert trials[0].intermediate_values == {400000: pytest.approx(trials[0].value)}

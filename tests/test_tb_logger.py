@@ -72,7 +72,7 @@ def test_hparams_keep_each_values_kind(tmp_path):
     """Integers and floats are numbers (sorted by value, numeric axes), booleans booleans."""
     logger = TensorBoardLogger(tmp_path / "tb")
     logger.hparams({"seed": 10, "optimizer.lr": 0.5, "task": "linear_fit",
-                    "model.use_bias": False}, completed=True)
+                    "model.use_bias": False}, status="completed")
     logger.close()
     start = hparams_data(load(tmp_path))["session_start_info"].session_start_info.hparams
     assert {k: (v.WhichOneof("kind"), getattr(v, v.WhichOneof("kind")))
@@ -219,3 +219,32 @@ def test_tensorboard_ui_renders_both_runs_in_chromium(tensorboard_url, tmp_path)
             browser.close()
     for name in ("hparams.png", "scalars.png"):
         assert (ARTIFACTS / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_pruned_runs_hparams_row_says_it_was_pruned(tmp_path):
+    """A run its search's pruner stops at its first eval (a real Optuna trial whose bound every
+    loss crosses): its session ends FAILURE, not SUCCESS, and its columns say ``pruned`` and
+    the step, so the HPARAMS tab filters it apart from completed runs."""
+    optuna = pytest.importorskip("optuna")
+    from runner.run.search import SPACE_ATTR, TrialLink, open_storage
+
+    journal = str(tmp_path / "optuna.journal")
+    study = optuna.create_study(storage=open_storage(journal), study_name="s")
+    study.set_user_attr(SPACE_ATTR, {"objectives": ["eval/loss"]})
+    study.ask()
+    link = TrialLink(journal, "s", 0, {"_target_": "optuna.pruners.ThresholdPruner",
+                                       "upper": -1.0})
+    run(compose_config(["trainer.eval_every=2"]), tmp_path / "run", on_eval=link.on_eval)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["pruned_at"] == 2
+    hp = hparams_data(load(tmp_path / "run"))
+    assert hp["session_end_info"].session_end_info.status == 2  # old: 1, STATUS_SUCCESS
+    start = hp["session_start_info"].session_start_info.hparams
+    assert (start["status"].string_value, start["pruned_at"].number_value) == ("pruned", 2)
+
+
+def test_a_completed_runs_hparams_row_says_completed(tmp_path):
+    run(compose_config(), tmp_path)
+    hp = hparams_data(load(tmp_path))
+    assert hp["session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS
+    start = hp["session_start_info"].session_start_info.hparams
+    assert start["status"].string_value == "completed" and "pruned_at" not in start

@@ -23,8 +23,9 @@ class SearchSweeperConf:
     # null: Optuna's journal file <hydra.sweep.dir>/optuna.journal; a path: a journal file
     # there; a URL (sqlite:///study.db): Optuna's database storage.
     storage: Optional[str] = None
-    n_trials: int = 20  # the study's total: a rerun asks only what is missing
-    n_jobs: int = 2  # trials launched together (a batch)
+    # The study's total: a rerun asks only what is missing. null: a GridSampler's grid size.
+    n_trials: Optional[int] = 20
+    n_jobs: int = 2  # trials running at once, each asked as soon as one ends
     # Seeds the sampler when its own config gives no seed: a repeatable search.
     seed: Optional[int] = None
     sampler: Dict[str, Any] = field(

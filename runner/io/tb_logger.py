@@ -33,12 +33,21 @@ def _import_tensorboardx():
 tensorboardX = _import_tensorboardx()
 summaries = tensorboardX.summary
 from tensorboardX.event_file_writer import EventsWriter  # noqa: E402 (after the import above)
+from tensorboardX.proto.api_pb2 import Status  # noqa: E402
 from tensorboardX.proto.event_pb2 import Event, SessionLog  # noqa: E402
+from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData  # noqa: E402
 
 
 # TensorFlow's histogram buckets (SummaryWriter's default_bins): +-1e-12 * 1.1^k up to 1e20.
 _EDGES = 1e-12 * 1.1 ** np.arange(int(np.ceil(np.log(1e32) / np.log(1.1))))
 HISTOGRAM_BINS = [*(-_EDGES[::-1]), 0.0, *_EDGES]
+
+# A run's end (metrics.json's status) as its HParams session's status. TensorBoard's statuses
+# are unknown, success, failure and running, none of them "pruned": a pruned run ended without
+# training to its end, and FAILURE is the one box of the HPARAMS tab's Status filter that sets
+# it apart both from completed runs (SUCCESS) and from runs that never ended (failed or
+# interrupted: no session end, UNKNOWN). Its `status` column says `pruned`.
+SESSION_END = {"completed": "STATUS_SUCCESS", "pruned": "STATUS_FAILURE"}
 
 
 class TensorBoardLogger:
@@ -90,9 +99,10 @@ class TensorBoardLogger:
             self._summary(summaries.histogram(f"{prefix}/{name}", np.asarray(leaf),
                                               HISTOGRAM_BINS), step)
 
-    def hparams(self, hparams: Mapping[str, Any], *, completed: bool) -> None:
+    def hparams(self, hparams: Mapping[str, Any], *, status: Optional[str]) -> None:
         """This run's row of the HPARAMS tab: its hyperparameters (a session start info) and,
-        for a run that completed, a session end. Written into the run's own event file:
+        for a run that ended with ``status`` (``completed``, ``pruned``), a session end of that
+        status (``SESSION_END``). Written into the run's own event file:
         tensorboardX's ``add_hparams`` would write them into a separate sub-run, giving two
         rows per run.
 
@@ -108,8 +118,8 @@ class TensorBoardLogger:
         """
         _, session_start, session_end = summaries.hparams(dict(hparams), {})
         self._summary(session_start)
-        if completed:
-            self._summary(session_end)
+        if status in SESSION_END:
+            self._summary(_with_status(session_end, SESSION_END[status]))
 
     def flush(self) -> None:
         self._io(self.events.flush)
@@ -131,6 +141,15 @@ class TensorBoardLogger:
             call(*args)
         except OSError as err:
             raise WriteError(self.path, err) from err
+
+
+def _with_status(session_end, status: str):
+    """tensorboardX's session end summary (always STATUS_SUCCESS) with ``status`` instead."""
+    value = session_end.value[0]
+    data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    data.session_end_info.status = Status.Value(status)
+    value.metadata.plugin_data.content = data.SerializeToString()
+    return session_end
 
 
 class NullLogger:

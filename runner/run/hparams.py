@@ -46,6 +46,12 @@ def run_hparams(cfg: DictConfig, overrides: Sequence[str] = (), *,
     return {k: v for k, v in hparams.items() if v is not None}
 
 
+def end_hparams(summary: Mapping[str, Any]) -> Dict[str, Any]:
+    """How a run ended, as HParams columns to filter its table by: ``status`` (``completed``,
+    ``pruned``) and a pruned run's ``pruned_at`` step; {} for a run that did not end."""
+    return {key: summary[key] for key in ("status", "pruned_at") if key in summary}
+
+
 def _plain(value: Any) -> Any:
     """A value TensorBoard's HParams can show: bool, number or string."""
     if isinstance(value, ListConfig):
