@@ -71,11 +71,12 @@ CONFIGS = {
     "hparams_search/grid.yaml": textwrap.dedent("""\
         # @package _global_
         defaults:
-          - override /hydra/sweeper: optuna
-          - override /hydra/sweeper/sampler: grid
+          - override /hydra/sweeper: search
         hydra:
           sweeper:
             direction: maximize
+            sampler:
+              _target_: optuna.samplers.GridSampler
             n_trials: 2
             n_jobs: 2
             params:

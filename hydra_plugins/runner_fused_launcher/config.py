@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 class FusedLauncherConf:
     _target_: str = "hydra_plugins.runner_fused_launcher.fused_launcher.FusedLauncher"
     # The most jobs one program trains together (null: no cap); larger groups are split.
+    # A search's group has min(hydra.sweeper.n_jobs, max_members) slots.
     max_members: Optional[int] = None
 
 

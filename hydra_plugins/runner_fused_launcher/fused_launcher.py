@@ -1,4 +1,6 @@
-"""A Hydra launcher that trains a batch of runner jobs as vmapped groups (``runner.run.fused``).
+"""A Hydra launcher that trains a batch of runner jobs as vmapped groups (``runner.run.fused``),
+or a search's stream of jobs in groups that keep their width (``launch_stream``,
+``runner.run.refill``).
 
 Jobs of any other task function, and any job runner cannot fuse, run one after another in
 this process, as Hydra's basic launcher runs them.
@@ -6,7 +8,7 @@ this process, as Hydra's basic launcher runs them.
 
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 from hydra.core.utils import (JobReturn, configure_log, filter_overrides, run_job,
                               setup_globals)
@@ -37,10 +39,7 @@ class FusedLauncher(Launcher):
                        indices: Sequence[int]) -> Sequence[JobReturn]:
         """The jobs numbered ``indices`` (a batch's, or a SLURM job's group of a batch:
         ``hydra/launcher=fused_slurm``)."""
-        setup_globals()
-        assert self.config is not None and self.hydra_context is not None
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        self.prepare()
         log.info(f"Launching {len(job_overrides)} jobs, fused where they share a program")
         if _is_runner(self.task_function):
             from runner.run.fused import launch
@@ -48,6 +47,30 @@ class FusedLauncher(Launcher):
             return launch(self, job_overrides, indices[0], indices=indices)
         return [self.run_one(idx, overrides, self.task_function)
                 for idx, overrides in zip(indices, job_overrides)]
+
+    def launch_stream(self, next_job: Callable[[], Optional[Tuple[int, Sequence[str]]]],
+                      on_end: Callable[[int, JobReturn], None], width: int) -> None:
+        """The jobs ``next_job()`` gives (``(number, overrides)``; None: no more), each one's
+        return to ``on_end(number, ret)`` as soon as it ends: runner's train in groups of
+        ``width`` slots, a freed slot taking the next job (``runner.run.refill``); another
+        app's run one after another."""
+        self.prepare()
+        log.info(f"Launching jobs as they come, {width} at a time, fused where they share a "
+                 f"program")
+        if _is_runner(self.task_function):
+            from runner.run.refill import launch_stream
+
+            return launch_stream(self, next_job, on_end, width)
+        while (job := next_job()) is not None:
+            on_end(job[0], self.run_one(job[0], job[1], self.task_function))
+        return None
+
+    def prepare(self) -> None:
+        """Hydra's globals and logging, and the sweep dir, as Hydra's launchers set them."""
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
 
     def compose(self, idx: int, overrides: Sequence[str]) -> DictConfig:
         """Job ``idx``'s config, as Hydra's own launchers compose it."""

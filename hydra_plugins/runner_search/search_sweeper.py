@@ -18,14 +18,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from hydra_plugins.runner_search import grid
 from hydra_plugins.runner_search import space as search_space
-from hydra_plugins.runner_search.study import (KEYS, existing_trial, space_record,
-                                               stops_search, tell, write_results)
+from hydra_plugins.runner_search.schedule import Trials, run_trials
+from hydra_plugins.runner_search.study import KEYS, space_record, write_results
 
 log = logging.getLogger(__name__)
 MULTIRUN_FILE = "multirun.yaml"  # the sweep's config, as runner's and Hydra's sweepers save it
@@ -37,7 +37,7 @@ class SearchSweeper(Sweeper):
 
     def __init__(self, direction: Any = None, objective: Any = None,
                  study_name: Optional[str] = None, storage: Optional[str] = None,
-                 n_trials: int = 20, n_jobs: int = 2, seed: Optional[int] = None,
+                 n_trials: Optional[int] = 20, n_jobs: int = 2, seed: Optional[int] = None,
                  sampler: Any = None, pruner: Any = None, max_failure_rate: float = 1.0,
                  params: Optional[Dict[str, str]] = None) -> None:
         self.study_name, self.storage = study_name, storage
@@ -89,7 +89,7 @@ class SearchSweeper(Sweeper):
             raise RunnerError("hydra/sweeper=search needs Optuna: pip install "
                               "'jax-yaml-runner[search]'") from None
         for key, value, low in (("n_trials", self.n_trials, 1), ("n_jobs", self.n_jobs, 1)):
-            if value < low:
+            if value is not None and value < low:  # n_trials=null: a grid's size
                 raise RunnerError(f"hydra.sweeper.{key}={value}: must be >= {low}")
         if not 0.0 <= self.max_failure_rate <= 1.0:
             raise RunnerError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate}: must "
@@ -104,12 +104,14 @@ class SearchSweeper(Sweeper):
         parsed = self.parse([*(f"{k}={v}" for k, v in self.params.items()), *arguments])
         space, fixed = search_space.distributions(parsed)
         self.check_composes(space, fixed)
+        sampler = self.build_sampler(parsed, space)
+        self.n_trials = grid.n_trials(sampler, self.n_trials)
         return {"objectives": names, "directions": ways, "pruner": pruner,
-                "sampler": self.build_sampler(), "space": space, "fixed": fixed}
+                "sampler": sampler, "space": space, "fixed": fixed}
 
-    def build_sampler(self):
+    def build_sampler(self, parsed: Sequence[Any], space: Dict[str, Any]):
         """``hydra.sweeper.sampler`` built, seeded by ``hydra.sweeper.seed`` unless it has a
-        seed of its own."""
+        seed of its own; a ``GridSampler``'s grid from the search space (``grid``)."""
         import optuna
 
         from runner.run.search import build_optuna
@@ -118,6 +120,8 @@ class SearchSweeper(Sweeper):
             self.sampler_spec, DictConfig) else dict(self.sampler_spec or {})
         if self.seed is not None and spec.get("seed") is None:
             spec["seed"] = self.seed
+        if grid.is_grid(spec):
+            return grid.build(spec, parsed, space)
         return build_optuna("hydra.sweeper.sampler", spec, optuna.samplers.BaseSampler,
                             "optuna.samplers.TPESampler")
 
@@ -179,49 +183,19 @@ class SearchSweeper(Sweeper):
 
     def run(self, study, search: Dict[str, Any]) -> None:
         """Launch the trials a killed search left running, then ask new ones until the study
-        holds ``n_trials``, ``n_jobs`` at a time; tell the study each one's end."""
-        import optuna
+        holds ``n_trials``, ``n_jobs`` running at once, each asked as soon as one ends
+        (``schedule``); tell the study each one's end. A signal ends the sweep as it ends a
+        sweep (``runner.run.sweep.stop_sweep``)."""
+        from runner.platform.preemption import Interrupted, stop_on_signals
+        from runner.run.sweep import stop_sweep
 
-        from runner.config.errors import RunnerError
-
-        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        if running:
-            log.info("trials %s were running when the search stopped: they go on first",
-                     ", ".join(str(t.number) for t in running))
-        pending = [existing_trial(study, search["storage"], t.number) for t in running]
-        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                    optuna.trial.TrialState.FAIL)
-        while True:
-            batch, pending = pending[:self.n_jobs], pending[self.n_jobs:]
-            room = self.n_trials - len(study.get_trials(deepcopy=False))
-            batch += [study.ask(search["space"])
-                      for _ in range(min(self.n_jobs - len(batch), max(room, 0)))]
-            if not batch:
-                return
-            for trial, ret in zip(batch, self.launch(batch, search)):
-                tell(study, trial, ret)
-            stop = stops_search(study, [t.number for t in batch])
-            if stop:
-                raise RunnerError(stop)
-            ended = study.get_trials(deepcopy=False, states=finished)
-            failed = [t for t in ended if t.state == optuna.trial.TrialState.FAIL]
-            if ended and len(failed) / len(ended) > self.max_failure_rate:
-                raise RunnerError(f"{len(failed)} of {len(ended)} trials failed, more than "
-                                  f"hydra.sweeper.max_failure_rate={self.max_failure_rate}")
-
-    def launch(self, trials: Sequence[Any], search: Dict[str, Any]) -> List[JobReturn]:
-        """Each trial as the job of its number (numbers in a row launch together)."""
-        assert self.launcher is not None
-        jobs = [[*search_space.overrides({k: t.params[k] for k in search["space"]},
-                                         search["fixed"]), *search["link"]] for t in trials]
-        numbers = [t.number for t in trials]
-        returns: List[JobReturn] = []
-        start = 0
-        for end in range(1, len(trials) + 1):
-            if end == len(trials) or numbers[end] != numbers[end - 1] + 1:
-                returns += self.launcher.launch(jobs[start:end], initial_job_idx=numbers[start])
-                start = end
-        return returns
+        with stop_on_signals() as stop:
+            trials = Trials(study, search, self.n_trials, self.max_failure_rate, stop)
+            run_trials(self.launcher, trials, self.n_jobs)
+        if stop.requested:
+            raise SystemExit(stop_sweep(Interrupted(f"stopped by {stop.signal_name}", 0)))
+        if trials.error is not None:
+            raise trials.error
 
     def parse(self, overrides: Sequence[str]):
         assert self.hydra_context is not None

@@ -188,6 +188,13 @@ class RunLog:
         self.buffer.flush()
         self.buffer.capacity = 0  # every later line goes straight through
 
+    def attach(self) -> None:
+        """Take the root logger's lines again after a logging set-up closed and removed every
+        handler (``logging.config.dictConfig``: Hydra's set-up of another job)."""
+        if self.file is not None:
+            self.buffer.setTarget(self.file)  # closing the buffer dropped its target
+        logging.getLogger().addHandler(self.buffer)
+
     def close(self) -> None:
         # A log the disk cannot take any more (ENOSPC) is not the run's error to report: the
         # write that failed first says why, once.

@@ -11,14 +11,15 @@ Each member's own work (``runner.loop.member``: log, eval, checkpoint) runs on i
 
 A member whose work fails, or whose loss or gradient norm goes non-finite, ends with the error
 a single run gives, while the others go on: a fused program keeps its state as it was
-(``alive`` masks it).
+(``alive`` masks it). Each member is at its own step (a fused group's members start where
+their runs do), so a slot whose member ended can take another, at that one's own step 0 (or
+checkpoint), in the same program (``refill``: a fused search keeps its width).
 """
 
 import functools
 import logging
 import os
 import sys
-import time
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -26,14 +27,18 @@ import jax
 import numpy as np
 
 from runner.config.errors import RunnerError
+from runner.loop.feed import HostFeed
 from runner.loop.member import Dispatched, Member, working_for
 from runner.loop.profiling import StepProfiler
-from runner.loop.programs import Program
+from runner.loop.programs import Program, Start
+from runner.loop.throughput import Throughput
 from runner.platform import peers
 from runner.platform.preemption import StopRequest
 
 log = logging.getLogger(__name__)
 Result = Union[Dict[str, Any], BaseException]  # a member's summary, or how it failed
+# (slot, how its member ended) -> the slot's next member, its start and its feed; or None
+Refill = Callable[[int, Result], Optional[Tuple[Member, Start, Optional[HostFeed]]]]
 
 
 def log_windows(trainer, chunk: int) -> int:
@@ -44,78 +49,87 @@ def log_windows(trainer, chunk: int) -> int:
     return 1
 
 
-class Throughput:
-    """Steps per second between host syncs. The first window starts once the compiling
-    dispatch is done; a window ends when a fetch waits for the device."""
-
-    def __init__(self):
-        self.start, self.steps, self.compiled = time.perf_counter(), 0, False
-
-    def dispatched(self, steps: int, outputs, *, excluded: float) -> None:
-        """A dispatch of ``steps`` steps; ``excluded`` seconds of it were no step's."""
-        self.start += excluded
-        if self.compiled:
-            self.steps += steps
-        else:  # keep compilation out of steps/s: wait for it, start timing after
-            jax.block_until_ready(outputs)
-
-    def rate(self) -> Optional[float]:
-        return self.steps / (time.perf_counter() - self.start) if self.steps else None
-
-    def restart(self, *, synced: bool) -> None:
-        """After a dispatch: the next window starts (host work ended this one) if it synced."""
-        if not self.compiled or synced:
-            self.compiled, self.start, self.steps = True, time.perf_counter(), 0
-
-
 class HostLoop:
-    """Trains ``members`` with ``program`` to ``trainer.steps`` (see the module doc).
-    ``peak_flops`` ``(peak FLOP/s of the devices, FLOPs per member step)`` adds ``perf/mfu``.
-    ``debug=profile`` traces the program into the first member's ``tb/``."""
+    """Trains ``members`` with ``program`` to ``trainer.steps`` (see the module doc), each from
+    its own step. ``peak_flops`` ``(peak FLOP/s of the devices, FLOPs per member step)`` adds
+    ``perf/mfu``. ``debug=profile`` traces the program into the first member's ``tb/``.
+    ``refill``: called with a slot and how its member ended, after the dispatch it ended in
+    (not after a stop request), returns the slot's next member, or None (see ``Refill``)."""
 
     def __init__(self, program: Program, members: Sequence[Member], *, trainer,
-                 stop: StopRequest, peak_flops: Optional[Tuple[float, float]] = None):
-        self.program, self.members, self.trainer, self.stop = program, members, trainer, stop
+                 stop: StopRequest, peak_flops: Optional[Tuple[float, float]] = None,
+                 refill: Optional[Refill] = None):
+        self.program, self.trainer, self.stop = program, trainer, stop
+        self.members = list(members)  # a slot's member changes when it is refilled
         self.peak_flops, self.chunk = peak_flops, program.spec.num_steps
-        self.step = members[0].step
+        self.refill = refill if program.refillable else None
+        if refill is not None and self.refill is None:
+            log.info("examples read on the host: a batched group's ended members' slots stay "
+                     "empty (the next jobs train in a group of their own)")
+        self.steps = np.array([m.step for m in members])  # each slot's member's
         self.alive = np.ones(len(members), bool)
         self.results: Dict[int, Result] = {}
+        self.ended: List[int] = []  # slots whose member ended since the last refill
         self.errors: List[Exception] = []  # this dispatch's, for the processes to agree on
         self.profiler = StepProfiler(members[0].trace_dir, trainer.profile_steps)
-        # One bar per process: a group's members log lines instead.
-        self.bar = _progress_bar(trainer, initial=self.step) if len(members) == 1 else None
+        # One bar per process: a group's members (and a refilled slot's) log lines instead.
+        self.bar = (_progress_bar(trainer, initial=int(self.steps[0]))
+                    if len(members) == 1 and refill is None else None)
         for member in members:
             member.join(len(members), self.bar)
 
     def run(self) -> List[Result]:
-        """Each member's summary, or the exception it ended with (failed, interrupted)."""
+        """Each slot's last member's summary, or the exception it ended with (failed,
+        interrupted)."""
         dispatches, window = 0, Throughput()
-        with self.bar or nullcontext(), working_for(m.run_dir for m in self.members):
+        with self.bar or nullcontext():
             try:
-                while self.step < self.trainer.steps and self.alive.any():
-                    if not self.dispatch(window):
-                        break
-                    last = self.step == self.trainer.steps
-                    due = {i: self.members[i].due(self.step, last) for i in self.living()}
-                    synced = any(due.values())
-                    perf = self.fetch(window) if synced else None
-                    self.act(due, perf, last)
-                    stopping, failed = _agreed(self.stop, dispatches,
-                                               self.errors[0] if self.errors else None)
+                while self.alive.any():
+                    with working_for(self.members[i].run_dir for i in self.living()):
+                        if not self.dispatch(window):
+                            break
+                        stopping = self.after_dispatch(window, dispatches)
                     dispatches += 1
-                    if failed is not None and not self.errors:  # another process failed
-                        for i in self.living():
-                            self.attempt(i, functools.partial(peers.check, None, failed))
-                    if stopping:
-                        self.interrupt(due, perf, window, last)
-                    window.restart(synced=synced)
-                    if self.bar:
-                        self.bar.update(self.chunk)
+                    if not stopping:
+                        self.refill_ended()
             finally:
                 self.profiler.close()
-            for i in self.living():
-                self.finish(i)
         return [self.results[i] for i in range(len(self.members))]
+
+    def after_dispatch(self, window: Throughput, dispatches: int) -> bool:
+        """The work due after a dispatch; each member at its last step finished. Whether
+        the processes agreed to stop (a signal)."""
+        last = {i: bool(self.steps[i] >= self.trainer.steps) for i in self.living()}
+        due = {i: self.members[i].due(int(self.steps[i]), last[i]) for i in self.living()}
+        synced = any(due.values())
+        perf = self.fetch(window) if synced else None
+        self.act(due, perf, last)
+        stopping, failed = _agreed(self.stop, dispatches,
+                                   self.errors[0] if self.errors else None)
+        if failed is not None and not self.errors:  # another process failed
+            for i in self.living():
+                self.attempt(i, functools.partial(peers.check, None, failed))
+        if stopping:
+            self.interrupt(due, perf, window, last)
+        window.restart(synced=synced)
+        if self.bar:
+            self.bar.update(self.chunk)
+        for i in self.living():
+            if last[i]:
+                self.finish(i)
+        return stopping
+
+    def refill_ended(self) -> None:
+        """Each slot whose member ended takes the next member ``refill`` gives, at its own
+        step, in the same program."""
+        ended, self.ended = self.ended, []
+        for i in ended if self.refill is not None else ():
+            after = self.refill(i, self.results[i])
+            if after is not None:
+                member, start, feed = after
+                self.program.replace(i, start, feed)
+                self.members[i], self.steps[i], self.alive[i] = member, member.step, True
+                member.join(len(self.members), None)
 
     def living(self) -> List[int]:
         return [int(i) for i in np.flatnonzero(self.alive)]
@@ -123,16 +137,17 @@ class HostLoop:
     def dispatch(self, window: Throughput) -> bool:
         """One dispatch; False when the program failed, which ends every member."""
         self.errors = []
+        first = int(self.steps[self.living()[0]])  # names the profiler's step
         try:
-            metrics = self.profiler.step(self.step, lambda: self.program.dispatch(self.alive))
+            metrics = self.profiler.step(first, lambda: self.program.dispatch(self.alive))
         except Exception as err:  # noqa: BLE001 (the program itself: every member's end)
             if isinstance(err, FloatingPointError):  # jax_debug_nans (debug=nans) found one
-                named = RunnerError(f"step {self.step + 1}: {err}{_code_line(err)}")
+                named = RunnerError(f"step {first + 1}: {err}{_code_line(err)}")
                 named.__cause__, err = err, named
             for i in self.living():
                 self.end(i, err)
             return False
-        self.step += self.chunk
+        self.steps[self.alive] += self.chunk
         # The trace's start and its writing (debug=profile) are no steps: left out
         window.dispatched(self.chunk, metrics,
                           excluded=self.profiler.after_dispatch(self.chunk, metrics))
@@ -149,7 +164,8 @@ class HostLoop:
         metrics = self.program.host_metrics()
         perf = self.perf(window.rate())
         for i in self.living():
-            self.attempt(i, functools.partial(check_finite, metrics[i], self.step - self.chunk,
+            self.attempt(i, functools.partial(check_finite, metrics[i],
+                                              int(self.steps[i]) - self.chunk,
                                               self.chunk // self.program.spec.windows))
         return perf
 
@@ -167,7 +183,7 @@ class HostLoop:
         return perf
 
     def act(self, due: Dict[int, List[str]], perf: Optional[Dict[str, float]],
-            last: bool) -> None:
+            last: Dict[int, bool]) -> None:
         """Each member's actions due (every dispatch: figures come back meanwhile), the state
         on the host only when an action reads it; a member that stopped (early stopping, a
         pruned trial) is finished, alone."""
@@ -182,7 +198,7 @@ class HostLoop:
                 self.finish(i)
 
     def interrupt(self, due: Dict[int, List[str]], perf: Optional[Dict[str, float]],
-                  window: Throughput, last: bool) -> None:
+                  window: Throughput, last: Dict[int, bool]) -> None:
         """A stop request: each member saves (if this dispatch did not) and, unless the run
         is done, ends ``Interrupted``. Its metrics are checked first: a NaN is never saved."""
         if perf is None:
@@ -193,10 +209,11 @@ class HostLoop:
                 self.members[i].interrupt, self.share_of(i, last, perf, states),
                 saved="checkpoint" in due[i], signal_name=self.stop.signal_name))
 
-    def share_of(self, i: int, last: bool, perf: Optional[Dict[str, float]],
+    def share_of(self, i: int, last: Dict[int, bool], perf: Optional[Dict[str, float]],
                  states: Optional[List[Any]]) -> Dispatched:
         """Member ``i``'s share of the dispatch that just ended."""
-        return Dispatched(self.step - self.chunk, self.step, last,
+        step = int(self.steps[i])
+        return Dispatched(step - self.chunk, step, last[i],
                           self.program.host_metrics()[i] if perf is not None else {},
                           perf or {}, states[i] if states is not None else None)
 
@@ -216,6 +233,7 @@ class HostLoop:
 
     def end(self, i: int, result: Result) -> None:
         self.results[i], self.alive[i] = result, False
+        self.ended.append(i)
 
 
 def _agreed(stop: StopRequest, dispatch: int,

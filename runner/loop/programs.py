@@ -6,6 +6,10 @@ group's members each on that program in turn (the CPU); or a fused group's
 Either gives each member's metrics and state on the host when the loop asks (each fetch waits
 for the device), at most once per dispatch. A member fed from the host (``runner.loop.feed``)
 takes its feed's next block with each dispatch; members sharing a feed share the block.
+
+Each member's step is its own (``state.step``, from which the step's data and randomness
+follow), so a slot whose member ended can take a new one at its own step (``replace``): a
+fused search keeps its group's width (``runner.run.refill``).
 """
 
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
@@ -40,6 +44,13 @@ class Program(Protocol):
         """Why a feed could not read the last dispatch's examples (a multi-process run
         dispatched zeros in their place: the run must fail), if it could not."""
 
+    @property
+    def refillable(self) -> bool:
+        """Whether a slot whose member ended can take another (``replace``)."""
+
+    def replace(self, i: int, start: Start, feed: Optional[HostFeed]) -> None:
+        """Slot ``i`` trains a new member from ``start`` (at the step its state holds)."""
+
 
 class SingleProgram:
     """One run's ``train_steps``: its state stays on its devices, where its actions read it."""
@@ -71,6 +82,12 @@ class SingleProgram:
 
     def read_failure(self) -> Optional[Exception]:
         return None if self.feed is None else self.feed.failure
+
+    refillable = True
+
+    def replace(self, i: int, start: Start, feed: Optional[HostFeed]) -> None:
+        self.state, self.data, self.rng = start
+        self.feed, self.metrics, self.fetched = feed, {}, None
 
 
 class FusedProgram:
@@ -120,6 +137,20 @@ class FusedProgram:
     def read_failure(self) -> Optional[Exception]:
         return next((f.failure for f in self.feeds if f is not None and f.failure), None)
 
+    @property
+    def refillable(self) -> bool:
+        # Every slot's feed gives a block each dispatch, an ended member's too: a feed that
+        # read its member's last block would have none for the slot's next member's steps.
+        return all(feed is None for feed in self.feeds)
+
+    def replace(self, i: int, start: Start, feed: Optional[HostFeed]) -> None:
+        """The new member's state, data and key replace slice ``i`` of the stacks, its step
+        (``state.step``) with them: the program steps each member from its own step."""
+        assert feed is None and self.refillable
+        self.states, self.data, self.rngs = (_with_slice(stacked, i, tree) for stacked, tree
+                                             in zip((self.states, self.data, self.rngs), start))
+        self.fetched = self.fetched_states = None
+
 
 class InTurnProgram:
     """Each member ``alive`` on a single run's ``train_steps`` in turn (see
@@ -148,6 +179,11 @@ class InTurnProgram:
 
     def read_failure(self) -> Optional[Exception]:
         return next((m.read_failure() for m in self.members if m.read_failure()), None)
+
+    refillable = True
+
+    def replace(self, i: int, start: Start, feed: Optional[HostFeed]) -> None:
+        self.members[i] = SingleProgram(self.spec, start, feed)
 
 
 def compiled_name(members: int) -> str:
@@ -179,3 +215,14 @@ def _stack(trees: Sequence[Any]) -> Any:
     device compiled one small program per array shape)."""
     return jax.device_put(jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
                                        *trees))
+
+
+def _with_slice(stacked: Any, i: int, tree: Any) -> Any:
+    """``stacked`` with slice ``i`` of each array set to ``tree``'s: on the host and put back
+    once, as ``_stack`` does (setting a slice on the device compiles a program per shape)."""
+    def put(stack, one):
+        host = np.array(stack)  # a writable copy
+        host[i] = np.asarray(one)
+        return host
+
+    return jax.device_put(jax.tree.map(put, jax.device_get(stacked), tree))

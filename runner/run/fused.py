@@ -8,7 +8,8 @@ sweeper that did not compose it first, or to validate fails alone), prepares eac
 job (a completed one is skipped, an interrupted one resumes, a failed one's files are set
 aside), builds each run, groups the runs by everything that shapes their program
 (``runner.loop.fused.group_key``) and trains each group in one host loop: a group of one on its
-own program, a larger one on the fused program.
+own program, a larger one on the fused program. A search's jobs come one at a time instead,
+into groups whose freed slots take the next ones (``runner.run.refill``).
 """
 
 import dataclasses
@@ -30,6 +31,7 @@ from runner.core.spec import members_batched
 from runner.io import lock
 from runner.io.rundir import HydraJob
 from runner.loop.fused import group_key, split_to_fit
+from runner.loop.host import Result
 from runner.loop.member import MEMBERS, Member, working_for
 from runner.loop.programs import compiled_name
 from runner.platform.preemption import Interrupted, stop_on_signals
@@ -66,7 +68,7 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
              "such a job trains alone, data-parallel)")
     if indices is None:  # a batch's jobs are numbered on from initial_job_idx
         indices = range(initial_job_idx, initial_job_idx + len(job_overrides))
-    jobs = [_register(launcher, idx, list(overrides))
+    jobs = [register_job(launcher, idx, list(overrides))
             for idx, overrides in zip(indices, job_overrides)]
     with stop_on_signals() as stop:
         # Opened after every job is composed: Hydra's set-up of a job resets the logging
@@ -74,7 +76,7 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
         for job in jobs:
             if job.value is None:
                 with working_for([job.run_dir]):
-                    _open(job)
+                    open_job(job)
         groups: Dict[Any, List[Job]] = {}
         for job in jobs:
             if job.member is not None:
@@ -89,22 +91,22 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
                 capped = members[start:start + cap]
                 for job in capped:  # their wall time and compilations count from here
                     job.session.begin(compiled_name(len(capped)))
-                for part in _split_to_fit(capped):
+                for part in fit_to_device(capped):
                     if stop.requested:  # a signal: the groups not started stay for the rerun
                         for job in part:
-                            _end(job, error=Interrupted(
+                            end_job(job, error=Interrupted(
                                 f"stopped by {stop.signal_name} before its group trained",
                                 job.member.step))
                         continue
                     stopped = _train(part, stop)
                     interrupted = interrupted or stopped
-    returns = [_job_return(launcher, job, optuna) for job in jobs]
+    returns = [job_return(launcher, job, optuna) for job in jobs]
     if interrupted:  # SIGTERM/SIGINT is meant for the whole sweep: its rerun resumes it
         raise SystemExit(stop_sweep(interrupted))
     return returns
 
 
-def _register(launcher, idx: int, overrides: List[str]) -> Job:
+def register_job(launcher, idx: int, overrides: List[str]) -> Job:
     """Compose job ``idx`` and let Hydra make its run dir (``.hydra/``, logging, callbacks)
     with a task function that only records the job; training comes later, in its group."""
     from hydra.core.utils import run_job
@@ -154,7 +156,7 @@ def _fail_early(job: Job, reason: str, *, write: bool = True) -> Job:
     return job
 
 
-def _open(job: Job) -> None:
+def open_job(job: Job) -> None:
     """Open the job's session: its checks, its run dir claimed as a sweep job's (an
     interrupted attempt resumes, an earlier failed one is set aside), its run built; a
     failure is the job's alone."""
@@ -166,12 +168,12 @@ def _open(job: Job) -> None:
     try:
         job.member = job.session.open()
     except Exception as err:  # noqa: BLE001 (recorded as the job's failure)
-        _end(job, error=err)
+        end_job(job, error=err)
         if not isinstance(err, lock.Busy):  # failed before its run started: its record
             record_failure(job.run_dir, job.overrides, job.reason, job.hydra_job)
 
 
-def _split_to_fit(group: List[Job]) -> List[List[Job]]:
+def fit_to_device(group: List[Job]) -> List[List[Job]]:
     """``group`` in parts whose fused program fits the free memory of the device it runs on
     (``runner.loop.fused.split_to_fit``)."""
     run = group[0].session.run
@@ -181,19 +183,29 @@ def _split_to_fit(group: List[Job]) -> List[List[Job]]:
 
 def _train(members: List[Job], stop) -> Optional[Interrupted]:
     """Train a group; how a signal stopped it (a member's Interrupted), if one did."""
+    announce_group(members)
+    results = train_group([job.session for job in members], stop)
+    for job, result in zip(members, results):
+        end_with(job, result)
+    return next((r for r in results if isinstance(r, Interrupted)), None)
+
+
+def end_with(job: Job, result: Result) -> None:
+    """The job's end as its host loop gave it: a summary, or the exception it ended with."""
+    with working_for([job.run_dir]):
+        end_job(job, **({"error": result} if isinstance(result, BaseException)
+                        else {"result": result}))
+
+
+def announce_group(members: Sequence[Job]) -> None:
+    """The log line of a group of several jobs about to train: which, and how."""
     if len(members) > 1:
         log.info("fusing jobs %s into one group (%d members, %s)",
                  ", ".join(str(j.idx) for j in members), len(members),
                  "one batched program" if members_batched() else "in turn on one compiled step")
-    results = train_group([job.session for job in members], stop)
-    for job, result in zip(members, results):
-        with working_for([job.run_dir]):
-            _end(job, **({"error": result} if isinstance(result, BaseException)
-                         else {"result": result}))
-    return next((r for r in results if isinstance(r, Interrupted)), None)
 
 
-def _end(job: Job, *, result=None, error: Optional[BaseException] = None) -> None:
+def end_job(job: Job, *, result=None, error: Optional[BaseException] = None) -> None:
     if error is None:
         try:
             summary = job.session.finish(result)
@@ -224,7 +236,7 @@ class _OwnLines(logging.Filter):
         return members is None or self.run_dir in members
 
 
-def _job_return(launcher, job: Job, optuna: bool) -> JobReturn:
+def job_return(launcher, job: Job, optuna: bool) -> JobReturn:
     ret = job.ret or JobReturn(overrides=job.overrides, cfg=OmegaConf.create(),
                                hydra_cfg=OmegaConf.create(), working_dir=str(job.run_dir),
                                task_name="runner")

@@ -20,7 +20,7 @@ from runner.io.files import remove_stale_temps, write_metrics
 from runner.io.manifest import write_manifest
 from runner.io.tb_logger import NullLogger, TensorBoardLogger
 from runner.loop.feed import feeds_for
-from runner.loop.host import HostLoop, Result
+from runner.loop.host import HostLoop, Refill, Result
 from runner.loop.member import EvalHook, Member
 from runner.loop.programs import program_for
 from runner.platform.compiles import cache_hits, compile_stats
@@ -29,7 +29,7 @@ from runner.platform.peers import PeerFailed, agree
 from runner.platform.preemption import (Interrupted, StopRequest, stop_if_requested,
                                         stop_on_signals)
 from runner.run.build import Parts, Run, build_parts, build_run
-from runner.run.hparams import job_choices, run_hparams
+from runner.run.hparams import end_hparams, job_choices, run_hparams
 from runner.run.trust import resume_command
 from runner.tasks.base import DrawsFigures
 
@@ -212,17 +212,19 @@ def _close_quietly(closing: ExitStack) -> None:
                         describe_error(err) or f"{type(err).__name__}: {err}")
 
 
-def train_group(sessions: Sequence[Session], stop: StopRequest) -> List[Result]:
+def train_group(sessions: Sequence[Session], stop: StopRequest,
+                refill: Optional[Refill] = None) -> List[Result]:
     """Train the opened sessions' runs (of equal ``runner.loop.fused.group_key``) in one host
     loop: a run alone on its own program, several fused into one. Each one's summary, or the
-    exception it ended with."""
+    exception it ended with (``refill``: an ended member's slot takes the next run, and the
+    result is each slot's last one's; ``runner.loop.host.HostLoop``)."""
     runs = [session.run for session in sessions]
     with feeds_for(runs) as feeds:
         program = program_for(runs[0].spec, [(r.state, r.data, r.train_rng) for r in runs],
                               feeds)
         return HostLoop(program, [session.member for session in sessions],
                         trainer=runs[0].cfg.trainer, stop=stop,
-                        peak_flops=runs[0].peak_flops).run()
+                        peak_flops=runs[0].peak_flops, refill=refill).run()
 
 
 def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRenderer],
@@ -251,7 +253,8 @@ def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRender
     closing.callback(logger.close)
     hparams = run_hparams(run.cfg, overrides, choices=choices,
                           platform=run.placement["platform"])
-    closing.callback(lambda: logger.hparams(hparams, completed=bool(summary)))
+    closing.callback(lambda: logger.hparams({**hparams, **end_hparams(summary)},
+                                            status=summary.get("status")))
     if not isinstance(task, DrawsFigures):
         renderer = None
     elif renderer:
