@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from runner.config.errors import RunnerError, describe_error
+from runner.io.layout import RunPaths
 
 
 def evaluate_run(run_dir: Path, which: str = "last") -> dict:
@@ -25,7 +26,7 @@ def evaluate_run(run_dir: Path, which: str = "last") -> dict:
     verify(parts.task, run_dir)
     cfg.device.distributed = False  # one process evaluates, whatever the run was
     configure_jax(cfg.device)
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = RunPaths(run_dir).checkpoints
     if which == "best":
         path = ckpt_dir / "best.msgpack"
     elif which == "last":

@@ -67,7 +67,7 @@ class HostData(Protocol):
 class HostExamples(Protocol):
     """Training examples read on the host, a dispatch's worth at a time (``runner.loop.feed``):
     a training set of any size. Runner draws each step's ``batch_size`` distinct indices from
-    (seed, step) (``runner.tasks.sampling.step_indices``), reads them a dispatch or two ahead
+    (seed, step) (``runner.core.sampling.step_indices``), reads them a dispatch or two ahead
     on a thread of its own, and feeds them to the compiled steps; the data position is part of
     every checkpoint for free (a resume reads on from the step it restarts at)."""
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from runner.config.errors import RunnerError
-from runner.io.figures import FigureRenderer, draw
+from runner.io.renderer import FigureRenderer, draw
 from runner.tasks.linear_fit import LinearFit
 
 

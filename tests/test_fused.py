@@ -235,7 +235,7 @@ def test_a_group_too_large_for_the_free_memory_is_split(tmp_path, caplog):
     from conftest import compose_config
     from runner.config.schema import typed
     from runner.core.spec import fused_bytes
-    from runner.loop.fused import split_to_fit
+    from runner.loop.groups import split_to_fit
     from runner.run.train import Session
 
     sessions = [Session(typed(compose_config([f"optimizer.lr={lr}", *COMMON])),

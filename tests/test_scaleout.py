@@ -18,7 +18,7 @@ from conftest import TINY, compose_config, free_port, run_cli
 import runner.run.build
 from runner.config.errors import RunnerError
 from runner.config.schema import Precision
-from runner.core.sharding import peak_flops
+from runner.loop.throughput import peak_flops
 from runner.io.checkpoint import Checkpointer, list_checkpoints
 from runner.io.tb_logger import NullLogger
 from runner.run import train

@@ -90,7 +90,7 @@ def test_cnn_rejects_inconsistent_sizes():
 
 @pytest.mark.parametrize("n, k", [(1437, 128), (60000, 128), (100, 100), (5, 3), (1, 1)])
 def test_distinct_indices_are_distinct_in_range_and_follow_the_key(n, k):
-    from runner.tasks.sampling import distinct_indices
+    from runner.core.sampling import distinct_indices
 
     draws = [np.asarray(distinct_indices(jax.random.PRNGKey(s), n, k)) for s in range(20)]
     for idx in draws:
@@ -102,7 +102,7 @@ def test_distinct_indices_are_distinct_in_range_and_follow_the_key(n, k):
 
 
 def test_distinct_indices_cover_every_example_evenly():
-    from runner.tasks.sampling import distinct_indices
+    from runner.core.sampling import distinct_indices
 
     draw = jax.jit(lambda key: distinct_indices(key, 1437, 128))
     counts = np.zeros(1437)

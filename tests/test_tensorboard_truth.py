@@ -19,7 +19,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.text import Text
 
 from conftest import TINY, TINY_CNN, chromium_or_skip, free_port, run_cli
-from runner.io.figures import render
+from runner.io.renderer import render
 from runner.tasks.arrays import Arrays
 from runner.tasks.cnn_random_images import CNNRandomImages
 from runner.tasks.figures import confusion_matrix

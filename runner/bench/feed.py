@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from runner.bench.process import NO_CACHE
+from runner.io.layout import RunPaths
 
 FEED_ROUNDS = 3  # at most: a round is 12 processes, four of them scanning 2.2 GB
 BIG, QUICK_BIG = 700_000, 20_000  # x_train examples of the generated dataset (2.2 GB; 63 MB)
@@ -87,7 +88,7 @@ class Sampled:
 
     def steps_per_s(self) -> float:
         """The median of the run's logged ``perf/steps_per_sec`` (its windows this time)."""
-        text = (self.run_dir / "runner.log").read_text()
+        text = RunPaths(self.run_dir).log.read_text()
         # a resumed run's log goes on after the first run's: its own windows are the last ones
         text = text.rsplit("resuming from", 1)[-1]
         rates = [float(v) for v in re.findall(r"perf/steps_per_sec=([0-9.e+-]+)", text)]

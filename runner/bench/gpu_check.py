@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from runner.io.layout import RunPaths
+
 LONG = ["trainer.progress_bar=false", "trainer.log_images=false",
         "device.compilation_cache_dir=null"]
 CNN = ["task=cnn_random_images", "trainer.steps=600", "trainer.log_every=100",
@@ -45,18 +47,18 @@ def run_case(name: str, overrides: List[str], tmp: Path, timeout: float,
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout)[-2000:], "wall_s": wall}
-    acc = EventAccumulator(str(run_dir / "tb")).Reload()
+    acc = EventAccumulator(str(RunPaths(run_dir).tb)).Reload()
     tags = acc.Tags()["scalars"]
 
     def median(tag):
         return statistics.median(e.value for e in acc.Scalars(tag)) if tag in tags else None
 
     steps_per_s = median("perf/steps_per_sec")
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = json.loads(RunPaths(run_dir).manifest.read_text())
     return {"overrides": overrides, "wall_s": wall, "steps_per_s": steps_per_s,
             "ms_per_step": 1e3 / steps_per_s if steps_per_s else None,
             "mfu": median("perf/mfu"),
-            "eval_loss": json.loads((run_dir / "metrics.json").read_text())["eval"]["loss"],
+            "eval_loss": json.loads(RunPaths(run_dir).metrics.read_text())["eval"]["loss"],
             "devices": manifest.get("devices"),
             "placement": manifest.get("placement"), "stdout_tail": proc.stdout[-600:]}
 

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
+from runner.io.layout import RunPaths
+
 SWEEP_LRS = ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"]
 NO_CACHE = ["device.compilation_cache_dir=null", "trainer.progress_bar=false"]
 FUSED_GOAL = 1.4  # the 8-job linear_fit fused sweep's wall against one run's: the aim
@@ -65,7 +67,7 @@ def bench_compiles(jobs: int = 3) -> dict:
         args = ["-m", "optimizer.lr=" + ",".join(SWEEP_LRS[:jobs]), "trainer.steps=20",
                 "trainer.log_every=10", *NO_CACHE, f"hydra.sweep.dir={tmp}/sweep"]
         _run([sys.executable, "-m", "runner", *args], tmp)
-        per_job = [json.loads((Path(tmp) / "sweep" / str(i) / "metrics.json").read_text())
+        per_job = [json.loads((Path(tmp) / "sweep" / str(i) / RunPaths.METRICS).read_text())
                    ["train_step_compiles"] for i in range(jobs)]
     return {"per_run": per_job[0], "per_sweep": sum(per_job), "sweep_jobs": jobs}
 

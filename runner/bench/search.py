@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 
 from runner.bench.process import NO_CACHE
-from runner.io.files import METRICS_FILE, read_metrics
+from runner.io.files import read_metrics
+from runner.io.layout import RunPaths
 
 TRIALS, STEPS, EVAL_EVERY, SEED = 24, 2000, 200, 0
 QUICK = (3, 200, 100)  # trials, steps, eval_every of --quick
@@ -194,7 +195,7 @@ def read_trials(sweep_dir: Path, start: float) -> List[Dict[str, Any]]:
     """Each job's status, steps, final eval value and end (its ``metrics.json``'s mtime,
     seconds after ``start``), in the order they ended."""
     trials = []
-    for path in sweep_dir.glob(f"*/{METRICS_FILE}"):
+    for path in sweep_dir.glob(f"*/{RunPaths.METRICS}"):
         if not path.parent.name.isdigit():
             continue
         m = read_metrics(path.parent)

@@ -1,8 +1,6 @@
 """Where a run's arrays live: the 1-D ``data`` mesh, placement and sharding of arrays on it,
-a device's free memory and the fit of a task's arrays there, and the peak FLOP/s of known
-accelerators (for ``perf/mfu``). Pure JAX: no environment, no I/O."""
+a device's free memory and the fit of a task's arrays there. Pure JAX: no environment, no I/O."""
 
-import re
 from typing import List, Optional
 
 import jax
@@ -11,7 +9,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from omegaconf import DictConfig
 
 from runner.config.errors import RunnerError
-from runner.config.schema import Precision
 
 DATA_AXIS = "data"
 
@@ -80,32 +77,3 @@ def place(tree, sharding: NamedSharding):
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(put, tree)
-
-
-# Dense peak FLOP/s per chip for (bf16, TF32, fp32) matmuls, by device_kind substring (first
-# match wins). TPUs run float32 matmuls as bf16 passes at default precision.
-PEAK_FLOPS = (
-    ("H100 PCIe", (756e12, 378e12, 51e12)),
-    ("H100", (989e12, 494e12, 67e12)),
-    ("H200", (989e12, 494e12, 67e12)),
-    ("A100", (312e12, 156e12, 19.5e12)),
-    ("L40S", (362e12, 183e12, 91.6e12)),
-    ("L4", (121e12, 60e12, 30e12)),
-    ("TPU v4", (275e12, 275e12, 275e12)),
-    ("TPU v5 lite", (197e12, 197e12, 197e12)),
-    ("TPU v5p", (459e12, 459e12, 459e12)),
-    ("TPU v5", (459e12, 459e12, 459e12)),
-    ("TPU v6 lite", (918e12, 918e12, 918e12)),
-)
-
-
-def peak_flops(device_kind: str, precision: Precision,
-               matmul_precision: Optional[str] = None) -> Optional[float]:
-    """The device's dense peak FLOP/s for this compute precision, or None when unknown (CPUs,
-    unlisted accelerators). float32 at default matmul precision counts as TF32 on GPUs."""
-    for name, (bf16, tf32, fp32) in PEAK_FLOPS:
-        if re.search(rf"\b{name}\b", device_kind):
-            if Precision(precision) == Precision.bf16:
-                return bf16
-            return fp32 if matmul_precision == "highest" else tf32
-    return None

@@ -4,7 +4,7 @@ value; and the program of a fused group, which trains several runs of one spec a
 Runs whose specs are equal (and whose arrays have equal structures, shapes and dtypes) share a
 compilation: the single run's ``train_steps`` and a fused sweep's ``train_steps_fused`` both
 take their static arguments from a ``StepSpec``, and a fused group's key is derived from it
-(``runner.loop.fused.group_key``).
+(``runner.loop.groups.group_key``).
 """
 
 import dataclasses

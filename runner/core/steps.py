@@ -17,7 +17,7 @@ from runner.core.examples import probe, read_all
 from runner.core.optim import LRSchedule, Optimizer
 from runner.core.sharding import batch_sharding, check_fits, replicated
 from runner.tasks.base import Batch, Data, HostData, HostExamples, PreparesBatch, Task
-from runner.tasks.sampling import step_indices, step_keys
+from runner.core.sampling import step_indices, step_keys
 
 Metrics = Dict[str, jax.Array]
 LAYER_GRAD_NORM = "grad_norm/"  # metric-name prefix of each top-level layer's gradient norm

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Dict
 
 from runner.config.errors import WriteError
+from runner.io.layout import RunPaths
 
 TEMP_SUFFIX = ".tmp"
-METRICS_FILE = "metrics.json"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -49,7 +49,7 @@ def remove_stale_temps(directory: Path) -> None:
 def read_metrics(run_dir: Path) -> Dict[str, Any]:
     """The run's ``metrics.json``, or {} when there is none (never started, or killed)."""
     try:
-        return json.loads((run_dir / METRICS_FILE).read_text())
+        return json.loads((RunPaths(run_dir).metrics).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -58,7 +58,7 @@ def write_metrics(run_dir: Path, summary: Dict[str, Any]) -> None:
     """Write the run's record, ``metrics.json`` (``summary``), atomically. After a failure, on a full disk, the record goes over the ``running``
     one in place (its blocks are already the file's; not atomic, but better than none); a
     write that fails even so is said on stderr."""
-    path, data = run_dir / METRICS_FILE, (json.dumps(summary, indent=2, sort_keys=True)
+    path, data = RunPaths(run_dir).metrics, (json.dumps(summary, indent=2, sort_keys=True)
                                             + "\n").encode()
     try:
         write_atomic(path, data)

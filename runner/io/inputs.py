@@ -17,18 +17,18 @@ from omegaconf import DictConfig, open_dict
 from runner.config.errors import RunnerError
 from runner.io.files import write_atomic
 from runner.tasks.base import RecordsInputs
+from runner.io.layout import RunPaths
 
-FILE = "inputs.json"
 STAMP = ("bytes", "mtime_ns")  # a task's record of its files' sizes and times (task=arrays)
 
 
 def recorded(run_dir: Path) -> Dict[str, Any]:
     try:
-        return json.loads((run_dir / FILE).read_text())
+        return json.loads((RunPaths(run_dir).inputs).read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:
-        raise RunnerError(f"{run_dir / FILE}: unreadable ({err})") from None
+        raise RunnerError(f"{RunPaths(run_dir).inputs}: unreadable ({err})") from None
 
 
 def use_recorded(cfg: DictConfig, run_dir: Path) -> None:
@@ -51,7 +51,7 @@ def verify(task: Any, run_dir: Path) -> None:
         what = ", ".join(f"{k}: now {_short(now.get(k))}, recorded {_short(was.get(k))}"
                          for k in changed)
         raise RunnerError(f"{now.get('path', 'the task inputs')}: changed since the run started "
-                          f"({what}; see {run_dir / FILE}): resume and eval need the same data")
+                          f"({what}; see {RunPaths(run_dir).inputs}): resume and eval need the same data")
 
 
 def record(task: Any, run_dir: Path) -> None:
@@ -59,9 +59,9 @@ def record(task: Any, run_dir: Path) -> None:
     checked against)."""
     inputs = _inputs(task, {})
     if inputs:
-        write_atomic(run_dir / FILE, (json.dumps(inputs, indent=2) + "\n").encode())
-    elif (run_dir / FILE).exists():  # an earlier attempt's, at another task
-        (run_dir / FILE).unlink()
+        write_atomic(RunPaths(run_dir).inputs, (json.dumps(inputs, indent=2) + "\n").encode())
+    elif (RunPaths(run_dir).inputs).exists():  # an earlier attempt's, at another task
+        (RunPaths(run_dir).inputs).unlink()
 
 
 def _inputs(task: Any, was: Dict[str, Any]) -> Dict[str, Any]:

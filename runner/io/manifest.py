@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 
 from runner.io.files import write_atomic
+from runner.io.layout import RunPaths
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "hydra-core", "omegaconf", "tensorboardX", "numpy")
 
@@ -23,7 +24,7 @@ def write_manifest(run_dir: Path, *, devices: List[jax.Device], overrides: Seque
     """Record versions, the devices used (and ``placement``: their count, processes,
     precision, peak FLOP/s), XLA flags, the project's git commit and the command line; a
     resume appends its own entry to ``attempts``."""
-    path = run_dir / "manifest.json"
+    path = RunPaths(run_dir).manifest
     try:
         attempts = json.loads(path.read_text()).get("attempts", [])
     except (OSError, ValueError):

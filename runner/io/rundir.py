@@ -21,17 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from runner.config.errors import RunnerError, first_line, runner_command
 from runner.io.checkpoint import list_checkpoints
 from runner.io.files import read_metrics, write_atomic
+from runner.io.layout import RUN_FILES, RunPaths
 
 log = logging.getLogger(__name__)
 
-HYDRA_DIR = ".hydra"  # Hydra's own name (hydra.output_subdir's default)
-LOG_FILE = "runner.log"  # Hydra's ${hydra.job.name}.log
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging
-ATTEMPTS = "attempts"
 MULTIRUN_FILE = "multirun.yaml"  # a sweep dir's (Hydra's sweepers write it)
-# What a run writes at its top level: an earlier run's are moved aside together.
-RUN_FILES = (HYDRA_DIR, "tb", "checkpoints", "metrics.json", "manifest.json", "inputs.json",
-             "model_summary.txt", LOG_FILE)
 
 
 def held_run(run_dir: Path) -> Optional[str]:
@@ -39,7 +34,7 @@ def held_run(run_dir: Path) -> Optional[str]:
     holds none (no ``metrics.json``, checkpoint, sweep, nor any file a run writes: a run
     overwrites no file of the user's either)."""
     metrics = read_metrics(run_dir)
-    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    checkpoints = list_checkpoints(RunPaths(run_dir).checkpoints)
     if metrics:
         return f"{metrics.get('status', 'unknown')} at step {metrics.get('steps', '?')}"
     if checkpoints:
@@ -65,7 +60,7 @@ def refuse_fresh_run(run_dir: Path, *, overwrite: bool) -> None:
     raise RunnerError(f"{shown} holds a run ({held}): continue it with "
                       f"{runner_command(f'resume={shown}')} (trainer.steps=N to train "
                       f"longer), or start over there "
-                      f"with overwrite=true (the old run is moved to {shown}/{ATTEMPTS}/), or "
+                      f"with overwrite=true (the old run is moved to {shown}/{RunPaths.ATTEMPTS}/), or "
                       f"give another hydra.run.dir")
 
 
@@ -96,8 +91,8 @@ def set_aside(run_dir: Path, names: Sequence[str] = RUN_FILES) -> Optional[Path]
     left = [run_dir / name for name in names if (run_dir / name).exists()]
     if not left:
         return None
-    taken = [int(p.name) for p in (run_dir / ATTEMPTS).glob("*") if p.name.isdigit()]
-    dest = run_dir / ATTEMPTS / str(max(taken, default=0) + 1)
+    taken = [int(p.name) for p in (RunPaths(run_dir).attempts).glob("*") if p.name.isdigit()]
+    dest = RunPaths(run_dir).attempts / str(max(taken, default=0) + 1)
     dest.mkdir(parents=True)
     for path in left:
         shutil.move(str(path), str(dest / path.name))
@@ -108,18 +103,18 @@ def set_aside(run_dir: Path, names: Sequence[str] = RUN_FILES) -> Optional[Path]
 def write_hydra_files(run_dir: Path, job: "HydraJob") -> None:
     """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` as Hydra writes them (a
     part that is None stays as it is: a resume keeps the run's ``hydra.yaml``)."""
-    (run_dir / HYDRA_DIR).mkdir(exist_ok=True)
+    RunPaths(run_dir).hydra.mkdir(exist_ok=True)
     for name, cfg in (("config.yaml", job.config), ("hydra.yaml", job.hydra),
                       ("overrides.yaml", job.overrides)):
         if cfg is not None:
-            write_atomic(run_dir / HYDRA_DIR / name, OmegaConf.to_yaml(cfg).encode())
+            write_atomic(RunPaths(run_dir).hydra_file(name), OmegaConf.to_yaml(cfg).encode())
 
 
 def recorded_choices(run_dir: Path) -> Dict[str, str]:
     """The config group options the run in ``run_dir`` was composed with (``task: arrays``,
     ``model: cnn1d``), as its ``.hydra/hydra.yaml`` records them (``hydra.runtime.choices``);
     {} for a run made without Hydra. A resumed run labels itself with these."""
-    path = run_dir / HYDRA_DIR / "hydra.yaml"
+    path = RunPaths(run_dir).hydra_file("hydra.yaml")
     if not path.is_file():
         return {}
     try:
@@ -141,7 +136,7 @@ class HydraJob:
         self.hydra = None
         if hydra is not None:
             self.hydra = OmegaConf.create({"hydra": OmegaConf.to_container(hydra)})
-            self.hydra.hydra.output_subdir = HYDRA_DIR
+            self.hydra.hydra.output_subdir = RunPaths.HYDRA
 
     @classmethod
     def current(cls, config: DictConfig) -> Optional["HydraJob"]:
@@ -182,7 +177,7 @@ class RunLog:
 
     def write_to(self, run_dir: Path) -> None:
         """From now on (the buffered lines first), append to ``run_dir/runner.log``."""
-        self.file = logging.FileHandler(run_dir / LOG_FILE, mode="a")
+        self.file = logging.FileHandler(RunPaths(run_dir).log, mode="a")
         self.file.setFormatter(logging.Formatter(LOG_FORMAT))
         self.buffer.setTarget(self.file)
         self.buffer.flush()
@@ -208,7 +203,7 @@ class RunLog:
 def log_error_line(run_dir: Path, logger: str, message: str) -> None:
     """Append one ERROR line to ``run_dir/runner.log`` as a run's log has it (for a job that
     failed before its run, and so its log, started)."""
-    handler = logging.FileHandler(run_dir / LOG_FILE, mode="a")
+    handler = logging.FileHandler(RunPaths(run_dir).log, mode="a")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     try:
         handler.handle(logging.makeLogRecord(

@@ -2,7 +2,7 @@
 two ahead on a thread of its own, placed on the devices, and bounded in memory.
 
 Each step's indices are the ones the compiled steps would draw on the device
-(``runner.tasks.sampling``: a function of the run's train key and the step), so where the
+(``runner.core.sampling``: a function of the run's train key and the step), so where the
 examples are read is no part of the result: a run fed from the host trains on exactly the
 batches of one that keeps its training set on the device, and a resume reads on from the step
 it restarts at. One reading thread per feed fills a queue of ``DEPTH`` blocks (a block: one
@@ -30,7 +30,7 @@ from runner.core.sharding import DATA_AXIS, free_bytes, local
 from runner.core.examples import check_structure, probe
 from runner.platform.device import available_memory
 from runner.tasks.base import Batch, ChoosesFeed, HostExamples
-from runner.tasks.sampling import step_indices, step_keys
+from runner.core.sampling import step_indices, step_keys
 
 log = logging.getLogger(__name__)
 

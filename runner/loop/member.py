@@ -22,6 +22,7 @@ import numpy as np
 from runner.config.errors import runner_command
 from runner.core.spec import StepSpec
 from runner.core.steps import LAYER_GRAD_NORM
+from runner.io.layout import RunPaths
 from runner.loop.early_stop import EarlyStop
 from runner.platform.preemption import Interrupted
 
@@ -117,7 +118,7 @@ class Member:
     @property
     def trace_dir(self) -> Optional[Path]:
         """Where a profile of its program goes (``debug=profile``): its ``tb/``, if it writes."""
-        return self.run_dir / "tb" if self.checkpointer.write else None
+        return RunPaths(self.run_dir).tb if self.checkpointer.write else None
 
     def join(self, group_members: int, bar) -> None:
         """It trains in a loop of ``group_members`` runs, which shows progress on ``bar``

@@ -19,7 +19,9 @@ from runner.config.targets import build, check
 from runner.core.optim import Optimizer, make_optimizer
 from runner.core.shapes import check_output
 from runner.core.examples import probe
-from runner.core.sharding import DATA_AXIS, make_mesh, peak_flops, place, replicated
+from runner.core.sharding import DATA_AXIS, make_mesh, place, replicated
+from runner.io.layout import RunPaths
+from runner.loop.throughput import peak_flops
 from runner.core.spec import StepSpec
 from runner.core.steps import check_examples, setup, step_flops
 from runner.io import inputs
@@ -168,9 +170,9 @@ def _restore(run_dir: Path, template, mesh: Mesh):
     (so that e.g. ``optimizer.lr=...`` given with ``resume`` applies), replicated over
     ``mesh`` (whatever devices it was saved from); ``template`` when the run saved none
     (stopped before its first checkpoint). Checkpoints that none fits stop the resume."""
-    restored, path = restore_latest(run_dir / "checkpoints", template)
+    restored, path = restore_latest(RunPaths(run_dir).checkpoints, template)
     if restored is None:
-        log.warning("no checkpoint in %s: starting from step 0", run_dir / "checkpoints")
+        log.warning("no checkpoint in %s: starting from step 0", RunPaths(run_dir).checkpoints)
         return template
     log.info("resuming from %s (step %d)", path, int(restored.step))
     opt_state = restored.opt_state._replace(hyperparams=template.opt_state.hyperparams)

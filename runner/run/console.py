@@ -8,6 +8,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 from omegaconf import OmegaConf
 
 from runner.config.targets import SIGNATURES
+from runner.io.layout import RunPaths
 
 # The groups a start line names (and, when chosen, the optional ones after them).
 MAIN_GROUPS = ("task", "model", "optimizer", "device", "experiment", "hparams_search", "debug")
@@ -32,7 +33,7 @@ def print_start(run_dir: Path, overrides: Sequence[str],
                       if (choices or {}).get(group) is not None)
     print(f"run dir: {shown}  {picked}".rstrip())
     print(f"overrides: {' '.join(overrides) if overrides else 'none (the defaults)'}")
-    print(f"every key: {os.path.join(shown, '.hydra', 'config.yaml')} "
+    print(f"every key: {os.path.join(shown, RunPaths.HYDRA, 'config.yaml')} "
           f"(or the same command with --cfg job)", flush=True)
 
 

@@ -7,7 +7,7 @@ own run dir, TensorBoard run, checkpoints and ``metrics.json``.
 sweeper that did not compose it first, or to validate fails alone), prepares each as a sweep
 job (a completed one is skipped, an interrupted one resumes, a failed one's files are set
 aside), builds each run, groups the runs by everything that shapes their program
-(``runner.loop.fused.group_key``) and trains each group in one host loop: a group of one on its
+(``runner.loop.groups.group_key``) and trains each group in one host loop: a group of one on its
 own program, a larger one on the fused program. A search's jobs come one at a time instead,
 into groups whose freed slots take the next ones (``runner.run.refill``).
 """
@@ -30,7 +30,7 @@ from runner.core.spec import fused_bytes
 from runner.core.spec import members_batched
 from runner.io import lock
 from runner.io.rundir import HydraJob
-from runner.loop.fused import group_key, split_to_fit
+from runner.loop.groups import group_key, split_to_fit
 from runner.loop.host import Result
 from runner.loop.member import MEMBERS, Member, working_for
 from runner.loop.programs import compiled_name
@@ -175,7 +175,7 @@ def open_job(job: Job) -> None:
 
 def fit_to_device(group: List[Job]) -> List[List[Job]]:
     """``group`` in parts whose fused program fits the free memory of the device it runs on
-    (``runner.loop.fused.split_to_fit``)."""
+    (``runner.loop.groups.split_to_fit``)."""
     run = group[0].session.run
     need = functools.partial(fused_bytes, run.spec, (run.state, run.data, run.train_rng))
     return split_to_fit(group, need, free_bytes(run.mesh.devices.flat[0]))

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Set, Tuple
 from hydra.core.utils import JobReturn
 
 from runner.loop.feed import feeds_for
-from runner.loop.fused import group_key
+from runner.loop.groups import group_key
 from runner.loop.host import Result
 from runner.loop.member import working_for
 from runner.loop.programs import compiled_name

@@ -13,6 +13,7 @@ from runner.config.schema import typed
 from runner.io import lock
 from runner.io.files import read_metrics, write_metrics
 from runner.io.inputs import use_recorded, verify
+from runner.io.layout import RunPaths
 from runner.io.rundir import LOG_FORMAT, HydraJob, recorded_choices
 from runner.run.trust import check_trusted
 
@@ -23,7 +24,7 @@ GROUPS = ("task", "model", "optimizer", "device", "hparams_search")
 def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictConfig, List[str]]:
     """The config stored in ``run_dir/.hydra`` (typed by the schemas), with ``overrides``
     (``key=value``) applied on top; and the run's own overrides."""
-    stored_path = run_dir / ".hydra" / "config.yaml"
+    stored_path = RunPaths(run_dir).hydra_file("config.yaml")
     if not stored_path.is_file():
         raise RunnerError(f"{run_dir}: not a run dir (no .hydra/config.yaml)")
     for override in overrides:
@@ -31,7 +32,7 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Tuple[DictC
         if key in GROUPS or "/" in key or key.startswith("hydra"):
             raise RunnerError(f"{override}: a resumed run keeps its task, model, optimizer and "
                               f"device; change values (e.g. trainer.steps=400), not groups")
-    overrides_path = run_dir / ".hydra" / "overrides.yaml"
+    overrides_path = RunPaths(run_dir).hydra_file("overrides.yaml")
     stored_overrides = (OmegaConf.to_container(OmegaConf.load(overrides_path))
                         if overrides_path.is_file() else [])
     # Typed by runner's own schema (keys added since the run was made get their defaults;
@@ -66,7 +67,7 @@ def build_stored(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()):
         return build_parts(cfg)
     except ConfigError as err:
         given = " with the overrides given" if overrides else ""
-        raise ConfigError(f"{run_dir / '.hydra' / 'config.yaml'}{given}: {err}") from None
+        raise ConfigError(f"{RunPaths(run_dir).hydra_file('config.yaml')}{given}: {err}") from None
 
 
 def resume_run(run_dir_arg: str, overrides: Sequence[str]) -> Tuple[Path, Dict[str, Any]]:
@@ -111,7 +112,7 @@ def record_completed(cfg: DictConfig, run_dir: Path, parts: "Parts") -> None:
 
     if not is_primary(cfg.device):  # process 0 writes the run's files
         return
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = RunPaths(run_dir).checkpoints
     with lock.hold(run_dir) as before:
         try:
             record = read_metrics(run_dir)

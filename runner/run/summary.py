@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from runner.config.errors import runner_command
 from runner.io.files import write_atomic
+from runner.io.layout import RunPaths
 from runner.io.rundir import MULTIRUN_FILE, read_metrics
 
 ENDED = ("completed", "pruned")  # a job's statuses that a rerun of its sweep keeps
@@ -71,7 +72,7 @@ def summarize(sweep_dir: Path, ranking: Optional[Sequence[Tuple[str, str]]] = No
     job's ``trainer.best_metric``'s final eval value (jobs ranked by different metrics or modes
     are compared only among themselves)."""
     rows = []
-    job_dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
+    job_dirs = [p.parent.parent for p in sweep_dir.glob(f"*/{RunPaths.HYDRA}/overrides.yaml")]
     by_number = lambda p: (int(p.name) if p.name.isdigit() else math.inf, p.name)  # noqa: E731
     for job_dir in sorted(job_dirs, key=by_number):
         m = read_metrics(job_dir)

@@ -26,6 +26,7 @@ from runner.config.errors import RunnerError, describe_error, first_line
 from runner.io import lock
 from runner.io.checkpoint import list_checkpoints
 from runner.io.files import write_metrics
+from runner.io.layout import RunPaths
 from runner.platform.preemption import Interrupted
 from runner.run.search import TrialLink, Value, is_search
 from runner.io.rundir import (MULTIRUN_FILE, Claim, HydraJob, held_run, log_error_line,
@@ -147,11 +148,11 @@ def record_failure(run_dir: Path, overrides: Sequence[str], reason: str,
 def interrupted_here(run_dir: Path, overrides: Sequence[str]) -> bool:
     """Whether ``run_dir`` holds checkpoints of an unfinished attempt at this very job."""
     try:
-        attempts = json.loads((run_dir / "manifest.json").read_text())["attempts"]
+        attempts = json.loads(RunPaths(run_dir).manifest.read_text())["attempts"]
     except (OSError, ValueError, KeyError):
         return False
     return attempts[-1].get("overrides") == list(overrides) and bool(
-        list_checkpoints(run_dir / "checkpoints"))
+        list_checkpoints(RunPaths(run_dir).checkpoints))
 
 
 class _HeldSweep:

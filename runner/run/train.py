@@ -15,8 +15,9 @@ from runner.config.schema import typed
 from runner.core.steps import TRAIN_EXAMPLES
 from runner.io import inputs, lock, rundir
 from runner.io.checkpoint import Checkpointer
-from runner.io.figures import FigureRenderer
+from runner.io.renderer import FigureRenderer
 from runner.io.files import remove_stale_temps, write_metrics
+from runner.io.layout import RunPaths
 from runner.io.manifest import write_manifest
 from runner.io.tb_logger import NullLogger, TensorBoardLogger
 from runner.loop.feed import feeds_for
@@ -214,7 +215,7 @@ def _close_quietly(closing: ExitStack) -> None:
 
 def train_group(sessions: Sequence[Session], stop: StopRequest,
                 refill: Optional[Refill] = None) -> List[Result]:
-    """Train the opened sessions' runs (of equal ``runner.loop.fused.group_key``) in one host
+    """Train the opened sessions' runs (of equal ``runner.loop.groups.group_key``) in one host
     loop: a run alone on its own program, several fused into one. Each one's summary, or the
     exception it ended with (``refill``: an ended member's slot takes the next run, and the
     result is each slot's last one's; ``runner.loop.host.HostLoop``)."""
@@ -236,18 +237,19 @@ def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRender
     if not run.writer:
         _log_to_console_only()
     else:
+        paths = RunPaths(run.run_dir)
         remove_stale_temps(run.run_dir)
-        remove_stale_temps(run.run_dir / "checkpoints")
-        remove_stale_temps(run.run_dir / ".hydra")  # resume= rewrites its config there
+        remove_stale_temps(paths.checkpoints)
+        remove_stale_temps(paths.hydra)  # resume= rewrites its config there
         # A record from the start: how the run ends replaces it (in place if the disk is full).
         write_metrics(run.run_dir, {"status": "running", "overrides": list(overrides),
                                      "steps": run.start_step})
     model_summary = agree(lambda: _write_run_files(run, overrides))
     trainer, task = run.cfg.trainer, run.parts.task
     # A resumed run drops what the interrupted attempt logged after its checkpoint.
-    logger = (TensorBoardLogger(run.run_dir / "tb", purge_step=run.start_step + 1
+    logger = (TensorBoardLogger(RunPaths(run.run_dir).tb, purge_step=run.start_step + 1
                                 if run.start_step else None) if run.writer else NullLogger())
-    checkpointer = Checkpointer(run.run_dir / "checkpoints", keep=trainer.keep_checkpoints,
+    checkpointer = Checkpointer(RunPaths(run.run_dir).checkpoints, keep=trainer.keep_checkpoints,
                                 metric=trainer.best_metric, mode=trainer.best_mode,
                                 write=run.writer)
     closing.callback(logger.close)
@@ -283,7 +285,7 @@ def _write_run_files(run: Run, overrides: Sequence[str]) -> str:
             inputs.record(run.parts.task, run.run_dir)
         write_manifest(run.run_dir, devices=list(run.mesh.devices.flat), overrides=overrides,
                        start_step=run.start_step, placement=run.placement)
-        (run.run_dir / "model_summary.txt").write_text(table)
+        RunPaths(run.run_dir).model_summary.write_text(table)
     return table
 
 

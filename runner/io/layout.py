@@ -1,0 +1,74 @@
+"""The names of what a run dir holds, in one place: ``RunPaths(run_dir).checkpoints`` and the
+like are the only way the rest of runner names a run's files (no path literal of them outside
+``runner.io``), and ``RUN_FILES`` (what an earlier run's set aside moves) is derived from them.
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """The paths of run dir ``root``'s files. The class attributes are their names."""
+
+    root: Path
+
+    HYDRA = ".hydra"  # Hydra's own name (hydra.output_subdir's default)
+    LOG = "runner.log"  # Hydra's ${hydra.job.name}.log
+    TB = "tb"
+    CHECKPOINTS = "checkpoints"
+    METRICS = "metrics.json"
+    MANIFEST = "manifest.json"
+    INPUTS = "inputs.json"
+    MODEL_SUMMARY = "model_summary.txt"
+    ATTEMPTS = "attempts"  # earlier runs set aside (overwrite=true)
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def hydra(self) -> Path:
+        return self.root / self.HYDRA
+
+    def hydra_file(self, name: str) -> Path:
+        """``.hydra/<name>``: ``config.yaml``, ``hydra.yaml`` or ``overrides.yaml``."""
+        return self.hydra / name
+
+    @property
+    def log(self) -> Path:
+        return self.root / self.LOG
+
+    @property
+    def tb(self) -> Path:
+        return self.root / self.TB
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / self.CHECKPOINTS
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / self.METRICS
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / self.MANIFEST
+
+    @property
+    def inputs(self) -> Path:
+        return self.root / self.INPUTS
+
+    @property
+    def model_summary(self) -> Path:
+        return self.root / self.MODEL_SUMMARY
+
+    @property
+    def attempts(self) -> Path:
+        return self.root / self.ATTEMPTS
+
+
+# What a run writes at its top level: an earlier run's are moved aside together.
+RUN_FILES: Tuple[str, ...] = (RunPaths.HYDRA, RunPaths.TB, RunPaths.CHECKPOINTS,
+                              RunPaths.METRICS, RunPaths.MANIFEST, RunPaths.INPUTS,
+                              RunPaths.MODEL_SUMMARY, RunPaths.LOG)
