@@ -22,6 +22,7 @@ class RunPaths:
     MANIFEST = "manifest.json"
     INPUTS = "inputs.json"
     MODEL_SUMMARY = "model_summary.txt"
+    CODE = "code"  # the uncommitted diffs of the user's repos, by their sha256
     ATTEMPTS = "attempts"  # earlier runs set aside (overwrite=true)
 
     def __post_init__(self):
@@ -64,6 +65,14 @@ class RunPaths:
         return self.root / self.MODEL_SUMMARY
 
     @property
+    def code(self) -> Path:
+        return self.root / self.CODE
+
+    def code_diff(self, sha256: str) -> Path:
+        """``code/<sha256>.diff``: an uncommitted diff recorded in ``manifest.json``."""
+        return self.code / f"{sha256}.diff"
+
+    @property
     def attempts(self) -> Path:
         return self.root / self.ATTEMPTS
 
@@ -71,4 +80,4 @@ class RunPaths:
 # What a run writes at its top level: an earlier run's are moved aside together.
 RUN_FILES: Tuple[str, ...] = (RunPaths.HYDRA, RunPaths.TB, RunPaths.CHECKPOINTS,
                               RunPaths.METRICS, RunPaths.MANIFEST, RunPaths.INPUTS,
-                              RunPaths.MODEL_SUMMARY, RunPaths.LOG)
+                              RunPaths.MODEL_SUMMARY, RunPaths.CODE, RunPaths.LOG)

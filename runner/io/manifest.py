@@ -4,7 +4,6 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import sys
 import time
 from importlib import metadata
@@ -13,6 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 
+from runner.io.code_record import (project_repos, repo_record, repo_root, runner_checkout,
+                                   runner_version)
 from runner.io.files import write_atomic
 from runner.io.layout import RunPaths
 
@@ -20,10 +21,12 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "hydra-core", "omegaconf", "tensor
 
 
 def write_manifest(run_dir: Path, *, devices: List[jax.Device], overrides: Sequence[str],
-                   start_step: int, placement: Optional[Dict[str, Any]] = None) -> None:
+                   start_step: int, placement: Optional[Dict[str, Any]] = None,
+                   user_modules: Sequence[str] = ()) -> None:
     """Record versions, the devices used (and ``placement``: their count, processes,
-    precision, peak FLOP/s), XLA flags, the project's git commit and the command line; a
-    resume appends its own entry to ``attempts``."""
+    precision, peak FLOP/s), XLA flags and, per attempt (a resume appends its own), the
+    command line and the code: the user's project (the repos of the working directory and of
+    ``user_modules``) and runner's own version and commit."""
     path = RunPaths(run_dir).manifest
     try:
         attempts = json.loads(path.read_text()).get("attempts", [])
@@ -31,7 +34,7 @@ def write_manifest(run_dir: Path, *, devices: List[jax.Device], overrides: Seque
         attempts = []
     attempts.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
                      "overrides": list(overrides), "start_step": start_step,
-                     "host": socket.gethostname()})
+                     "host": socket.gethostname(), "code": code(run_dir, user_modules)})
     manifest: Dict[str, Any] = {
         "versions": {"python": platform.python_version(), **{p: package_version(p) for p in PACKAGES}},
         "devices": [str(d) for d in devices],
@@ -40,7 +43,6 @@ def write_manifest(run_dir: Path, *, devices: List[jax.Device], overrides: Seque
         "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS",
                                                "XLA_PYTHON_CLIENT_PREALLOCATE",
                                                "XLA_PYTHON_CLIENT_MEM_FRACTION")},
-        "git": _git_state(Path(__file__).resolve().parents[1]),
         "attempts": attempts,
     }
     write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
@@ -53,18 +55,27 @@ def package_version(package: str) -> Optional[str]:
         return None
 
 
-def _git_state(source: Path) -> Optional[Dict[str, Any]]:
-    """The commit of the runner source tree (and whether it had local changes), if it is a
-    git checkout itself (an installed copy in a venv inside some other repo is not)."""
-    if not (source / ".git").exists():
+def code(run_dir: Path, user_modules: Sequence[str]) -> Dict[str, Any]:
+    """The attempt's code: ``project``, a record per repo of the user's (its root, what it
+    holds, commit, branch, dirty, the uncommitted diff's sha256 and size, its file in the run
+    dir when small, the untracked files), and ``runner``: its version and its repo's record
+    when it runs from a checkout (else null), its diff saved alike."""
+    checkout = runner_checkout()
+    root = repo_root(checkout) if checkout else None
+    own = repo_record(root, ["runner"]) if root else None
+    return {"project": [{**record, "diff": save_diff(run_dir, record, diff)}
+                        for record, diff in project_repos(Path.cwd(), user_modules)],
+            "runner": {"version": runner_version(),
+                       "git": {**own[0], "diff": save_diff(run_dir, *own)} if own else None}}
+
+
+def save_diff(run_dir: Path, record: Dict[str, Any], diff: Optional[bytes]) -> Optional[str]:
+    """Write ``diff`` as ``code/<its sha256>.diff`` (an attempt with unchanged code finds it
+    there already); its path in the run dir, or None when there is no diff to keep."""
+    if diff is None:
         return None
-    try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return None
-        status = subprocess.run(["git", "-C", str(source), "status", "--porcelain"],
-                                capture_output=True, text=True, timeout=10)
-        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        return None
+    path = RunPaths(run_dir).code_diff(record["diff_sha256"])
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, diff)
+    return path.relative_to(run_dir).as_posix()

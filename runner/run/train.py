@@ -31,7 +31,7 @@ from runner.platform.preemption import (Interrupted, StopRequest, stop_if_reques
                                         stop_on_signals)
 from runner.run.build import Parts, Run, build_parts, build_run
 from runner.run.hparams import end_hparams, job_choices, run_hparams
-from runner.run.trust import resume_command
+from runner.run.trust import resume_command, untrusted_modules
 from runner.tasks.base import DrawsFigures
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,8 @@ def _write_run_files(run: Run, overrides: Sequence[str]) -> str:
         if not run.start_step:
             inputs.record(run.parts.task, run.run_dir)
         write_manifest(run.run_dir, devices=list(run.mesh.devices.flat), overrides=overrides,
-                       start_step=run.start_step, placement=run.placement)
+                       start_step=run.start_step, placement=run.placement,
+                       user_modules=untrusted_modules(run.cfg))
         RunPaths(run.run_dir).model_summary.write_text(table)
     return table
 
