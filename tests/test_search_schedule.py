@@ -65,7 +65,9 @@ def fused_and_basic(tmp_path_factory):
     args = [SPACE, *RANDOM, *PRUNE, *TRAINER, "hydra.sweeper.n_trials=5",
             "hydra.sweeper.n_jobs=2"]
     fused = search(tmp_path, "fused", "hydra/launcher=fused", *args)
-    search(tmp_path, "basic", *args)
+    basic = search(tmp_path, "basic", *args)
+    # Hydra's basic launcher runs a job in this process: one trial at a time, no batches
+    assert "trials launched one at a time, in this process" in basic.stdout + basic.stderr
     return tmp_path, fused.stdout + fused.stderr
 
 

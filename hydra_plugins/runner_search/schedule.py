@@ -34,7 +34,8 @@ Job = Tuple[int, List[str]]  # a trial's number (its job's) and its job's overri
 BATCHED = {"hydra_plugins.runner_slurm_launcher.slurm_launcher.FusedSlurmLauncher"}
 PARALLEL = {"hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
             "hydra_plugins.hydra_submitit_launcher.submitit_launcher.BaseSubmititLauncher"}
-IN_PROCESS = {"hydra._internal.core_plugins.basic_launcher.BasicLauncher"}
+# Hydra's basic launcher by its option (hydra.runtime.choices): its class is in a private module.
+IN_PROCESS = {"basic"}
 
 
 class Trials:
@@ -103,9 +104,9 @@ class Trials:
         return None
 
 
-def schedule_of(launcher) -> str:
-    """How ``launcher`` takes trials: ``stream``, ``workers``, ``one_by_one`` or ``batches``
-    (the module doc)."""
+def schedule_of(launcher, option: Optional[str]) -> str:
+    """How ``launcher``, chosen as ``hydra/launcher=<option>``, takes trials: ``stream``,
+    ``workers``, ``one_by_one`` or ``batches`` (the module doc)."""
     if callable(getattr(launcher, "launch_stream", None)):
         return "stream"
     names = {f"{c.__module__}.{c.__qualname__}" for c in type(launcher).__mro__}
@@ -113,12 +114,13 @@ def schedule_of(launcher) -> str:
         return "batches"
     if names & PARALLEL:
         return "workers"
-    return "one_by_one" if names & IN_PROCESS else "batches"
+    return "one_by_one" if option in IN_PROCESS else "batches"
 
 
-def run_trials(launcher, trials: Trials, n_jobs: int) -> None:
-    """Launch ``trials`` on ``launcher``, ``n_jobs`` at a time (the module doc)."""
-    how = schedule_of(launcher)
+def run_trials(launcher, trials: Trials, n_jobs: int, option: Optional[str]) -> None:
+    """Launch ``trials`` on ``launcher`` (``hydra/launcher=<option>``), ``n_jobs`` at a time
+    (the module doc)."""
+    how = schedule_of(launcher, option)
     log.info("trials launched %s", {
         "stream": f"as slots free up, {n_jobs} at a time in one fused group",
         "workers": f"as jobs end, {n_jobs} at a time",

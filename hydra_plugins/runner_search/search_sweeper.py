@@ -191,7 +191,8 @@ class SearchSweeper(Sweeper):
 
         with stop_on_signals() as stop:
             trials = Trials(study, search, self.n_trials, self.max_failure_rate, stop)
-            run_trials(self.launcher, trials, self.n_jobs)
+            run_trials(self.launcher, trials, self.n_jobs,
+                       self.config.hydra.runtime.choices.get("hydra/launcher"))
         if stop.requested:
             raise SystemExit(stop_sweep(Interrupted(f"stopped by {stop.signal_name}", 0)))
         if trials.error is not None:
