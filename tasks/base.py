@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from runner.config.errors import ConfigError
+from runner.config.schema import choice_value
 
 Batch = Dict[str, jax.Array]  # at least "x" (model input) and "y" (target)
 Data = Dict[str, Any]  # whatever the task keeps on device: datasets, class prototypes, ...
@@ -184,4 +185,4 @@ def best_rule(task: Any, metric: Optional[str], mode: Optional[str]) -> Tuple[st
                               f"min too (whether higher or lower is better; it is implied "
                               f"only for {known})")
         mode = implied[metric]
-    return metric, str(getattr(mode, "value", mode))
+    return metric, choice_value(mode)

@@ -146,7 +146,7 @@ def test_a_classifier_keeps_its_best_accuracy_where_its_loss_disagrees(project):
     assert best["value"] == pytest.approx(accuracy[best_accuracy])
     assert f"best: step {best_accuracy} eval/accuracy=" in proc.stdout.strip().splitlines()[-1]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["steps"] == 8 and "stopped_early_at" not in metrics
+    assert metrics["steps"] == 8 and metrics["stopped_early_at"] is None
 
 
 @pytest.mark.parametrize("launcher", ["basic", "fused"])

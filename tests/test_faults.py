@@ -332,8 +332,9 @@ def test_a_sweep_value_of_the_wrong_type_fails_that_job_alone(tmp_path, launcher
     rows = sweep_rows(tmp_path)
     assert {job: row["status"] for job, row in rows.items()} == {
         "0": "failed", "1": "failed", "2": "failed", "3": "completed"}
-    reasons = {job: json.loads((tmp_path / job / "metrics.json").read_text())["reason"]
-               for job in ("0", "1", "2")}
+    records = {job: json.loads((tmp_path / job / "metrics.json").read_text()) for job in rows}
+    reasons = {job: records[job]["reason"] for job in ("0", "1", "2")}
+    assert {job: set(r) for job, r in records.items()} == {job: set(records["3"]) for job in rows}
     steps_error = "trainer.steps: Value 'abc' of type 'str' could not be converted to Integer"
     assert reasons == {"0": steps_error, "2": steps_error, "1": (
         "optimizer.lr: Value 'abc' of type 'str' could not be converted to Float")}

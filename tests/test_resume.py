@@ -181,6 +181,7 @@ def test_a_resume_with_nothing_left_records_the_run_completed(tmp_path):
         "completed", 4, str(tmp_path / "checkpoints/step_4.msgpack"))
     assert metrics["eval"] == pytest.approx(finished["eval"], rel=1e-6)
     assert metrics["best"] == finished["best"]
+    assert set(metrics) == set(finished)  # one shape, whoever wrote it
     after = snapshot(tmp_path)
     assert after.pop("metrics.json") and after == before
 
@@ -213,7 +214,7 @@ def test_a_resume_of_an_interrupted_run_with_nothing_to_train_completes_it(tmp_p
         check=True).stdout)
     assert (metrics["status"], metrics["steps"], metrics["checkpoint"], metrics["eval"]) == (
         "completed", step, evaluated["checkpoint"], evaluated["eval"])
-    assert "reason" not in metrics and metrics["overrides"] == interrupted["overrides"]
+    assert metrics["reason"] is None and metrics["overrides"] == interrupted["overrides"]
     after = snapshot(run_dir)
     assert after.pop("metrics.json") != before.pop("metrics.json") and after == before
     # Completed now: a resume with nothing to train exits 0 and rewrites nothing.

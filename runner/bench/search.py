@@ -201,7 +201,7 @@ def read_trials(sweep_dir: Path, start: float) -> List[Dict[str, Any]]:
         m = read_metrics(path.parent)
         trials.append({"job": int(path.parent.name), "status": m.get("status"),
                        "steps": int(m.get("steps") or 0),
-                       "value": m.get("eval", {}).get(METRIC),
+                       "value": (m.get("eval") or {}).get(METRIC),
                        "end_s": path.stat().st_mtime - start})
     return sorted(trials, key=lambda t: t["end_s"])
 

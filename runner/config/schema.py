@@ -48,6 +48,12 @@ MatmulPrecision = _choices(
     "``highest`` asks for full float32.")
 
 
+def choice_value(choice: Any) -> str:
+    """A choice as its plain string: a member of one of these enums (``BestMode.max``: what
+    a typed config holds) its value, a string (an untyped config's, a task's own) itself."""
+    return str(choice.value if isinstance(choice, Enum) else choice)
+
+
 # ---- optimizer -----------------------------------------------------------------------------
 @dataclass
 class OptimizerConf:

@@ -4,13 +4,14 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import List, Optional, Tuple, TypeVar
+from typing import Any, Dict, List, Optional, Tuple, TypeVar
 
 import jax
 import numpy as np
 from flax import serialization
 
 from runner.config.errors import RunnerError
+from runner.config.schema import choice_value
 from runner.io.files import write_atomic
 
 State = TypeVar("State")
@@ -105,6 +106,20 @@ def _spec(leaf) -> str:
     return f"{dtype}{list(np.shape(leaf))}"
 
 
+def read_best(ckpt_dir: Path, *, metric: str, mode: Any) -> Optional[Dict[str, Any]]:
+    """``best.json``: which state ``best.msgpack`` holds (step, metric, mode, value, path);
+    None when there is none, or when another rule than ``eval/<metric>`` at ``mode`` (min,
+    max) picked it (a run resumed with another trainer.best_metric or best_mode)."""
+    try:
+        best = json.loads((Path(ckpt_dir) / "best.json").read_text())
+    except (OSError, ValueError):
+        return None
+    rule = (f"eval/{metric}", choice_value(mode))
+    if not isinstance(best, dict) or (best.get("metric"), best.get("mode", rule[1])) != rule:
+        return None
+    return best
+
+
 class Checkpointer:
     """A run's ``checkpoints/``: step files (the newest ``keep`` kept) and ``best.msgpack``,
     the state with the best ``eval/<metric>`` so far (recorded in ``best.json``)."""
@@ -113,15 +128,9 @@ class Checkpointer:
                  write: bool = True):
         """``write=False`` (processes other than 0) tracks the best but writes no file."""
         self.dir, self.keep, self.metric = Path(ckpt_dir), keep, metric
-        self.mode = str(getattr(mode, "value", mode))  # "min" | "max" (BestMode is a str enum)
-        self.write = write
-        try:  # a resumed run keeps comparing against its earlier best, by the same rule
-            self.best = json.loads((self.dir / "best.json").read_text())
-        except (OSError, ValueError):
-            self.best = None
-        if self.best is not None and (self.best.get("metric"), self.best.get(
-                "mode", self.mode)) != (f"eval/{metric}", self.mode):
-            self.best = None  # resumed with another trainer.best_metric or best_mode
+        self.mode, self.write = choice_value(mode), write
+        # a resumed run keeps comparing against its earlier best, by the same rule
+        self.best = read_best(self.dir, metric=metric, mode=self.mode)
 
     def save(self, state, step: int) -> Path:
         if not self.write:

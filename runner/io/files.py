@@ -54,12 +54,34 @@ def read_metrics(run_dir: Path) -> Dict[str, Any]:
         return {}
 
 
+# The keys of every metrics.json, whoever writes it (a run as it starts and ends, a resume with
+# nothing left to train, a sweep job that failed before its run): one shape, null where the
+# writer has no value (a failed job's metrics, an early stop that never happened).
+RECORD_KEYS = (
+    "status",  # running | completed | pruned | interrupted | failed
+    "reason",  # why it did not complete
+    "overrides", "steps", "train", "eval", "checkpoint", "best",
+    "stopped_early_at", "pruned_at", "resumed_from", "experiment", "devices",
+    "wall_time_s", "compile_s", "train_step_compiles", "compile_cache_hits")
+
+
+def run_record(summary: Dict[str, Any]) -> Dict[str, Any]:
+    """``summary`` in metrics.json's shape: every key of RECORD_KEYS, null where it has none.
+    A key of no such shape is a bug of the writer, raised."""
+    unknown = sorted(set(summary) - set(RECORD_KEYS))
+    if unknown:
+        raise ValueError(f"metrics.json has no key {', '.join(unknown)}: add it to "
+                         f"runner.io.files.RECORD_KEYS")
+    return {key: summary.get(key) for key in RECORD_KEYS}
+
+
 def write_metrics(run_dir: Path, summary: Dict[str, Any]) -> None:
-    """Write the run's record, ``metrics.json`` (``summary``), atomically. After a failure, on a full disk, the record goes over the ``running``
-    one in place (its blocks are already the file's; not atomic, but better than none); a
-    write that fails even so is said on stderr."""
-    path, data = RunPaths(run_dir).metrics, (json.dumps(summary, indent=2, sort_keys=True)
-                                            + "\n").encode()
+    """Write the run's record, ``metrics.json`` (``summary`` in its one shape, ``run_record``),
+    atomically. After a failure, on a full disk, the record goes over the ``running`` one in
+    place (its blocks are already the file's; not atomic, but better than none); a write that
+    fails even so is said on stderr."""
+    path, data = RunPaths(run_dir).metrics, (json.dumps(run_record(summary), indent=2,
+                                                        sort_keys=True) + "\n").encode()
     try:
         write_atomic(path, data)
     except WriteError as err:

@@ -11,7 +11,7 @@ from runner.config.errors import (AlreadyComplete, ConfigError, RunnerError, des
                            first_line)
 from runner.config.schema import typed
 from runner.io import lock
-from runner.io.files import read_metrics, write_metrics
+from runner.io.files import RECORD_KEYS, read_metrics, write_metrics
 from runner.io.inputs import use_recorded, verify
 from runner.io.layout import RunPaths
 from runner.io.rundir import LOG_FORMAT, HydraJob, recorded_choices
@@ -107,7 +107,7 @@ def record_completed(cfg: DictConfig, run_dir: Path, parts: "Parts") -> None:
     ``trainer.steps``), with that state's eval metrics, as a finished run records itself; the
     run's earlier record (overrides, times) kept, its failure reason dropped. Holds the run
     dir's lock; every other file stays as it was (the lock file too)."""
-    from runner.io.checkpoint import Checkpointer, restore_latest
+    from runner.io.checkpoint import read_best, restore_latest
     from runner.platform.device import is_primary
 
     if not is_primary(cfg.device):  # process 0 writes the run's files
@@ -118,15 +118,16 @@ def record_completed(cfg: DictConfig, run_dir: Path, parts: "Parts") -> None:
             record = read_metrics(run_dir)
             if record.get("status") == "completed":  # another resume just recorded it
                 return
+            # kept as data: what another version of runner recorded beside is dropped
+            record = {k: v for k, v in record.items() if k in RECORD_KEYS}
             state, path, metrics = evaluate_checkpoint(
                 cfg, parts, lambda template: restore_latest(ckpt_dir, template))
             if state is None:
                 return
-            record = {k: v for k, v in record.items() if k != "reason"}
-            record.update(status="completed", steps=int(state.step), eval=metrics,
-                          checkpoint=str(path),
-                          best=Checkpointer(ckpt_dir, keep=None, metric=cfg.trainer.best_metric,
-                                            mode=cfg.trainer.best_mode, write=False).best)
+            record.update(status="completed", reason=None, steps=int(state.step),
+                          eval=metrics, checkpoint=str(path),
+                          best=read_best(ckpt_dir, metric=cfg.trainer.best_metric,
+                                         mode=cfg.trainer.best_mode))
             write_metrics(run_dir, record)
         finally:
             lock.sign(run_dir, before)

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config.errors import RunnerError, first_line
+from runner.config.schema import choice_value, typed
 
 SWEEPER_TARGET = "hydra_plugins.runner_search.search_sweeper.SearchSweeper"
 JOURNAL = "optuna.journal"  # the study's default storage, in the sweep dir
@@ -37,9 +38,7 @@ def best_of(config: DictConfig) -> Tuple[str, str]:
     ``runner.tasks.base.best_rule``), from the multirun's config: the task is built to ask."""
     trainer = config.trainer
     if trainer.best_metric is not None and trainer.best_mode is not None:
-        return str(trainer.best_metric), str(getattr(trainer.best_mode, "value",
-                                                     trainer.best_mode))
-    from runner.config.schema import typed
+        return str(trainer.best_metric), choice_value(trainer.best_mode)
     from runner.config.targets import build, check
     from runner.tasks.base import best_rule
 
@@ -235,5 +234,5 @@ class TrialLink:
         if summary.get("status") == "pruned":
             return Pruned(int(summary["pruned_at"]))
         self.open()
-        values = self.objective_values(summary.get("eval", {}))
+        values = self.objective_values(summary.get("eval") or {})
         return values[0] if len(values) == 1 else values

@@ -25,7 +25,7 @@ def job_value(summary: Dict[str, Any]) -> float:
     there is none. The sweeper minimises or maximises it as its own config says (Optuna's
     ``direction``)."""
     metric = str((summary.get("best") or {}).get("metric", "")).replace("eval/", "", 1)
-    return float(summary.get("eval", {}).get(metric, math.nan))
+    return float((summary.get("eval") or {}).get(metric, math.nan))
 
 
 def ending_line(rows: List[Dict[str, Any]], sweep_dir: Path) -> Optional[str]:
@@ -76,16 +76,16 @@ def summarize(sweep_dir: Path, ranking: Optional[Sequence[Tuple[str, str]]] = No
     by_number = lambda p: (int(p.name) if p.name.isdigit() else math.inf, p.name)  # noqa: E731
     for job_dir in sorted(job_dirs, key=by_number):
         m = read_metrics(job_dir)
-        row = {"job": job_dir.name, "overrides": " ".join(m.get("overrides", [])),
+        row = {"job": job_dir.name, "overrides": " ".join(m.get("overrides") or []),
                "status": m.get("status", "missing"), "best": "",
-               "reason": m.get("reason", "" if m else "no metrics.json (killed?)")}
+               "reason": m.get("reason") or ("" if m else "no metrics.json (killed?)")}
         if row["status"] == "running":  # the record a run starts with: it never ended
             row["reason"] = "still running, or killed"
-        row.update({f"eval/{k}": v for k, v in m.get("eval", {}).items()})
-        row.update({f"train/{k}": v for k, v in m.get("train", {}).items()})
+        row.update({f"eval/{k}": v for k, v in (m.get("eval") or {}).items()})
+        row.update({f"train/{k}": v for k, v in (m.get("train") or {}).items()})
         row.update({k: m.get(k) for k in ("steps", "wall_time_s", "compile_s",
                                           "train_step_compiles")})
-        if "pruned_at" in m:
+        if m.get("pruned_at") is not None:
             row["pruned_at"] = m["pruned_at"]
         rule = _best_rule(m)
         row["best_by"] = f"{rule[0]} ({rule[1]})" if rule else ""

@@ -92,7 +92,7 @@ def completed_value(run_dir: Path, overrides: Sequence[str],
         return None
     if previous.get("overrides") != list(overrides):
         raise RunnerError(f"{run_dir} holds a completed job with other overrides "
-                          f"({' '.join(previous.get('overrides', []))}); use another "
+                          f"({' '.join(previous.get('overrides') or [])}); use another "
                           f"hydra.sweep.dir")
     log.info("%s already %s: skipping it", run_dir, previous["status"])
     return trial.value(previous) if trial else job_value(previous)
