@@ -20,7 +20,7 @@ BUILT_IN = {
              "arrays": "runner.tasks.arrays.Arrays"},
     "model": {"mlp": "runner.models.mlp.MLP", "cnn": "runner.models.cnn.CNN"},
     "optimizer": {"adam": "optax.adam", "adamw": "optax.adamw", "sgd": "optax.sgd",
-                  "rmsprop": "optax.rmsprop"},
+                  "rmsprop": "optax.rmsprop", "chain": "runner.core.transforms.chain"},
 }
 
 

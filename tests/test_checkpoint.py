@@ -19,13 +19,13 @@ from runner.core.steps import train_steps
 
 def make_state(seed=0):
     (task, _, optimizer), (state, *_) = start(seed=seed)
-    return state, task, optimizer.schedule
+    return state, task, optimizer.tx
 
 
 def test_round_trip_restores_every_leaf(tmp_path):
-    state, task, schedule = make_state()
+    state, task, _ = make_state()
     data = task.make_data(jax.random.PRNGKey(1))
-    state, _ = train_steps(state, data, jax.random.PRNGKey(2), task=task, schedule=schedule,
+    state, _ = train_steps(state, data, jax.random.PRNGKey(2), task=task,
                            num_steps=3)
     path = save_checkpoint(tmp_path, state, step=3)
     assert path == checkpoint_path(tmp_path, 3) and path.name == "step_3.msgpack"

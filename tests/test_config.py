@@ -115,7 +115,8 @@ def test_composition_errors_become_one_line(override, fragment):
 @pytest.mark.parametrize("override, fragment", [
     ("optimizer.lr=abc", "optimizer.lr: Value 'abc'"),
     ("optimizer.b1=abc", "optimizer.b1: Value 'abc'"),
-    ("optimizer.schedule=step", "expected one of [constant, cosine, warmup_cosine]"),
+    ("optimizer.schedule=step", "optimizer.schedule=step: not a schedule; use one of constant, "
+                                "cosine, warmup_cosine"),
     ("task.num_train=1.5", "task.num_train: Value '1.5'"),
     ("trainer.steps=abc", "trainer.steps: Value 'abc'"),
     ("device.platform=cuda", "device.platform: Invalid value 'cuda'"),

@@ -9,7 +9,8 @@ import pytest
 from conftest import compose_config, group_options
 from runner.config.errors import ConfigError
 from runner.config.schema import Schedule
-from runner.core.optim import LRSchedule, make_optimizer
+from runner.core.optim import make_optimizer
+from runner.core.schedules import LRSchedule
 
 
 @pytest.mark.parametrize("name", group_options("optimizer"))
@@ -92,6 +93,9 @@ OPTAX_BY_HAND = {
     "adamw": lambda: optax.adamw(0.05),
     "rmsprop": lambda: optax.rmsprop(0.05, initial_scale=0.5),
     "sgd": lambda: optax.sgd(0.05, momentum=0.9),
+    "chain": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(),
+                                 optax.add_decayed_weights(1e-4),
+                                 optax.scale_by_learning_rate(0.05)),
 }
 
 

@@ -111,7 +111,7 @@ def test_step_flops_where_lowered_programs_are_not_analysed(monkeypatch):
 
     cfg, task, optimizer, state, data, rng = runner_parts_of(
         ["task=cnn_random_images", "task.image_size=8", "task.batch_size=4", "task.num_eval=8"])
-    on_cpu = steps.step_flops(state, data, rng, task=task, schedule=optimizer.schedule)
+    on_cpu = steps.step_flops(state, data, rng, task=task)
     real_analysis, real_devices = jax.stages.Lowered.cost_analysis, jax.devices
     platforms = []
 
@@ -122,7 +122,7 @@ def test_step_flops_where_lowered_programs_are_not_analysed(monkeypatch):
     monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", analysis)
     monkeypatch.setattr(steps.jax, "devices",
                         lambda *a: real_devices(*a) if a else [_FakeDevice("gpu")])
-    fallback = steps.step_flops(state, data, rng, task=task, schedule=optimizer.schedule)
+    fallback = steps.step_flops(state, data, rng, task=task)
     assert on_cpu > 1e6 and fallback == on_cpu
     assert platforms[0] is None and platforms[1].platform == "cpu"
 
@@ -133,7 +133,7 @@ def test_step_flops_where_lowered_programs_are_not_analysed(monkeypatch):
 
     platforms.clear()
     monkeypatch.setattr(steps.jax, "devices", no_cpu)
-    assert steps.step_flops(state, data, rng, task=task, schedule=optimizer.schedule) is None
+    assert steps.step_flops(state, data, rng, task=task) is None
 
 
 def test_xla_flags_join_xla_flags_before_jax_starts(monkeypatch, caplog):

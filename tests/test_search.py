@@ -246,7 +246,8 @@ def test_a_killed_search_resumes_its_running_trial_to_the_same_bits(tmp_path):
      "optuna.samplers (e.g. optuna.samplers.TPESampler)"),
     (["optimizer.lrr=interval(0.1,0.2)"],
      "hydra.sweeper.params: optimizer.lrr: unknown key; valid keys: lr, schedule, "
-     "warmup_steps, clip_norm, b1, b2, eps, eps_root, mu_dtype, nesterov"),
+     "warmup_steps, clip_norm, accumulate_steps, decay_exclude, b1, b2, eps, eps_root, "
+     "mu_dtype, nesterov"),
     (["hydra.sweeper.objective=[eval/loss,eval/mse]", "hydra.sweeper.direction=minimize"],
      "hydra.sweeper.direction=[minimize]: 1 direction(s) for 2 objective(s) (eval/loss, "
      "eval/mse); give one each"),

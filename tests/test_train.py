@@ -59,12 +59,11 @@ def test_same_seed_gives_identical_checkpoints_and_another_seed_does_not(tmp_pat
 
 def test_scanned_steps_equal_single_steps():
     # minibatches: per-step data randomness
-    (task, _, optimizer), (fused, data, _, rng) = start(["task.batch_size=10"])
-    schedule = optimizer.schedule
-    fused, _ = train_steps(fused, data, rng, task=task, schedule=schedule, num_steps=4)
+    (task, _, _), (fused, data, _, rng) = start(["task.batch_size=10"])
+    fused, _ = train_steps(fused, data, rng, task=task, num_steps=4)
     single = start(["task.batch_size=10"])[1].state
     for _ in range(4):
-        single, _ = train_steps(single, data, rng, task=task, schedule=schedule, num_steps=1)
+        single, _ = train_steps(single, data, rng, task=task, num_steps=1)
     assert int(fused.step) == int(single.step) == 4
     for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(single.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -88,12 +87,12 @@ def test_steps_per_dispatch_lands_on_every_cadence():
 
 def test_a_dispatch_returns_the_mean_of_each_log_window():
     (task, _, optimizer), (fused, data, _, rng) = start(["task.batch_size=10"])
-    _, windows = train_steps(fused, data, rng, task=task, schedule=optimizer.schedule,
+    _, windows = train_steps(fused, data, rng, task=task,
                              num_steps=6, windows=3)
     single = start(["task.batch_size=10"])[1].state
     losses = []
     for _ in range(6):
-        single, m = train_steps(single, data, rng, task=task, schedule=optimizer.schedule,
+        single, m = train_steps(single, data, rng, task=task,
                                 num_steps=1)
         losses.append(float(m["loss"][0]))
     assert windows["loss"].shape == (3,)
@@ -112,7 +111,7 @@ def test_every_log_step_is_logged_when_a_dispatch_spans_several(tmp_path):
     (task, _, optimizer), (state, data, _, rng) = start(overrides)
     losses = []
     for _ in range(8):
-        state, m = train_steps(state, data, rng, task=task, schedule=optimizer.schedule,
+        state, m = train_steps(state, data, rng, task=task,
                                num_steps=1)
         losses.append(float(m["loss"][0]))
     windows = np.reshape(losses, (4, 2)).mean(1)

@@ -74,7 +74,7 @@ def loops(reference, runner_parts, *, steps: int, chunk: int, windows: int = 1,
     def runner_loop():
         s = box["runner"]
         for _ in range(steps // chunk):
-            s, _ = train_steps(s, data, rng, task=task, schedule=optimizer.schedule,
+            s, _ = train_steps(s, data, rng, task=task,
                                num_steps=chunk, windows=windows, unroll=unroll)
         box["runner"] = jax.block_until_ready(s)
 
@@ -232,7 +232,7 @@ def bench_overheads(repeats: int) -> dict:
                                    ("cnn_random_images", ["task=cnn_random_images"], 10)):
         cfg, task, optimizer, state, data, rng = runner_parts_of(overrides)
         before = compile_stats("train_steps")
-        state, metrics = train_steps(state, data, rng, task=task, schedule=optimizer.schedule,
+        state, metrics = train_steps(state, data, rng, task=task,
                                      num_steps=chunk + 1,  # a length no call compiled yet
                                      unroll=cfg.trainer.scan_unroll)
         jax.block_until_ready(metrics)

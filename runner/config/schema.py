@@ -11,7 +11,7 @@ and optimizer-factory keys come from their classes' signatures (``runner.config.
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
@@ -35,7 +35,9 @@ def _choices(name: str, values: str, doc: str) -> type:
 
 
 Schedule = _choices("Schedule", "constant cosine warmup_cosine",
-                    "Learning-rate schedule shapes; the peak value is ``optimizer.lr``.")
+                    "Learning-rate schedule shapes by name; the peak value is ``optimizer.lr``. "
+                    "(``optimizer.schedule`` may also be a ``_target_`` node: "
+                    "``runner.core.schedules``.)")
 BestMode = _choices("BestMode", "min max", "Whether a lower (``min``) or higher (``max``) "
                     "``trainer.best_metric`` is better.")
 Platform = _choices("Platform", "auto cpu gpu tpu", "Where JAX runs: ``auto`` takes an "
@@ -58,13 +60,20 @@ def choice_value(choice: Any) -> str:
 @dataclass
 class OptimizerConf:
     """Keys every optimizer has; ``_target_`` names the optax factory, whose own arguments
-    (``b1``, ``momentum``...) join these with the factory's defaults (``runner.config.targets``)."""
+    (``b1``, ``momentum``...) join these with the factory's defaults (``runner.config.targets``).
+    ``schedule``: a ``Schedule`` name, or a ``_target_`` node (``optimizer/schedule=<name>``),
+    a multiplier of ``lr`` (``runner.core.schedules``). ``accumulate_steps``: gradients of this
+    many (micro-)steps averaged into one update (``optax.MultiSteps``; null or 1: off).
+    ``decay_exclude``: glob patterns of parameter paths the factory's weight decay spares (its
+    ``mask``; ``runner.core.transforms.DecayMask``)."""
 
     _target_: str = MISSING
     lr: float = bounded(1e-3, gt=0)
-    schedule: Schedule = Schedule.constant
+    schedule: Any = Schedule.constant.value
     warmup_steps: int = bounded(0, ge=0)
     clip_norm: Optional[float] = bounded(None, gt=0)
+    accumulate_steps: Optional[int] = bounded(None, gt=0)
+    decay_exclude: Optional[List[str]] = None
 
 
 # ---- device, trainer, run ------------------------------------------------------------------

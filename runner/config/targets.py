@@ -159,7 +159,7 @@ def _built(value: Any, key: str) -> Any:
             return build(value, key)
         return {k: _built(v, f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, list):
-        return tuple(_built(v, key) for v in value)
+        return tuple(_built(v, f"{key}.{i}") for i, v in enumerate(value))
     return value
 
 

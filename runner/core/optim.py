@@ -1,25 +1,31 @@
 """Optimizers from config: the optax factory named by ``_target_``, every numeric
 hyperparameter injected into the optimizer state.
 
-Because ``lr``, ``b1``, ``weight_decay``, ``clip_norm``... live in ``opt_state.hyperparams`` as
-arrays rather than as constants of the compiled program, runs that differ only in them share
-one compiled train step: the transformation a TrainState carries (part of the jit cache key)
-is a ``Transformation``, equal for every optimizer of one *structure* (factory, schedule,
-non-numeric arguments). The schedule only scales the peak lr.
+Because ``lr``, ``b1``, ``weight_decay``, ``clip_norm``, a chain's numbers and a ``_target_``
+schedule's values live in the optimizer state as arrays rather than as constants of the
+compiled program, runs that differ only in them share one compiled train step: the
+transformation a TrainState carries (part of the jit cache key) is a ``Transformation``, equal
+for every optimizer of one *structure* (factory, schedule kind, accumulation, non-numeric
+arguments). The schedule scales the peak lr (``runner.core.schedules``); the factory's own
+arguments, nested transforms and the weight-decay mask are ``runner.core.transforms``'.
 """
 
 import dataclasses
+import functools
 import inspect
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import serialization
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config.errors import SET_BY_RUNNER, ConfigError, check_range
-from runner.config.schema import OptimizerConf, Schedule, check_fields
-from runner.config.targets import check, load_target
+from runner.config.schema import OptimizerConf, check_fields
+from runner.config.targets import check
+from runner.core.schedules import VALUES, LRSchedule, make_schedule, values
+from runner.core.transforms import DecayMask, Transform, mask_error, split, takes_mask, uses_mask
 
 # Keys every optimizer config has (runner.config.schema.OptimizerConf); all other keys are the optax
 # factory's own arguments.
@@ -34,41 +40,31 @@ RANGES = {"b1": dict(ge=0, le=1), "b2": dict(ge=0, le=1), "decay": dict(ge=0, le
 
 
 @dataclasses.dataclass(frozen=True)
-class LRSchedule:
-    """Multiplier of the peak learning rate at a step (hashable: a static jit argument)."""
-
-    kind: Schedule
-    total_steps: int
-    warmup_steps: int = 0
-
-    def __call__(self, step: jax.Array) -> jax.Array:
-        if self.kind == Schedule.constant:
-            return jnp.ones_like(step, dtype=jnp.float32)
-        if self.kind == Schedule.cosine:
-            return optax.cosine_decay_schedule(1.0, self.total_steps)(step)
-        return optax.warmup_cosine_decay_schedule(
-            0.0, 1.0, self.warmup_steps, self.total_steps, end_value=0.0)(step)
-
-
-@dataclasses.dataclass(frozen=True)
 class Transformation:
-    """An optax transformation (``init``, ``update``) equal for equal structures: ``factory``
-    wrapped by ``inject_hyperparams``, with the ``static`` (non-numeric) arguments baked in and
-    the ``numeric`` ones read from ``opt_state.hyperparams``. (optax's own objects compare by
-    identity, so two jobs' transformations would key two compilations.)"""
+    """The run's optax transformation (``init``, ``update``) as a value, equal for equal
+    structures: the factory's ``Transform`` (``static`` arguments baked in, ``numeric`` ones
+    read from ``opt_state.hyperparams``), its lr following ``schedule`` (the one static
+    schedule a run has: the train step reads the lr in use through ``learning_rate``), and
+    with ``accumulate_steps``, ``optax.MultiSteps`` around it all. (optax's own objects compare
+    by identity, so two jobs' transformations would key two compilations.)"""
 
     factory: str
     schedule: LRSchedule
-    static: Tuple[Tuple[str, Any], ...]
-    numeric: Tuple[Tuple[str, type], ...]
+    static: tuple
+    numeric: tuple
+    accumulate_steps: Optional[int] = None
 
     def transformation(self, values: Optional[Dict[str, Any]] = None
                        ) -> optax.GradientTransformation:
         """The optax transformation with these hyperparameter ``values`` (numbers or traced
         arrays; a missing one is a placeholder, for ``update``, which reads the state's)."""
-        build = _scheduled(load_target(self.factory, "optimizer"), self.schedule)
-        numeric = {name: (values or {}).get(name, kind(1)) for name, kind in self.numeric}
-        return optax.inject_hyperparams(build)(**dict(self.static), **numeric)
+        wrap = functools.partial(_scheduled, schedule=self.schedule,
+                                 accumulate=self.accumulate_steps or 1)
+        tx = Transform(self.factory, self.static, self.numeric).transformation(values, wrap=wrap)
+        if self.accumulate_steps:
+            tx = optax.MultiSteps(tx, every_k_schedule=self.accumulate_steps
+                                  ).gradient_transformation()
+        return tx
 
     def init(self, params) -> optax.OptState:
         return self.transformation().init(params)
@@ -76,19 +72,37 @@ class Transformation:
     def update(self, updates, state, params=None):
         return self.transformation().update(updates, state, params)
 
+    def learning_rate(self, opt_state: optax.OptState, step: jax.Array) -> jax.Array:
+        """The lr of the update at (micro-)step ``step``: ``optimizer.lr`` times the schedule
+        at the step that update's accumulation began."""
+        hyperparams = self.hyperparams(opt_state)
+        if self.accumulate_steps:
+            step = step // self.accumulate_steps * self.accumulate_steps
+        return hyperparams["learning_rate"] * self.schedule(step, hyperparams.get(VALUES))
+
+    def hyperparams(self, opt_state: optax.OptState) -> Dict[str, jax.Array]:
+        """The factory's injected hyperparameters in ``opt_state``."""
+        return (opt_state.inner_opt_state if self.accumulate_steps else opt_state).hyperparams
+
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
     """What a run needs of its optimizer.
 
     ``tx`` steps the state: equal-structured optimizers have equal ones (one compiled step).
-    ``schedule`` gives the lr in use: ``opt_state.hyperparams["learning_rate"] * schedule(step)``.
-    ``hyperparams`` are this run's numeric hyperparameters (``opt_state.hyperparams``' keys).
+    ``hyperparams`` are this run's numbers (the values ``tx`` injects into the state), with a
+    ``_target_`` schedule's values, computed on first use (once JAX is configured).
     """
 
     tx: Transformation
-    schedule: LRSchedule
-    hyperparams: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    numbers: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    schedule_fn: Optional[Callable] = None
+
+    @functools.cached_property
+    def hyperparams(self) -> Dict[str, Any]:
+        if self.schedule_fn is None:
+            return dict(self.numbers)
+        return {**self.numbers, VALUES: values(self.schedule_fn, self.tx.schedule.total_steps)}
 
     def init(self, params) -> optax.OptState:
         """This run's initial optimizer state, holding its hyperparameter values."""
@@ -96,49 +110,92 @@ class Optimizer:
 
 
 def make_optimizer(cfg: DictConfig, *, total_steps: int) -> Optimizer:
-    """Build ``clip_by_global_norm(clip_norm)`` (when set) then the optax optimizer."""
+    """Build the optax optimizer: ``clip_by_global_norm(clip_norm)`` (when set), the factory
+    with its lr following the schedule (a weight-decay ``mask`` from ``decay_exclude``), and
+    ``optax.MultiSteps`` around them (``accumulate_steps``)."""
     cfg = check(cfg, "optimizer", **SCHEMA)
     check_fields(OptimizerConf, cfg, "optimizer.")
-    schedule = LRSchedule(Schedule(cfg.schedule), total_steps, cfg.warmup_steps)
-    if schedule.kind == Schedule.warmup_cosine and not 0 < cfg.warmup_steps < total_steps:
-        raise ConfigError(f"optimizer.warmup_steps={cfg.warmup_steps}: warmup_cosine needs "
-                          f"0 < warmup_steps < trainer.steps={total_steps}")
+    schedule, schedule_fn = make_schedule(cfg, total_steps=total_steps)
     own = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
            if k not in COMMON_KEYS}
     for name, bounds in RANGES.items():
         if isinstance(own.get(name), (int, float)):
             check_range(f"optimizer.{name}", own[name], **bounds)
-    hparams: Dict[str, Any] = dict(learning_rate=cfg.lr, max_grad_norm=cfg.clip_norm, **own)
-    # As inject_hyperparams sorts them: numbers become state, anything else (None, bools) is
-    # baked into the transformation and so belongs to its structure.
-    numeric = {k: v for k, v in hparams.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    tx = Transformation(cfg._target_, schedule,
-                        tuple(sorted((k, _hashable(v)) for k, v in hparams.items()
-                                     if k not in numeric)),
-                        tuple(sorted((k, type(v)) for k, v in numeric.items())))
-    return Optimizer(tx=tx, schedule=schedule, hyperparams=numeric)
+    mask = DecayMask(tuple(cfg.decay_exclude)) if cfg.decay_exclude else None
+    if mask is not None and takes_mask(cfg._target_, "optimizer"):
+        if own.get("mask") is not None:
+            raise ConfigError("optimizer.mask: set by optimizer.decay_exclude; give one of them")
+        own["mask"] = mask
+    static, numeric, numbers = split(
+        dict(learning_rate=cfg.lr, max_grad_norm=cfg.clip_norm, **own), "optimizer", mask)
+    if mask is not None and not uses_mask(static):
+        raise mask_error(cfg._target_)
+    if schedule_fn is not None:  # its values: computed on first use (Optimizer.hyperparams)
+        numeric = (*numeric, (VALUES, float))
+    accumulate = cfg.accumulate_steps if (cfg.accumulate_steps or 1) > 1 else None
+    tx = Transformation(cfg._target_, schedule, static, numeric, accumulate)
+    return Optimizer(tx=tx, numbers=numbers, schedule_fn=schedule_fn)
 
 
-def _hashable(value: Any) -> Any:
-    return tuple(map(_hashable, value)) if isinstance(value, list) else value
+def with_hyperparams(opt_state: optax.OptState, source: optax.OptState) -> optax.OptState:
+    """``opt_state`` (a restored one) with the injected hyperparameters of ``source`` (this
+    config's), wherever in the state they are (a chain's transforms, inside MultiSteps)."""
+    def injected(node):
+        return isinstance(node, optax.InjectStatefulHyperparamsState)
+
+    return jax.tree.map(lambda old, new: old._replace(hyperparams=new.hyperparams)
+                        if injected(old) else old, opt_state, source, is_leaf=injected)
 
 
-def _scheduled(factory: Callable[..., optax.GradientTransformation],
-               schedule: LRSchedule) -> Callable[..., optax.GradientTransformation]:
+def with_schedule_length(state: Any, saved: bytes) -> Any:
+    """``state`` (a template to restore into) with its ``_target_`` schedule's values as long
+    as those in the checkpoint bytes ``saved``: they are this config's, never learned (the
+    restored state takes them anew: ``with_hyperparams``), and a resume may change
+    ``trainer.steps``, their length. ``state`` as it is where either holds none."""
+    try:
+        length = _saved_length(serialization.msgpack_restore(saved))
+    except Exception:  # noqa: BLE001 (a torn file: restoring it names the problem)
+        length = None
+    if length is None:
+        return state
+
+    def resize(path, leaf):
+        named = getattr(path[-1], "key", None) if path else None
+        return np.zeros(length, np.float32) if named == VALUES else leaf
+
+    return jax.tree_util.tree_map_with_path(resize, state)
+
+
+def _saved_length(saved: Any) -> Optional[int]:
+    if not isinstance(saved, dict):
+        return None
+    if VALUES in saved:
+        return int(np.shape(saved[VALUES])[0])
+    return next((n for n in map(_saved_length, saved.values()) if n is not None), None)
+
+
+def _scheduled(factory: Callable[..., optax.GradientTransformation], *, schedule: LRSchedule,
+               accumulate: int) -> Callable[..., optax.GradientTransformation]:
     """Wrap ``factory`` so that its lr follows ``schedule`` and gradients are clipped first.
 
-    The wrapper takes the factory's own keyword arguments plus ``max_grad_norm``;
-    ``inject_hyperparams`` reads that signature to decide which arguments to inject.
+    The wrapper takes the factory's own keyword arguments plus ``max_grad_norm`` and the
+    schedule's values; ``inject_hyperparams`` reads that signature to decide which arguments to
+    inject. Under accumulation the factory counts optimizer steps, the schedule micro-steps.
     """
 
-    def build(learning_rate, max_grad_norm: Optional[float] = None, **kwargs):
-        tx = factory(learning_rate=lambda count: learning_rate * schedule(count), **kwargs)
+    def build(learning_rate, max_grad_norm: Optional[float] = None, schedule_values=None,
+              **kwargs):
+        def lr(count):
+            return learning_rate * schedule(count * accumulate if accumulate > 1 else count,
+                                            schedule_values)
+
+        tx = factory(learning_rate=lr, **kwargs)
         if max_grad_norm is None:
             return tx
         return optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
 
     params = list(inspect.signature(factory).parameters.values())
-    clip = inspect.Parameter("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None)
-    build.__signature__ = inspect.Signature([*params, clip])
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+             for name in ("max_grad_norm", VALUES)]
+    build.__signature__ = inspect.Signature([*params, *extra])
     return build

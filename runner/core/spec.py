@@ -16,19 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from runner.core.optim import LRSchedule
 from runner.core.steps import Metrics, evaluate, train_steps
 from runner.tasks.base import Batch, Data, Task
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """The static arguments of ``train_steps`` (its keyword arguments: ``num_steps`` steps per
+    """The static arguments of ``train_steps`` (the lr schedule is the state's: its
+    ``tx``, ``runner.core.optim.Transformation``) (its keyword arguments: ``num_steps`` steps per
     dispatch, returning the metrics of ``windows`` log windows) and of ``evaluate`` (``task``,
     ``mesh``, ``compute_dtype``). Frozen and hashable: itself a static jit argument."""
 
     task: Task
-    schedule: LRSchedule
     num_steps: int
     windows: int = 1
     layer_norms: bool = False

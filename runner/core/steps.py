@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from runner.config.errors import ConfigError
 from runner.core.examples import probe, read_all
-from runner.core.optim import LRSchedule, Optimizer
+from runner.core.optim import Optimizer
 from runner.core.sharding import batch_sharding, check_fits, replicated
 from runner.tasks.base import Batch, Data, HostData, HostExamples, PreparesBatch, Task
 from runner.core.sampling import step_indices, step_keys
@@ -137,7 +137,7 @@ def check_examples(task: HostExamples, data: Any) -> None:
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,
-               schedule: LRSchedule, layer_norms: bool = False,
+               layer_norms: bool = False,
                compute_dtype: Optional[str] = None) -> Tuple[TrainState, Metrics]:
     """One optimizer step on ``batch``; ``rng`` feeds stochastic layers (dropout).
     ``layer_norms`` adds each top-level layer's gradient norm to the metrics.
@@ -150,7 +150,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,
         return task.loss(outputs.astype(jnp.float32), batch)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    lr = state.opt_state.hyperparams["learning_rate"] * schedule(state.step)
+    lr = state.tx.learning_rate(state.opt_state, state.step)  # the lr this update applies
     state = state.apply_gradients(grads=grads)
     metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr": lr}
     if layer_norms:
@@ -159,12 +159,11 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,
     return state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("task", "schedule", "num_steps", "windows",
+@functools.partial(jax.jit, static_argnames=("task", "num_steps", "windows",
                                              "layer_norms", "unroll", "mesh", "compute_dtype"),
                    donate_argnames="state")
 def train_steps(state: TrainState, data: Data, rng: jax.Array,
-                blocks: Optional[Batch] = None, *, task: Task,
-                schedule: LRSchedule, num_steps: int, windows: int = 1,
+                blocks: Optional[Batch] = None, *, task: Task, num_steps: int, windows: int = 1,
                 layer_norms: bool = False, unroll: int = 1, mesh: Optional[Mesh] = None,
                 compute_dtype: Optional[str] = None) -> Tuple[TrainState, Metrics]:
     """``num_steps`` train steps fused into one dispatch with ``lax.scan``.
@@ -183,7 +182,7 @@ def train_steps(state: TrainState, data: Data, rng: jax.Array,
     def body(state, examples):
         batch_rng, step_rng = step_keys(rng, state.step)
         batch = _shard_batch(step_batch(task, data, batch_rng, examples), mesh)
-        state, metrics = train_step(state, batch, step_rng, task=task, schedule=schedule,
+        state, metrics = train_step(state, batch, step_rng, task=task,
                                     layer_norms=layer_norms, compute_dtype=compute_dtype)
         return _constrain(state, mesh), metrics
 
@@ -198,7 +197,7 @@ def train_steps(state: TrainState, data: Data, rng: jax.Array,
 
 
 def step_flops(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
-               schedule: LRSchedule, compute_dtype: Optional[str] = None,
+               compute_dtype: Optional[str] = None,
                examples: Optional[Batch] = None) -> Optional[float]:
     """FLOPs of one train step (batch included), by XLA's cost analysis of the lowered step
     (no compilation). GPU and TPU plugins do not analyse lowered programs (and the compiled
@@ -207,7 +206,7 @@ def step_flops(state: TrainState, data: Data, rng: jax.Array, *, task: Task,
     fed from the host."""
     def one(state, data, rng, examples):
         return train_step(state, step_batch(task, data, rng, examples), rng, task=task,
-                          schedule=schedule, compute_dtype=compute_dtype)
+                          compute_dtype=compute_dtype)
 
     cost = jax.jit(one).lower(state, data, rng, examples).cost_analysis()
     if not cost and jax.devices()[0].platform != "cpu":

@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from runner.config.errors import AlreadyComplete, ConfigError, RunnerError
 from runner.config.schema import Precision, validate
 from runner.config.targets import build, check
-from runner.core.optim import Optimizer, make_optimizer
+from runner.core.optim import (Optimizer, make_optimizer, with_hyperparams,
+                               with_schedule_length)
 from runner.core.shapes import check_output
 from runner.core.examples import probe
 from runner.core.sharding import DATA_AXIS, make_mesh, place, replicated
@@ -25,7 +26,7 @@ from runner.loop.throughput import peak_flops
 from runner.core.spec import StepSpec
 from runner.core.steps import check_examples, setup, step_flops
 from runner.io import inputs
-from runner.io.checkpoint import restore_latest
+from runner.io.checkpoint import list_checkpoints, restore_latest
 from runner.loop.feed import from_host
 from runner.loop.host import log_windows
 from runner.platform.device import configure_jax, is_primary
@@ -125,7 +126,7 @@ def build_run(cfg: DictConfig, run_dir: Path, *, resume: bool,
     if start_step >= cfg.trainer.steps:
         raise AlreadyComplete(run_dir, start_step)
     chunk = steps_per_dispatch(cfg.trainer, start_step=start_step)
-    spec = StepSpec(task=parts.task, schedule=parts.optimizer.schedule, num_steps=chunk,
+    spec = StepSpec(task=parts.task, num_steps=chunk,
                     windows=log_windows(cfg.trainer, chunk),
                     layer_norms=cfg.trainer.log_histograms, unroll=cfg.trainer.scan_unroll,
                     compute_dtype=COMPUTE_DTYPES[Precision(cfg.device.precision)], mesh=mesh)
@@ -170,12 +171,15 @@ def _restore(run_dir: Path, template, mesh: Mesh):
     (so that e.g. ``optimizer.lr=...`` given with ``resume`` applies), replicated over
     ``mesh`` (whatever devices it was saved from); ``template`` when the run saved none
     (stopped before its first checkpoint). Checkpoints that none fits stop the resume."""
-    restored, path = restore_latest(RunPaths(run_dir).checkpoints, template)
+    found = list_checkpoints(RunPaths(run_dir).checkpoints)
+    # A _target_ schedule's values as long as the newest checkpoint's (trainer.steps may change)
+    loading = with_schedule_length(template, found[-1][1].read_bytes()) if found else template
+    restored, path = restore_latest(RunPaths(run_dir).checkpoints, loading)
     if restored is None:
         log.warning("no checkpoint in %s: starting from step 0", RunPaths(run_dir).checkpoints)
         return template
     log.info("resuming from %s (step %d)", path, int(restored.step))
-    opt_state = restored.opt_state._replace(hyperparams=template.opt_state.hyperparams)
+    opt_state = with_hyperparams(restored.opt_state, template.opt_state)
     return place(restored.replace(opt_state=opt_state), replicated(mesh))
 
 
@@ -201,7 +205,6 @@ def _placement(run: Run) -> Dict[str, Any]:
         examples = {k: np.repeat(a, run.parts.task.batch_size, 0)
                     for k, a in probe(run.parts.task).items()}
     flops = step_flops(run.state, run.data, run.train_rng, task=run.parts.task,
-                       schedule=run.parts.optimizer.schedule,
                        compute_dtype=run.spec.compute_dtype, examples=examples) if peak else None
     return {"num_devices": run.mesh.size, "processes": jax.process_count(),
             "platform": device.platform, "device_kind": device.device_kind,
