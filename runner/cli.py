@@ -57,7 +57,8 @@ def main(cfg: DictConfig) -> float:
 
 def print_where(run_dir: Path, summary: Dict[str, Any]) -> None:
     """A run's last line: where it went, its final eval metrics, its best checkpoint's step and
-    metric, how to look at it."""
+    metric, how to look at it (TensorBoard, when it wrote events: logger=tensorboard)."""
+    from runner.io.layout import RunPaths
     from runner.run.console import shown_path
 
     shown = shown_path(run_dir)
@@ -66,8 +67,8 @@ def print_where(run_dir: Path, summary: Dict[str, Any]) -> None:
     best = f"  best: step {best['step']} {best['metric']}={best['value']:.4g}" if best else ""
     early = (f"  stopped early at step {summary['stopped_early_at']}"
              if summary.get("stopped_early_at") is not None else "")
-    print(f"done: {shown}  eval {metrics}{best}{early}  view: tensorboard --logdir {shown}",
-          flush=True)
+    view = f"  view: tensorboard --logdir {shown}" if RunPaths(run_dir).tb.is_dir() else ""
+    print(f"done: {shown}  eval {metrics}{best}{early}{view}", flush=True)
 
 
 # Hydra would write .hydra/ (or open a log file) in the run dir before runner's checks could

@@ -149,6 +149,9 @@ class RunConf:
     optimizer: Any = MISSING
     device: DeviceConf = field(default_factory=DeviceConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
+    # The metric writers (conf/logger/<name>.yaml, logger=[a,b]): name -> its _target_ and
+    # keys (runner.io.writers).
+    logger: Dict[str, Any] = field(default_factory=dict)
 
 
 def untyped(schema: type) -> DictConfig:

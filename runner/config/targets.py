@@ -113,9 +113,9 @@ def check(cfg: DictConfig, key: str, *, skip=(), base: type = object) -> DictCon
     takes = set(parameters(target, skip)) | known
     unknown = [k for k in cfg if k not in takes]
     if unknown:
+        keys = ", ".join(sorted(takes - {"_target_"})) or "no keys"
         raise ConfigError(set_by_runner(f"{key}.{unknown[0]}", path) or
-                          f"{key}.{unknown[0]}: unknown key; {path} takes: "
-                          f"{', '.join(sorted(takes - {'_target_'}))}")
+                          f"{key}.{unknown[0]}: unknown key; {path} takes: {keys}")
     given = OmegaConf.to_container(cfg, resolve=True)  # untyped: the schema types it anew
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema),

@@ -16,7 +16,10 @@ class RunPaths:
 
     HYDRA = ".hydra"  # Hydra's own name (hydra.output_subdir's default)
     LOG = "runner.log"  # Hydra's ${hydra.job.name}.log
-    TB = "tb"
+    TB = "tb"  # the tensorboard writer's (conf/logger/tensorboard.yaml)
+    JSONL = "metrics.jsonl"  # the jsonl writer's: a line per logged step
+    MLFLOW_RUN = "mlflow_run.json"  # the mlflow writer's: which MLflow run this run is
+    MLFLOW_DB = "mlflow.db"  # its default local store (a sweep's: in the sweep dir)
     CHECKPOINTS = "checkpoints"
     METRICS = "metrics.json"
     MANIFEST = "manifest.json"
@@ -43,6 +46,18 @@ class RunPaths:
     @property
     def tb(self) -> Path:
         return self.root / self.TB
+
+    @property
+    def jsonl(self) -> Path:
+        return self.root / self.JSONL
+
+    @property
+    def mlflow_run(self) -> Path:
+        return self.root / self.MLFLOW_RUN
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / self.MLFLOW_DB
 
     @property
     def checkpoints(self) -> Path:
@@ -77,7 +92,9 @@ class RunPaths:
         return self.root / self.ATTEMPTS
 
 
-# What a run writes at its top level: an earlier run's are moved aside together.
+# What a run writes at its top level, its built-in metric writers' files included: an earlier
+# run's are moved aside together (with those a user's writer declares, its ``run_files``).
 RUN_FILES: Tuple[str, ...] = (RunPaths.HYDRA, RunPaths.TB, RunPaths.CHECKPOINTS,
                               RunPaths.METRICS, RunPaths.MANIFEST, RunPaths.INPUTS,
-                              RunPaths.MODEL_SUMMARY, RunPaths.CODE, RunPaths.LOG)
+                              RunPaths.MODEL_SUMMARY, RunPaths.CODE, RunPaths.LOG,
+                              RunPaths.JSONL, RunPaths.MLFLOW_RUN, RunPaths.MLFLOW_DB)

@@ -88,7 +88,7 @@ def resuming(run_dir: Path, writer: bool) -> bool:
 def set_aside(run_dir: Path, names: Sequence[str] = RUN_FILES) -> Optional[Path]:
     """Move an earlier run's (or attempt's) files into ``attempts/<n>/``: kept, never mixed
     into the new one's curves and checkpoints. The new dir, or None when nothing was there."""
-    left = [run_dir / name for name in names if (run_dir / name).exists()]
+    left = [run_dir / name for name in dict.fromkeys(names) if (run_dir / name).exists()]
     if not left:
         return None
     taken = [int(p.name) for p in (RunPaths(run_dir).attempts).glob("*") if p.name.isdigit()]

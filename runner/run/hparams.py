@@ -5,9 +5,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# Overridable keys that do not change what is learned: no HParams column for them.
+ENDED = ("completed", "pruned")  # the statuses of a run that ended (HParams: its session end)
+# Overridable keys that do not change what is learned: no HParams column for them (nor for
+# the keys under one: logger.mlflow.tracking_uri).
 NOT_HPARAMS = {"trainer.progress_bar", "trainer.log_images", "trainer.log_histograms",
-               "device.compilation_cache_dir"}
+               "device.compilation_cache_dir", "logger"}
 
 
 def job_choices() -> Dict[str, Any]:
@@ -37,7 +39,7 @@ def run_hparams(cfg: DictConfig, overrides: Sequence[str] = (), *,
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if (key.startswith("hydra") or "/" in key or "@" in key or key in hparams
-                or key in NOT_HPARAMS):
+                or key in NOT_HPARAMS or key.split(".", 1)[0] in NOT_HPARAMS):
             continue
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, DictConfig):
@@ -48,7 +50,10 @@ def run_hparams(cfg: DictConfig, overrides: Sequence[str] = (), *,
 
 def end_hparams(summary: Mapping[str, Any]) -> Dict[str, Any]:
     """How a run ended, as HParams columns to filter its table by: ``status`` (``completed``,
-    ``pruned``) and a pruned run's ``pruned_at`` step; {} for a run that did not end."""
+    ``pruned``) and a pruned run's ``pruned_at`` step; {} for a run that did not end (failed,
+    interrupted: a resume may end it)."""
+    if summary.get("status") not in ENDED:
+        return {}
     return {key: summary[key] for key in ("status", "pruned_at") if key in summary}
 
 

@@ -17,9 +17,10 @@ from runner.io import inputs, lock, rundir
 from runner.io.checkpoint import Checkpointer
 from runner.io.renderer import FigureRenderer
 from runner.io.files import remove_stale_temps, write_metrics
-from runner.io.layout import RunPaths
+from runner.io.layout import RUN_FILES, RunPaths
 from runner.io.manifest import write_manifest
-from runner.io.tb_logger import NullLogger, TensorBoardLogger
+from runner.io.tb_logger import NullLogger
+from runner.io.writers.configured import open_writers, run_info, writer_files
 from runner.loop.feed import feeds_for
 from runner.loop.host import HostLoop, Refill, Result
 from runner.loop.member import EvalHook, Member
@@ -114,12 +115,12 @@ class Session:
         self.closing = ExitStack()  # open files and threads, closed once metrics.json says how
         self.run: Optional[Run] = None
         self.member: Optional[Member] = None
-        self.result: Dict[str, Any] = {}  # the loop's summary, once it ends
 
     def open(self, *, announce: Optional[Callable[[DictConfig], None]] = None) -> Member:
         cfg = typed(self.cfg)
         # every value checked before the run dir is touched
         parts = self.parts or build_parts(cfg)
+        self.writer_files = writer_files(cfg.logger)  # its metric writers checked too
         if self.writer:
             lock.check_free(self.run_dir)
             self.claim(self.run_dir, True)  # a refusal reads only
@@ -138,7 +139,7 @@ class Session:
             self._commit()
         else:  # another process writes the run dir; this one records only its own failure
             self.committed = True
-        self.member = _prepare(self.run, self.overrides, renderer, self.closing, self.result,
+        self.member = _prepare(self.run, self.overrides, renderer, self.closing, self.summary,
                                self.choices, self.on_eval)
         if self.continue_with:
             self.member.resume_command = self.continue_with
@@ -150,7 +151,7 @@ class Session:
         whatever else it holds), then its ``.hydra/`` files and its ``runner.log``."""
         self.committed = True
         if not self.resume and rundir.held_run(self.run_dir):  # overwrite=true, a sweep job
-            rundir.set_aside(self.run_dir)
+            rundir.set_aside(self.run_dir, (*RUN_FILES, *self.writer_files))
         if self.hydra_job is not None:
             rundir.write_hydra_files(self.run_dir, self.hydra_job)
         self.log.write_to(self.run_dir)
@@ -164,7 +165,6 @@ class Session:
                       resumed_from=run.start_step if run.resume else None)
         if run.cfg.experiment:
             result["experiment"] = run.cfg.experiment
-        self.result.update(result)
         self.summary.update(result)
         agree(self.closing.close)  # the last events and HParams flushed: a failure fails it
         if self.writer:
@@ -231,9 +231,9 @@ def train_group(sessions: Sequence[Session], stop: StopRequest,
 def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRenderer],
              closing: ExitStack, summary: Dict[str, Any], choices: Dict[str, Any],
              on_eval: Optional[EvalHook]) -> Member:
-    """The run's files, its TensorBoard logger and checkpointer, and its member of a host loop.
-    The logger's closing (HParams, with ``summary``'s metrics once the run ends; flush) is left on
-    ``closing``."""
+    """The run's files, its metric writers and checkpointer, and its member of a host loop.
+    The writers' closing (HParams, with how the run ended once ``summary`` says: its status
+    and end; flush) is left on ``closing``."""
     if not run.writer:
         _log_to_console_only()
     else:
@@ -246,9 +246,10 @@ def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRender
                                      "steps": run.start_step})
     model_summary = agree(lambda: _write_run_files(run, overrides))
     trainer, task = run.cfg.trainer, run.parts.task
-    # A resumed run drops what the interrupted attempt logged after its checkpoint.
-    logger = (TensorBoardLogger(RunPaths(run.run_dir).tb, purge_step=run.start_step + 1
-                                if run.start_step else None) if run.writer else NullLogger())
+    # Each writer of a resumed run drops what the interrupted attempt wrote after its
+    # checkpoint (runner.io.writers).
+    logger = (open_writers(run.cfg.logger, run_info(run.run_dir, run.start_step))
+              if run.writer else NullLogger())
     checkpointer = Checkpointer(RunPaths(run.run_dir).checkpoints, keep=trainer.keep_checkpoints,
                                 metric=trainer.best_metric, mode=trainer.best_mode,
                                 write=run.writer)
