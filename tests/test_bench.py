@@ -6,17 +6,48 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import compose_config, start_process
+
+
+# `python -m runner.bench --quick` as two `--only` processes at once (2 cores), sharing their
+# results among the tests below: the in-process sections and the sweeps, then the feed and the
+# searches, each writing its own results file.
+QUICK_PARTS = (("linear_fit", "arrays", "cnn", "overheads", "compiles", "sweeps"),
+               ("feed", "search"))
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    """(results of every section, the console tables) of the quick bench's parts."""
+    tmp = tmp_path_factory.mktemp("bench")
+    procs = []
+    try:
+        for i, part in enumerate(QUICK_PARTS):  # files, not pipes: neither waits on the other
+            with open(tmp / f"{i}.out", "w") as out, open(tmp / f"{i}.err", "w") as err:
+                procs.append(start_process(
+                    [sys.executable, "-m", "runner.bench", "--quick", "--only", *part, "--out",
+                     f"bench/{i}.json"], cwd=tmp, stdout=out, stderr=err, text=True))
+        for proc in procs:
+            proc.wait(timeout=900)
+    finally:
+        for proc in procs:  # a part that failed or hung is ended here, not left running
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for i, proc in enumerate(procs):
+        assert proc.returncode == 0, (tmp / f"{i}.err").read_text()[-3000:]
+    results = {}
+    for i in range(len(QUICK_PARTS)):
+        results.update(json.loads((tmp / f"bench/{i}.json").read_text()))
+    return results, "".join((tmp / f"{i}.out").read_text() for i in range(len(QUICK_PARTS)))
 
 
 @pytest.mark.slow
-def test_quick_benchmark_writes_the_results_schema(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "runner.bench", "--quick"], cwd=tmp_path,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "bench/results.json").read_text())
+def test_quick_benchmark_writes_the_results_schema(quick_bench):
+    results, stdout = quick_bench
     assert {"machine", "linear_fit", "arrays", "cnn", "overheads", "compiles",
-            "sweeps", "search"} <= set(results)
-    assert results["machine"]["versions"]["jax"]
+            "sweeps", "feed", "search"} <= set(results)
+    assert results["machine"]["versions"]["jax"] and results["quick"] is True
     for key in ("reference_steps_per_s", "runner_steps_per_s", "runner_over_reference"):
         assert results["linear_fit"][key] > 0
     for key in ("reference_steps_per_s", "runner_steps_per_s", "runner_over_reference"):
@@ -28,23 +59,47 @@ def test_quick_benchmark_writes_the_results_schema(tmp_path):
         assert results["overheads"][task]["log_and_checkpoint_s_per_1000_steps"] > 0
     assert results["overheads"]["process"]["default_run_over_import"] > 0
     assert results["compiles"] == {"per_run": 1, "per_sweep": 1, "sweep_jobs": 3}
+    assert "linear_fit: runner / reference" in stdout
+    # linear_fit ran in a process with the task config's XLA flag, as `python -m runner` runs
+    assert ("--xla_cpu_enable_concurrency_optimized_scheduler=false"
+            in results["linear_fit"]["xla_flags"].split())
+
+
+@pytest.mark.slow
+def test_quick_benchmark_sweeps_feed_and_searches(quick_bench):
+    results, stdout = quick_bench
     sweeps = results["sweeps"]
     assert sweeps["fused_goal_over_single"] == 1.4
-    assert {n: c["jobs"] for n, c in sweeps["cases"].items()} == {
-        "linear_fit": 2, "digits": 2, "cnn": 2}  # --quick: 2 jobs each
+    # --quick: linear_fit's 2-job sweep alone (the other cases: test_every_sweep_case_composes)
+    assert {n: c["jobs"] for n, c in sweeps["cases"].items()} == {"linear_fit": 2}
     for case in sweeps["cases"].values():  # one run, the basic sweep, the fused sweep
         for key in ("single_run_s", "basic_sweep_s", "fused_sweep_s", "basic_over_single",
                     "fused_over_single", "fused_over_basic"):
             assert case[key] > 0
         assert isinstance(case["fused_not_slower"], bool)  # its rule: test_sweep_ratios_...
-    search = results["search"]["searches"]  # --quick: 3 short trials, no baseline venv
+    assert "linear_fit 2-job sweep / one run: fused" in stdout
+    feed = results["feed"]  # every arm ran: each figure is read from its runs
+    for name in ("digits", "big"):
+        assert feed["steps_per_s"][name]["host_over_device"] > 0
+    assert feed["cold"]["run_cold_steps_per_s"] > 0 and feed["memory"]["host_peak_mib"] > 0
+    assert feed["startup"]["big_resume_s"] > 0 and "feed host >= 0.9x device" in stdout
+    search = results["search"]["searches"]  # --quick: 2 short trials, no baseline venv
     assert search["hydra_optuna"] == {"skipped": "--quick: no baseline venv"}
-    assert {s["trials"] for n, s in search.items() if n != "hydra_optuna"} == {3}
-    assert "linear_fit: runner / reference" in proc.stdout
-    assert "digits 2-job sweep / one run: fused" in proc.stdout
-    # linear_fit ran in a process with the task config's XLA flag, as `python -m runner` runs
-    assert ("--xla_cpu_enable_concurrency_optimized_scheduler=false"
-            in results["linear_fit"]["xla_flags"].split())
+    assert {s["trials"] for n, s in search.items() if n != "hydra_optuna"} == {2}
+    assert {s["returncode"] for n, s in search.items() if n != "hydra_optuna"} == {0}
+    assert "search fused pruned <= basic pruned, wall" in stdout
+
+
+def test_every_sweep_case_composes(tmp_path):
+    """The sweeps' cases of the full bench (the quick one runs linear_fit's alone): each job's
+    overrides are a config ``python -m runner`` composes (a renamed key fails here)."""
+    from runner.bench.process import sweep_cases
+
+    cases = sweep_cases(str(tmp_path), quick=False)
+    assert list(cases) == ["linear_fit", "digits", "cnn"]
+    for name, case in cases.items():
+        cfg = compose_config([*case["overrides"], f"optimizer.lr={case['lrs'][-1]}"])
+        assert cfg.task._target_, name
 
 
 def test_gpu_check_reads_step_time_back_from_a_run(tmp_path):
@@ -78,7 +133,9 @@ def test_sweep_ratios_of_known_times(monkeypatch, tmp_path):
         ("linear_fit", 8), ("digits", 4), ("cnn", 2)]
     assert "task=arrays" in cases["digits"]["overrides"]
 
-    def process(tmp, runs, *overrides, lrs=None, fused=False):  # no process: its known time
+    def process(tmp, runs, *overrides, lrs=None, fused=False, flags=None):  # its known time
+        assert flags == bench_process.NO_CACHE  # the full bench: each process compiles anew
+
         def call():
             raise AssertionError("median_times is faked: nothing runs")
         case = next(n for n, c in cases.items() if list(overrides) == c["overrides"])

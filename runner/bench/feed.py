@@ -23,11 +23,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from runner.bench.process import NO_CACHE
+from runner.bench.process import process_flags
 from runner.io.layout import RunPaths
 
 FEED_ROUNDS = 3  # at most: a round is 12 processes, four of them scanning 2.2 GB
-BIG, QUICK_BIG = 700_000, 20_000  # x_train examples of the generated dataset (2.2 GB; 63 MB)
+BIG, QUICK_BIG = 700_000, 8_192  # x_train examples of the generated dataset (2.2 GB; 26 MB)
 SMALL = 2_048  # the baseline dataset: the generated one's features, few examples
 FEATURES, CLASSES, EVAL, CHUNK, BATCH = 784, 10, 2_000, 50_000, 128
 SAMPLE_S = 0.05
@@ -37,17 +37,21 @@ COLD_BLOCKS = 4  # dispatch blocks (100 steps of 128 examples) read per reading-
 MIB = 2**20
 TRAIN = ["task=arrays", f"task.batch_size={BATCH}", "model.activation=relu",
          "trainer.steps_per_dispatch=100",
-         "trainer.log_images=false", *NO_CACHE]
+         "trainer.log_images=false"]
+# --quick: steps and log_every of the speed runs (two 100-step windows), steps of the cold run
+QUICK_STEPS, QUICK_LOG_EVERY, QUICK_COLD_STEPS = 200, 100, 200
 
 
 def bench_feed(repeats: int, *, quick: bool = False) -> dict:
     """The feed's figures (see the module doc) on digits and a generated dataset of ``BIG``
     examples (``QUICK_BIG`` and few steps when ``quick``)."""
-    rounds, steps = min(repeats, FEED_ROUNDS), 1000 if quick else 5000
-    train = [*TRAIN, f"trainer.steps={steps}", "trainer.log_every=500",
-             f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}"]
+    rounds = min(repeats, FEED_ROUNDS)
+    steps, log_every = (QUICK_STEPS, QUICK_LOG_EVERY) if quick else (5000, 500)
     with tempfile.TemporaryDirectory() as tmp:
         root, runs = Path(tmp), iter(range(10**6))
+        base = [*TRAIN, *process_flags(root, quick=quick)]
+        train = [*base, f"trainer.steps={steps}", f"trainer.log_every={log_every}",
+                 f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}"]
         start = time.perf_counter()
         big = write_dataset(root / "big", QUICK_BIG if quick else BIG)
         generated_s = time.perf_counter() - start
@@ -66,7 +70,7 @@ def bench_feed(repeats: int, *, quick: bool = False) -> dict:
                     arms.setdefault(f"{name}_{feed}", []).append(run(data, feed, *train))
             arms.setdefault("small_host", []).append(run(small, "host", *train))
             for name, data in (("small", small), ("big", big)):  # start-up: 100 steps
-                arms.setdefault(f"{name}_first", []).append(run(data, "host", *TRAIN, *(
+                arms.setdefault(f"{name}_first", []).append(run(data, "host", *base, *(
                     f"trainer.{k}=100" for k in ("steps", "log_every", "eval_every",
                                                  "checkpoint_every"))))
             for name in ("small", "big"):  # ... and its resume to 200 (the recorded hash)
@@ -74,10 +78,10 @@ def bench_feed(repeats: int, *, quick: bool = False) -> dict:
                 arms.setdefault(f"{name}_resume", []).append(
                     run_sampled([f"resume={first}", "trainer.steps=200"], root, first))
             for key, value in cold_figures(big, arms["big_first"][-1].run_dir, root, start=200,
-                                           steps=200 if quick else 1000).items():
+                                           steps=QUICK_COLD_STEPS if quick else 1000).items():
                 cold.setdefault(key, []).append(value)
-        return summarize(arms, cold, rounds=rounds, steps=steps, generated_s=generated_s,
-                         dataset=big)
+        return summarize(arms, cold, rounds=rounds, steps=steps, log_every=log_every,
+                         generated_s=generated_s, dataset=big)
 
 
 class Sampled:
@@ -242,7 +246,7 @@ def _digits_dir(data: Path) -> Path:
 
 
 def summarize(arms: Dict[str, List[Sampled]], cold: Dict[str, List[float]], *, rounds: int,
-              steps: int, generated_s: float, dataset: Path) -> dict:
+              steps: int, log_every: int, generated_s: float, dataset: Path) -> dict:
     """The figures of ``bench_feed``'s runs: medians over the rounds."""
     rate = {k: statistics.median(s.steps_per_s() for s in v) for k, v in arms.items()
             if k.endswith(("_device", "_host"))}
@@ -257,7 +261,7 @@ def summarize(arms: Dict[str, List[Sampled]], cold: Dict[str, List[float]], *, r
     over = peak["big_host"] - peak["small_host"]
     return {
         "rounds": rounds, "steps": steps, "batch_size": batch, "steps_per_dispatch": 100,
-        "log_every": 500,
+        "log_every": log_every,
         "dataset": {"n_train": int(np.load(dataset / "y_train.npy", mmap_mode="r").shape[0]),
                     "features": FEATURES, "classes": CLASSES, "n_eval": EVAL,
                     "x_train_bytes": (dataset / "x_train.npy").stat().st_size,

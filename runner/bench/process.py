@@ -17,15 +17,24 @@ from runner.io.layout import RunPaths
 
 SWEEP_LRS = ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"]
 NO_CACHE = ["device.compilation_cache_dir=null", "trainer.progress_bar=false"]
+QUICK_CACHE = "jax-cache"  # --quick: the compilation cache of a section's processes, in its tmp
 FUSED_GOAL = 1.4  # the 8-job linear_fit fused sweep's wall against one run's: the aim
 SWEEP_ROUNDS = 3  # at most, for the sweeps (9 whole processes a round)
 # The CNN sweep: the reference CNN on 32x32 images (84x84 takes ~0.3 s a step on 2 cores).
 CNN_SWEEP = ["task=cnn_random_images", "task.image_size=32", "task.num_eval=64",
              "trainer.steps=20", "trainer.log_every=10", "trainer.eval_every=20",
              "trainer.checkpoint_every=20", "trainer.log_images=false"]
-CNN_SWEEP_QUICK = ["task=cnn_random_images", "task.image_size=16", "task.num_eval=32",
-                   "trainer.steps=2", "trainer.log_every=1", "trainer.eval_every=2",
-                   "trainer.checkpoint_every=2", "trainer.log_images=false"]
+
+
+def process_flags(tmp, *, quick: bool) -> List[str]:
+    """The flags of every ``python -m runner`` process a section times: ``NO_CACHE`` (each
+    compiles as a user's first run does). ``quick`` (a smoke run, figures not meaningful): a
+    compilation cache of the section's own under ``tmp`` instead, so the section's processes
+    of one program compile it once (most of a small run's process is its compilation)."""
+    if not quick:
+        return NO_CACHE
+    return [f"device.compilation_cache_dir={Path(tmp) / QUICK_CACHE}",
+            "trainer.progress_bar=false"]
 
 
 def median_times(fns: Dict[str, Callable[[], None]], repeats: int, *,
@@ -74,16 +83,18 @@ def bench_compiles(jobs: int = 3) -> dict:
 
 def sweep_cases(tmp: str, *, quick: bool) -> Dict[str, Dict[str, Any]]:
     """The sweeps the launchers are compared on: name -> the overrides of one job and the lrs
-    swept. ``tmp`` holds the digits file (scikit-learn's, 1,437 train examples)."""
+    swept. ``tmp`` holds the digits file (scikit-learn's, 1,437 train examples). ``quick`` (a
+    smoke run): the linear_fit case alone, 2 jobs; every case's three processes are the same
+    code, and the other cases' overrides are checked by composing them (tests/test_bench.py)."""
     cases: Dict[str, Dict[str, Any]] = {
         "linear_fit": {"overrides": [], "lrs": SWEEP_LRS[:2] if quick else SWEEP_LRS}}
+    if quick:
+        return cases
     digits = _digits_file(tmp)
     if digits:
         cases["digits"] = {"overrides": ["task=arrays", f"task.path={digits}",
-                                         "trainer.steps=30" if quick else "trainer.steps=300"],
-                           "lrs": SWEEP_LRS[2:4] if quick else SWEEP_LRS[2:6]}
-    cases["cnn"] = {"overrides": CNN_SWEEP_QUICK if quick else CNN_SWEEP,
-                    "lrs": SWEEP_LRS[:3:2]}
+                                         "trainer.steps=300"], "lrs": SWEEP_LRS[2:6]}
+    cases["cnn"] = {"overrides": CNN_SWEEP, "lrs": SWEEP_LRS[:3:2]}
     return cases
 
 
@@ -94,11 +105,13 @@ def bench_sweeps(repeats: int, *, quick: bool = False) -> dict:
     rounds = min(repeats, SWEEP_ROUNDS)
     with tempfile.TemporaryDirectory() as tmp:
         runs, cases, fns = iter(range(10**6)), sweep_cases(tmp, quick=quick), {}
+        flags = process_flags(tmp, quick=quick)
         for name, case in cases.items():
-            fns[(name, "single")] = _process(tmp, runs, *case["overrides"])
-            fns[(name, "basic")] = _process(tmp, runs, *case["overrides"], lrs=case["lrs"])
+            fns[(name, "single")] = _process(tmp, runs, *case["overrides"], flags=flags)
+            fns[(name, "basic")] = _process(tmp, runs, *case["overrides"], lrs=case["lrs"],
+                                            flags=flags)
             fns[(name, "fused")] = _process(tmp, runs, *case["overrides"], lrs=case["lrs"],
-                                            fused=True)
+                                            fused=True, flags=flags)
         t = median_times(fns, rounds)
     result: Dict[str, Any] = {"rounds": rounds, "fused_goal_over_single": FUSED_GOAL,
                               "cases": {}}
@@ -130,11 +143,11 @@ def _digits_file(tmp: str) -> Optional[str]:
 
 
 def _process(tmp: str, runs: Iterator[int], *overrides: str, lrs: Optional[List[str]] = None,
-             fused: bool = False) -> Callable[[], None]:
-    """A whole ``python -m runner`` process: one run, or (``lrs``) an lr multirun, on the fused
-    launcher when ``fused``; every call in a fresh run or sweep dir under ``tmp``. A failed job
-    fails the process (the sweep summary exits 1) and so the bench, as does a fused sweep
-    whose jobs did not train as one group."""
+             fused: bool = False, flags: List[str] = NO_CACHE) -> Callable[[], None]:
+    """A whole ``python -m runner`` process (with ``flags``, ``process_flags``): one run, or
+    (``lrs``) an lr multirun, on the fused launcher when ``fused``; every call in a fresh run
+    or sweep dir under ``tmp``. A failed job fails the process (the sweep summary exits 1)
+    and so the bench, as does a fused sweep whose jobs did not train as one group."""
     def call() -> None:
         where = f"{tmp}/{next(runs)}"
         if lrs is None:
@@ -142,7 +155,7 @@ def _process(tmp: str, runs: Iterator[int], *overrides: str, lrs: Optional[List[
         else:
             args = ["-m", *(["hydra/launcher=fused"] if fused else []),
                     "optimizer.lr=" + ",".join(lrs), f"hydra.sweep.dir={where}"]
-        out = _run([sys.executable, "-m", "runner", *args, *overrides, *NO_CACHE], tmp)
+        out = _run([sys.executable, "-m", "runner", *args, *overrides, *flags], tmp)
         if fused and f"({len(lrs)} members" not in out:
             raise SystemExit(f"the fused sweep did not train its {len(lrs)} jobs as one "
                              f"group:\n{out[-3000:]}")

@@ -22,12 +22,12 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from runner.bench.process import NO_CACHE
+from runner.bench.process import process_flags
 from runner.io.files import read_metrics
 from runner.io.layout import RunPaths
 
 TRIALS, STEPS, EVAL_EVERY, SEED = 24, 2000, 200, 0
-QUICK = (3, 200, 100)  # trials, steps, eval_every of --quick
+QUICK = (2, 20, 10)  # trials, steps, eval_every of --quick
 WITHIN = 0.01  # the target: the unpruned search's best, less this fraction
 STEPS_GOAL, WALL_GOAL = 0.4, 0.5  # the pruned search's, to the target, over the unpruned's total
 FUSED_JOBS = 4  # trials per fused group
@@ -44,13 +44,14 @@ REDUCTION = 3  # both pruners' reduction_factor (Optuna's default)
 
 def bench_search(*, quick: bool = False, cache: Path = Path("bench")) -> dict:
     """The searches (see the module doc); Hydra's baseline venv is made once under
-    ``cache/venvs`` (not in ``quick`` mode, which runs 3 short trials per arm)."""
+    ``cache/venvs`` (not in ``quick`` mode, which runs ``QUICK``'s few short trials per arm)."""
     trials, steps, eval_every = QUICK if quick else (TRIALS, STEPS, EVAL_EVERY)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         digits = digits_file(root)
         write_configs(root / "conf", trials=trials, steps=steps, eval_every=eval_every)
-        common = ["--config-dir", str(root / "conf"), f"task.path={digits}", *NO_CACHE]
+        common = ["--config-dir", str(root / "conf"), f"task.path={digits}",
+                  *process_flags(root, quick=quick)]
         prune = {name: [f"hydra.sweeper.pruner._target_={target}",
                         f"+hydra.sweeper.pruner.min_resource={eval_every}",
                         f"+hydra.sweeper.pruner.reduction_factor={REDUCTION}"]

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from runner.bench.feed import bench_feed
 from runner.bench.process import (bench_compiles, bench_process_wall, bench_sweeps,
@@ -30,6 +30,8 @@ from runner.bench.search import bench_search
 from runner.bench.table import print_table
 
 SECTIONS = ("linear_fit", "arrays", "cnn", "overheads", "compiles", "sweeps", "feed", "search")
+# --quick: the CNN sections' batch and images (the reference's and runner's), and the matmul's n
+QUICK_CNN, QUICK_MATMUL = {"batch_size": 8, "image_size": 16}, 256
 
 
 def _compose(overrides: List[str]):
@@ -179,17 +181,25 @@ def bench_arrays(repeats: int, steps: int) -> dict:
             "runner_over_reference": t["reference"] / t["runner"]}
 
 
-def bench_cnn(repeats: int, steps: int) -> dict:
-    """ms/step of the reference Flax CNN step, runner's scanned step and PyTorch's."""
+def cnn_overrides(shape: Dict[str, int]) -> List[str]:
+    """``task=cnn_random_images`` of ``shape`` (batch_size, image_size: the reference's)."""
+    return ["task=cnn_random_images", *(f"task.{k}={v}" for k, v in shape.items())]
+
+
+def bench_cnn(repeats: int, steps: int, shape: Optional[Dict[str, int]] = None,
+              matmul_n: int = 2048) -> dict:
+    """ms/step of the reference Flax CNN step, runner's scanned step and PyTorch's, on the
+    reference's batch (``shape``: another batch_size and image_size for both)."""
     from runner.bench.cases import reference_cnn, torch_cnn_step
 
-    reference = reference_cnn()
+    shape = shape or {}
+    reference = reference_cnn(**shape)
     ref_step, ref_state, ref_args = reference
     flops = ref_step.lower(ref_state, *ref_args).compile().cost_analysis()
     flops = (flops[0] if isinstance(flops, list) else flops).get("flops", 0.0)
-    _, *parts = runner_parts_of(["task=cnn_random_images"])
+    _, *parts = runner_parts_of(cnn_overrides(shape))
     fns = loops(reference, parts, steps=steps, chunk=steps)
-    torch_case = torch_cnn_step()
+    torch_case = torch_cnn_step(**shape)
     if torch_case:
         torch_step, torch_version = torch_case
         fns["torch"] = lambda: [torch_step() for _ in range(steps)]
@@ -199,7 +209,7 @@ def bench_cnn(repeats: int, steps: int) -> dict:
               "runner_over_reference": t["runner"] / t["reference"],
               "reference_gflops": flops / t["reference"] / 1e9,
               "runner_gflops": flops / t["runner"] / 1e9,
-              "matmul_gflops": matmul_gflops(repeats)}
+              "matmul_gflops": matmul_gflops(repeats, matmul_n)}
     if torch_case:
         result.update(torch_version=torch_version, torch_ms=1e3 * t["torch"],
                       runner_over_torch=t["runner"] / t["torch"])
@@ -218,8 +228,9 @@ def matmul_gflops(repeats: int, n: int = 2048) -> float:
     return 2 * n**3 / t / 1e9
 
 
-def bench_overheads(repeats: int) -> dict:
-    """Compile time, process wall vs bare imports, logging and checkpoint cost."""
+def bench_overheads(repeats: int, cnn_shape: Optional[Dict[str, int]] = None) -> dict:
+    """Compile time, process wall vs bare imports, logging and checkpoint cost (the CNN's on
+    ``cnn_shape``, as ``bench_cnn``'s ``shape``)."""
     import jax
 
     from runner.core.steps import train_steps
@@ -229,7 +240,7 @@ def bench_overheads(repeats: int) -> dict:
 
     result = {}
     for name, overrides, chunk in (("linear_fit", [], 50),
-                                   ("cnn_random_images", ["task=cnn_random_images"], 10)):
+                                   ("cnn_random_images", cnn_overrides(cnn_shape or {}), 10)):
         cfg, task, optimizer, state, data, rng = runner_parts_of(overrides)
         before = compile_stats("train_steps")
         state, metrics = train_steps(state, data, rng, task=task,
@@ -258,7 +269,8 @@ def main(argv=None) -> None:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="rounds per comparison (median)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke mode: 1 round, few steps (figures are not meaningful)")
+                        help="smoke mode: 1 round, few steps, small shapes, one sweep case, a "
+                        "compilation cache (figures are not meaningful)")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     parser.add_argument("--only", nargs="+", choices=SECTIONS,
                         help="run only these sections (updated in --out, the others kept)")
@@ -271,8 +283,11 @@ def main(argv=None) -> None:
     repeats, steps = (1, 200) if args.quick else (args.repeats, 2000)
     sections = {"linear_fit": lambda: bench_linear_fit(repeats, steps=steps),
                 "arrays": lambda: bench_arrays(repeats, steps=steps),
-                "cnn": lambda: bench_cnn(repeats, steps=1 if args.quick else 10),
-                "overheads": lambda: bench_overheads(repeats), "compiles": bench_compiles,
+                "cnn": lambda: bench_cnn(repeats, steps=1, shape=QUICK_CNN,
+                                         matmul_n=QUICK_MATMUL) if args.quick
+                else bench_cnn(repeats, steps=10),
+                "overheads": lambda: bench_overheads(repeats, QUICK_CNN if args.quick else None),
+                "compiles": bench_compiles,
                 "sweeps": lambda: bench_sweeps(repeats, quick=args.quick),
                 "feed": lambda: bench_feed(repeats, quick=args.quick),
                 "search": lambda: bench_search(quick=args.quick, cache=args.out.parent)}
