@@ -134,6 +134,9 @@ class RunConf:
     optimizer: Any = MISSING
     device: DeviceConf = field(default_factory=DeviceConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
+    # name -> {_target_, every, ...its own arguments}: called every <every> steps
+    # (runner.loop.callbacks); conf/callbacks/ and your config dir's callbacks/ hold options.
+    callbacks: Dict[str, Any] = field(default_factory=dict)
 
 
 def untyped(schema: type) -> DictConfig:
