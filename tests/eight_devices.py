@@ -64,7 +64,7 @@ def compiled_step_facts():
     task, model, optimizer = parts = build_parts(cfg)
     state, data, _, rng = setup(0, *parts, mesh=mesh)
     hlo = train_steps.lower(state, data, rng, task=task,
-                            num_steps=2,
+                            steps_per_dispatch=2,
                             mesh=mesh).compile().as_text()
     return {"all_reduce": "all-reduce" in hlo, "per_device_batch": "f32[8,1]" in hlo,
             "whole_batch": "f32[64,1]" in hlo}

@@ -26,7 +26,7 @@ def test_round_trip_restores_every_leaf(tmp_path):
     state, task, _ = make_state()
     data = task.make_data(jax.random.PRNGKey(1))
     state, _ = train_steps(state, data, jax.random.PRNGKey(2), task=task,
-                           num_steps=3)
+                           steps_per_dispatch=3)
     path = save_checkpoint(tmp_path, state, step=3)
     assert path == checkpoint_path(tmp_path, 3) and path.name == "step_3.msgpack"
     assert [p.name for p in tmp_path.iterdir()] == ["step_3.msgpack"]  # no temp file left

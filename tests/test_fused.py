@@ -315,13 +315,13 @@ def test_the_batched_program_accelerators_run_agrees_with_the_members_one_by_one
     def stacked(pick):
         return jax.tree.map(lambda *xs: jnp.stack(xs), *[pick(s) for _, s in starts])
 
-    spec = StepSpec(task=task, num_steps=20)
+    spec = StepSpec(task=task, steps_per_dispatch=20)
     fused_state, fused_metrics = jax.device_get(train_steps_fused(
         stacked(lambda s: s.state), stacked(lambda s: s.data),
         stacked(lambda s: s.train_rng), jnp.ones(2, bool), spec=spec))
     # Last: train_steps donates the states the stacks above were copied from.
     alone = [jax.device_get(train_steps(s.state, s.data, s.train_rng, task=task,
-                                        num_steps=20))
+                                        steps_per_dispatch=20))
              for _, s in starts]
     for i, (state, metrics) in enumerate(alone):
         np.testing.assert_allclose(fused_metrics["loss"][i], metrics["loss"], rtol=RTOL,

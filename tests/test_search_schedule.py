@@ -120,7 +120,7 @@ def test_a_batched_programs_refilled_slot_trains_from_its_own_step():
     def begin(seed, lr):
         (task, _, optimizer), s = start(["task.batch_size=16", f"optimizer.lr={lr}"],
                                         seed=seed)
-        return StepSpec(task=task, num_steps=10), (
+        return StepSpec(task=task, steps_per_dispatch=10), (
             s.state, s.data, s.train_rng)
 
     spec, first = begin(0, 1e-3)

@@ -11,8 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import TINY_CNN, compose_config, start
 from runner.config.errors import RunnerError
 from runner.core.steps import train_steps
-from runner.loop.host import log_windows
-from runner.run.build import MAX_AUTO_DISPATCH, steps_per_dispatch
+from runner.core.cadence import MAX_AUTO_DISPATCH, log_windows, steps_per_dispatch
 from runner.run.train import run
 
 LINEAR_40 = ["trainer.steps=40", "trainer.log_every=10", "trainer.eval_every=20",
@@ -60,10 +59,10 @@ def test_same_seed_gives_identical_checkpoints_and_another_seed_does_not(tmp_pat
 def test_scanned_steps_equal_single_steps():
     # minibatches: per-step data randomness
     (task, _, _), (fused, data, _, rng) = start(["task.batch_size=10"])
-    fused, _ = train_steps(fused, data, rng, task=task, num_steps=4)
+    fused, _ = train_steps(fused, data, rng, task=task, steps_per_dispatch=4)
     single = start(["task.batch_size=10"])[1].state
     for _ in range(4):
-        single, _ = train_steps(single, data, rng, task=task, num_steps=1)
+        single, _ = train_steps(single, data, rng, task=task, steps_per_dispatch=1)
     assert int(fused.step) == int(single.step) == 4
     for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(single.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -81,19 +80,19 @@ def test_steps_per_dispatch_lands_on_every_cadence():
     assert steps_per_dispatch(trainer(steps=3000, eval_every=None, checkpoint_every=None)) \
         == MAX_AUTO_DISPATCH
     assert steps_per_dispatch(trainer(), start_step=150) == 50  # a resume from step 150
-    assert log_windows(trainer(), 100) == 2 and log_windows(trainer(), 50) == 1
-    assert log_windows(trainer(log_every=30), 10) == 1
+    assert log_windows(50, 100) == 2 and log_windows(50, 50) == 1
+    assert log_windows(30, 10) == 1
 
 
 def test_a_dispatch_returns_the_mean_of_each_log_window():
     (task, _, optimizer), (fused, data, _, rng) = start(["task.batch_size=10"])
     _, windows = train_steps(fused, data, rng, task=task,
-                             num_steps=6, windows=3)
+                             steps_per_dispatch=6, log_windows=3)
     single = start(["task.batch_size=10"])[1].state
     losses = []
     for _ in range(6):
         single, m = train_steps(single, data, rng, task=task,
-                                num_steps=1)
+                                steps_per_dispatch=1)
         losses.append(float(m["loss"][0]))
     assert windows["loss"].shape == (3,)
     np.testing.assert_allclose(windows["loss"], np.reshape(losses, (3, 2)).mean(1), rtol=1e-5)
@@ -112,7 +111,7 @@ def test_every_log_step_is_logged_when_a_dispatch_spans_several(tmp_path):
     losses = []
     for _ in range(8):
         state, m = train_steps(state, data, rng, task=task,
-                               num_steps=1)
+                               steps_per_dispatch=1)
         losses.append(float(m["loss"][0]))
     windows = np.reshape(losses, (4, 2)).mean(1)
     np.testing.assert_allclose([e.value for e in events.Scalars("train/loss")], windows,
@@ -162,22 +161,28 @@ def test_steps_per_sec_counts_the_device_time_up_to_the_fetch(tmp_path, monkeypa
     assert rates and all(rate <= 20 / 0.1 for rate in rates)  # 20 steps per dispatch
 
 
-def test_a_members_actions_are_named_and_fall_due_on_their_cadences(tmp_path):
+def test_a_members_actions_fall_due_on_their_cadences_and_say_what_they_need(tmp_path):
+    from runner.core.cadence import Cadence
     from runner.io.checkpoint import Checkpointer
     from runner.io.tb_logger import NullLogger
     from runner.loop.member import Member
 
     trainer = compose_config(["trainer.steps=12", "trainer.log_every=2", "trainer.eval_every=4",
                               "trainer.checkpoint_every=6"]).trainer
-    member = Member(tmp_path, spec=None, data=None, trainer=trainer, logger=NullLogger(),
+    member = Member(tmp_path, spec=None, cadence=Cadence.of(trainer), data=None,
+                    trainer=trainer, logger=NullLogger(),
                     checkpointer=Checkpointer(tmp_path / "checkpoints", keep=None,
                                               metric="loss", mode="min"), start_step=0)
-    assert [a.name for a in member.actions] == ["log", "eval", "checkpoint"]
-    assert member.due(2, last=False) == ["log"]
+    log, evaluate, checkpoint = member.actions
+    assert member.due(2, last=False) == [log]
     assert member.due(3, last=False) == []
-    assert member.due(4, last=False) == ["log", "eval"]
-    assert member.due(6, last=False) == ["log", "checkpoint"]
-    assert member.due(12, last=True) == ["log", "eval", "checkpoint"]
+    assert member.due(4, last=False) == [log, evaluate]
+    assert member.due(6, last=False) == [log, checkpoint]
+    assert member.due(12, last=True) == [log, evaluate, checkpoint]
+    # The state is fetched for the eval and the checkpoint; a stop runs the log and the
+    # checkpoint at its step, not the eval (which stopped it).
+    assert [a.needs_state for a in member.actions] == [False, True, True]
+    assert [a.on_stop for a in member.actions] == [True, False, True]
 
 
 def test_the_console_has_a_train_line_for_every_log_step(tmp_path, caplog):

@@ -77,7 +77,7 @@ def loops(reference, runner_parts, *, steps: int, chunk: int, windows: int = 1,
         s = box["runner"]
         for _ in range(steps // chunk):
             s, _ = train_steps(s, data, rng, task=task,
-                               num_steps=chunk, windows=windows, unroll=unroll)
+                               steps_per_dispatch=chunk, log_windows=windows, unroll=unroll)
         box["runner"] = jax.block_until_ready(s)
 
     return {"reference": reference_loop, "runner": runner_loop}
@@ -133,13 +133,12 @@ def _linear_fit_worker(name: str, steps: int) -> None:
     """One side of ``bench_linear_fit``: warm up, say ``ready`` (with the dispatch layout), then
     time one round of ``steps`` steps per ``run`` line on stdin."""
     from runner.bench.cases import reference_linear_fit
-    from runner.loop.host import log_windows
-    from runner.run.build import steps_per_dispatch
+    from runner.core.cadence import Cadence
 
     cfg, *parts = runner_parts_of([])
     # The default run's dispatch: 100 steps, the metrics of two 50-step log windows.
-    chunk = steps_per_dispatch(cfg.trainer)
-    windows = log_windows(cfg.trainer, chunk)
+    cadence = Cadence.of(cfg.trainer)
+    chunk, windows = cadence.steps_per_dispatch, cadence.log_windows
     loop = loops(reference_linear_fit(), parts, steps=steps, chunk=chunk, windows=windows,
                   unroll=cfg.trainer.scan_unroll)[name]
     loop()
@@ -162,7 +161,7 @@ def bench_arrays(repeats: int, steps: int) -> dict:
     import numpy as np
 
     from runner.bench.cases import reference_arrays
-    from runner.run.build import steps_per_dispatch
+    from runner.core.cadence import steps_per_dispatch
 
     digits = load_digits()
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,7 +243,7 @@ def bench_overheads(repeats: int, cnn_shape: Optional[Dict[str, int]] = None) ->
         cfg, task, optimizer, state, data, rng = runner_parts_of(overrides)
         before = compile_stats("train_steps")
         state, metrics = train_steps(state, data, rng, task=task,
-                                     num_steps=chunk + 1,  # a length no call compiled yet
+                                     steps_per_dispatch=chunk + 1,  # a length no call compiled yet
                                      unroll=cfg.trainer.scan_unroll)
         jax.block_until_ready(metrics)
         with tempfile.TemporaryDirectory() as tmp:

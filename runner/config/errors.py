@@ -18,8 +18,11 @@ class AlreadyComplete(RunnerError):
     resume command), and nothing in its run dir is touched."""
 
     def __init__(self, run_dir, step: int, *, stopped_early: bool = False,
-                 pruned: bool = False):
-        if pruned:
+                 pruned: bool = False, stopped_by: str = ""):
+        if stopped_by and not stopped_early:
+            super().__init__(f"{run_dir}: already complete: stopped at step {step} by "
+                             f"{stopped_by}")
+        elif pruned:
             super().__init__(f"{run_dir}: already complete: its search pruned it at step "
                              f"{step} (hydra.sweeper.pruner)")
         elif stopped_early:

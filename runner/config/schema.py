@@ -152,6 +152,9 @@ class RunConf:
     # The metric writers (conf/logger/<name>.yaml, logger=[a,b]): name -> its _target_ and
     # keys (runner.io.writers).
     logger: Dict[str, Any] = field(default_factory=dict)
+    # name -> {_target_, every, ...its own arguments}: called every <every> steps
+    # (runner.loop.callbacks); conf/callbacks/ and your config dir's callbacks/ hold options.
+    callbacks: Dict[str, Any] = field(default_factory=dict)
 
 
 def untyped(schema: type) -> DictConfig:

@@ -22,14 +22,15 @@ from runner.tasks.base import Batch, Data, Task
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """The static arguments of ``train_steps`` (the lr schedule is the state's: its
-    ``tx``, ``runner.core.optim.Transformation``) (its keyword arguments: ``num_steps`` steps per
-    dispatch, returning the metrics of ``windows`` log windows) and of ``evaluate`` (``task``,
-    ``mesh``, ``compute_dtype``). Frozen and hashable: itself a static jit argument."""
+    """The static arguments of ``train_steps`` (its keyword arguments: ``steps_per_dispatch``
+    steps, returning the metrics of ``log_windows`` log windows: from the run's
+    ``runner.core.cadence.Cadence``; the lr schedule is the state's: its ``tx``,
+    ``runner.core.optim.Transformation``) and of ``evaluate`` (``task``, ``mesh``,
+    ``compute_dtype``). Frozen and hashable: itself a static jit argument."""
 
     task: Task
-    num_steps: int
-    windows: int = 1
+    steps_per_dispatch: int
+    log_windows: int = 1
     layer_norms: bool = False
     unroll: int = 1
     compute_dtype: Optional[str] = None
@@ -37,7 +38,7 @@ class StepSpec:
 
     def train(self, state, data: Data, rng: jax.Array,
               blocks: Optional[Batch] = None) -> Tuple[Any, Metrics]:
-        """``num_steps`` train steps from ``state`` (``runner.core.steps.train_steps``), on
+        """``steps_per_dispatch`` train steps from ``state`` (``runner.core.steps.train_steps``), on
         ``blocks`` of examples read on the host where given."""
         return train_steps(state, data, rng, blocks, **self.train_arguments())
 

@@ -159,20 +159,21 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task,
     return state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("task", "num_steps", "windows",
+@functools.partial(jax.jit, static_argnames=("task", "steps_per_dispatch", "log_windows",
                                              "layer_norms", "unroll", "mesh", "compute_dtype"),
                    donate_argnames="state")
 def train_steps(state: TrainState, data: Data, rng: jax.Array,
-                blocks: Optional[Batch] = None, *, task: Task, num_steps: int, windows: int = 1,
+                blocks: Optional[Batch] = None, *, task: Task, steps_per_dispatch: int,
+                log_windows: int = 1,
                 layer_norms: bool = False, unroll: int = 1, mesh: Optional[Mesh] = None,
                 compute_dtype: Optional[str] = None) -> Tuple[TrainState, Metrics]:
-    """``num_steps`` train steps fused into one dispatch with ``lax.scan``.
+    """``steps_per_dispatch`` train steps fused into one dispatch with ``lax.scan``.
 
     Each step's randomness is ``fold_in(rng, step)``, so it depends on the seed and the step
-    alone. ``blocks``: the steps' examples read on the host (``[num_steps, batch, ...]``,
+    alone. ``blocks``: the steps' examples read on the host (``[steps_per_dispatch, batch, ...]``,
     ``runner.loop.feed``); without them each step's batch is drawn on the device. Returns the
-    metrics of ``windows`` equal consecutive runs of steps (the log windows:
-    each metric has shape ``(windows,)``), each averaged over its steps, except ``lr``: the
+    metrics of ``log_windows`` equal consecutive runs of steps (the log windows:
+    each metric has shape ``(log_windows,)``), each averaged over its steps, except ``lr``: the
     value at the window's last step. ``unroll`` steps run per iteration of the loop.
 
     With a ``mesh``, each batch is split over its devices (data parallelism: every device
@@ -186,12 +187,13 @@ def train_steps(state: TrainState, data: Data, rng: jax.Array,
                                     layer_norms=layer_norms, compute_dtype=compute_dtype)
         return _constrain(state, mesh), metrics
 
-    if num_steps == 1:  # no scan around a lone step: jax_debug_nans can name its operations
+    if steps_per_dispatch == 1:  # no scan around a lone step: debug_nans names its operations
         state, metrics = body(state, jax.tree.map(lambda a: a[0], blocks))
         metrics = jax.tree.map(lambda m: m[None], metrics)
     else:
-        state, metrics = jax.lax.scan(body, state, blocks, length=num_steps, unroll=unroll)
-    per_window = {k: v.reshape(windows, num_steps // windows) for k, v in metrics.items()}
+        state, metrics = jax.lax.scan(body, state, blocks, length=steps_per_dispatch, unroll=unroll)
+    per_window = {k: v.reshape(log_windows, steps_per_dispatch // log_windows)
+                  for k, v in metrics.items()}
     means = {k: jnp.mean(v, axis=1) for k, v in per_window.items()}
     return state, _constrain({**means, "lr": per_window["lr"][:, -1]}, mesh)
 

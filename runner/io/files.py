@@ -61,7 +61,8 @@ RECORD_KEYS = (
     "status",  # running | completed | pruned | interrupted | failed
     "reason",  # why it did not complete
     "overrides", "steps", "train", "eval", "checkpoint", "best",
-    "stopped_early_at", "pruned_at", "resumed_from", "experiment", "devices",
+    "stopped_early_at", "stopped_at", "stopped_by", "stop_reason", "stop_details", "pruned_at",
+    "resumed_from", "experiment", "devices",
     "wall_time_s", "compile_s", "train_step_compiles", "compile_cache_hits")
 
 

@@ -27,6 +27,8 @@ class RunPaths:
     MODEL_SUMMARY = "model_summary.txt"
     CODE = "code"  # the uncommitted diffs of the user's repos, by their sha256
     ATTEMPTS = "attempts"  # earlier runs set aside (overwrite=true)
+    CALLBACK_STATES = "callbacks.json"  # in checkpoints/: the callbacks' states per checkpoint
+    EARLY_STOP_RECORD = "early_stop.json"  # in checkpoints/: an older run's early stopping
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
@@ -62,6 +64,14 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.root / self.CHECKPOINTS
+
+    @property
+    def callback_states(self) -> Path:
+        return self.checkpoints / self.CALLBACK_STATES
+
+    @property
+    def early_stop_record(self) -> Path:
+        return self.checkpoints / self.EARLY_STOP_RECORD
 
     @property
     def metrics(self) -> Path:

@@ -73,24 +73,25 @@ def block_indices(rng: jax.Array, start: jax.Array, *, count: int, n: int, k: in
 
 
 class HostFeed:
-    """The blocks of a run's dispatches of ``chunk`` steps from ``start`` to ``steps``, read by
-    ``task.read_examples`` on one thread, ``DEPTH`` ahead, placed on ``mesh`` (each step's
-    batch split over its ``data`` axis, as the compiled step splits it) or on the default
-    device. ``next()`` gives them in order; an error while reading ends the run with one line
-    naming the steps; ``close()`` stops the thread."""
+    """The blocks of a run's dispatches of ``steps_per_dispatch`` steps from ``start`` to
+    ``steps``, read by ``task.read_examples`` on one thread, ``DEPTH`` ahead, placed on
+    ``mesh`` (each step's batch split over its ``data`` axis, as the compiled step splits it)
+    or on the default device. ``next()`` gives them in order; an error while reading ends
+    the run with one line naming the steps; ``close()`` stops the thread."""
 
-    def __init__(self, task: HostExamples, rng: jax.Array, *, start: int, chunk: int,
-                 steps: int, mesh: Optional[Mesh]):
-        self.task, self.chunk, self.reference = task, chunk, probe(task)
+    def __init__(self, task: HostExamples, rng: jax.Array, *, start: int,
+                 steps_per_dispatch: int, steps: int, mesh: Optional[Mesh]):
+        self.task, self.reference = task, probe(task)
+        self.steps_per_dispatch = steps_per_dispatch
         self.rng = jax.device_get(rng)
         k = task.batch_size
         self.sharding = (NamedSharding(mesh, PartitionSpec(None, DATA_AXIS)) if mesh is not None
                          else SingleDeviceSharding(jax.devices()[0]))
-        self.rows = _local_rows(self.sharding, (chunk, k))
+        self.rows = _local_rows(self.sharding, (steps_per_dispatch, k))
         if self.rows != slice(0, k):
             log.info("this process reads rows %d..%d of each batch of %d", self.rows.start,
                      self.rows.stop, k)
-        self.steps = range(start, steps, chunk)
+        self.steps = range(start, steps, steps_per_dispatch)
         self.expected = iter(self.steps)
         self.queue: "queue.Queue" = queue.Queue(maxsize=DEPTH)
         self.closed = threading.Event()
@@ -118,7 +119,8 @@ class HostFeed:
 
     def _block(self, step: int) -> Batch:
         k = self.task.batch_size
-        indices = np.asarray(block_indices(self.rng, np.int32(step), count=self.chunk,
+        indices = np.asarray(block_indices(self.rng, np.int32(step),
+                                           count=self.steps_per_dispatch,
                                            n=self.task.train_examples, k=k))
         mine = indices[:, self.rows]
         examples = self.task.read_examples(mine.reshape(-1).astype(np.int64))
@@ -132,7 +134,8 @@ class HostFeed:
             return jax.device_put(block, self.sharding)
         k = self.task.batch_size
         return {name: jax.make_array_from_process_local_data(
-            self.sharding, a, (self.chunk, k, *a.shape[2:])) for name, a in block.items()}
+            self.sharding, a, (self.steps_per_dispatch, k, *a.shape[2:]))
+            for name, a in block.items()}
 
     def next(self) -> Batch:
         """The next dispatch's block (waiting for the reading thread if it is behind)."""
@@ -143,11 +146,12 @@ class HostFeed:
                 break
             except queue.Empty:
                 if not self.thread.is_alive() and self.queue.empty():  # its last put counts
-                    raise RunnerError(f"steps {expected + 1}..{expected + self.chunk}: the "
-                                      f"reading thread ended without their examples") from None
+                    raise RunnerError(f"steps {expected + 1}.."
+                                      f"{expected + self.steps_per_dispatch}: the reading "
+                                      f"thread ended without their examples") from None
         if isinstance(item, Exception):
             error = RunnerError(f"reading the training examples of steps {step + 1}.."
-                                f"{step + self.chunk}: {first_line(item)}")
+                                f"{step + self.steps_per_dispatch}: {first_line(item)}")
             error.__cause__ = item
             if jax.process_count() == 1:
                 raise error
@@ -155,8 +159,9 @@ class HostFeed:
             # zeros, and fail after it (``failure``), all together (runner.loop.host)
             self.failure = self.failure or error
             rows = self.rows.stop - self.rows.start
-            return self._placed({name: np.zeros((self.chunk, rows, *a.shape[1:]), a.dtype)
-                                 for name, a in self.reference.items()})
+            return self._placed({
+                name: np.zeros((self.steps_per_dispatch, rows, *a.shape[1:]), a.dtype)
+                for name, a in self.reference.items()})
         return item
 
     def dispatched(self, outputs: Any) -> None:
@@ -193,7 +198,8 @@ def feeds_for(runs: Sequence[Any]) -> Iterator[List[Optional[HostFeed]]]:
                    run.start_step)
             if key not in feeds:
                 feeds[key] = HostFeed(run.parts.task, run.train_rng, start=run.start_step,
-                                      chunk=run.chunk, steps=run.cfg.trainer.steps,
+                                      steps_per_dispatch=run.cadence.steps_per_dispatch,
+                                      steps=run.cfg.trainer.steps,
                                       mesh=run.spec.mesh)
             out.append(feeds[key])
         if feeds:

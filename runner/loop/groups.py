@@ -1,6 +1,7 @@
 """Which runs of a fused sweep train as one program (``runner.loop.programs.FusedProgram``):
 runs of equal ``group_key``, in parts whose program fits the device's free memory."""
 
+import dataclasses
 import logging
 from typing import Any, Callable, Hashable, List, Optional, TypeVar
 
@@ -8,6 +9,7 @@ import jax
 import numpy as np
 from omegaconf import OmegaConf
 
+from runner.core.cadence import Cadence
 from runner.core.spec import StepSpec
 from runner.loop.programs import Start
 
@@ -15,10 +17,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def group_key(spec: StepSpec, trainer: Any, start_step: int,
+def group_key(spec: StepSpec, cadence: Cadence, trainer: Any, start_step: int,
               start: Start) -> Optional[Hashable]:
-    """Everything that shapes a run's compiled program and its host loop's cadence: runs with
-    equal keys train as one program. None: a run that trains alone, on several devices or
+    """Everything that shapes a run's compiled program and its host loop's cadence (all of
+    the ``Cadence`` but the callbacks' ``every``: each member calls its own): runs with equal
+    keys train as one program. None: a run that trains alone, on several devices or
     processes, or under ``debug=nans``."""
     if jax.config.jax_debug_nans:
         # Its check names the operation that made a NaN in a run's own program only (in a
@@ -33,7 +36,8 @@ def group_key(spec: StepSpec, trainer: Any, start_step: int,
         return None
     # The tree structure holds the state's static fields too: its apply_fn (the model) and
     # its tx (the optimizer's structure), compared by equality.
-    return (spec.on_one_device(), start_step, OmegaConf.to_yaml(trainer),
+    return (spec.on_one_device(), dataclasses.replace(cadence, callbacks=()), start_step,
+            OmegaConf.to_yaml(trainer),
             jax.tree.structure(start),
             tuple((np.shape(a), str(a.dtype)) for a in jax.tree.leaves(start)))
 

@@ -7,7 +7,9 @@ NaN), the throughput window between host syncs (compilation and the profiler's o
 out), metrics to the host only when an action is due (each fetch waits for the device),
 checked for NaN/Inf before anything is saved, the processes' agreement to stop, and a stop
 request (SIGTERM/SIGINT), on which every member saves a checkpoint and ends ``Interrupted``.
-Each member's own work (``runner.loop.member``: log, eval, checkpoint) runs on its slice.
+Each member's own work (``runner.loop.member``: log, eval, callbacks, checkpoint) runs on its
+slice; each action says whether it reads the state, which is fetched only then. The cadence
+(``runner.core.cadence.Cadence``) is the group's: its members share ``steps_per_dispatch``.
 
 A member whose work fails, or whose loss or gradient norm goes non-finite, ends with the error
 a single run gives, while the others go on: a fused program keeps its state as it was
@@ -27,8 +29,9 @@ import jax
 import numpy as np
 
 from runner.config.errors import RunnerError
+from runner.core.cadence import Cadence
 from runner.loop.feed import HostFeed
-from runner.loop.member import Dispatched, Member, working_for
+from runner.loop.member import Dispatched, Every, Member, working_for
 from runner.loop.profiling import StepProfiler
 from runner.loop.programs import Program, Start
 from runner.loop.throughput import Throughput
@@ -41,27 +44,21 @@ Result = Union[Dict[str, Any], BaseException]  # a member's summary, or how it f
 Refill = Callable[[int, Result], Optional[Tuple[Member, Start, Optional[HostFeed]]]]
 
 
-def log_windows(trainer, chunk: int) -> int:
-    """Log windows per dispatch of ``chunk`` steps: ``chunk / log_every`` when a dispatch
-    spans several, else 1 (the dispatch's metrics are logged when it ends on a log step)."""
-    if chunk > trainer.log_every and chunk % trainer.log_every == 0:
-        return chunk // trainer.log_every
-    return 1
-
-
 class HostLoop:
-    """Trains ``members`` with ``program`` to ``trainer.steps`` (see the module doc), each from
-    its own step. ``peak_flops`` ``(peak FLOP/s of the devices, FLOPs per member step)`` adds
-    ``perf/mfu``. ``debug=profile`` traces the program into the first member's ``tb/``.
+    """Trains ``members`` with ``program`` to ``trainer.steps`` in dispatches of
+    ``cadence.steps_per_dispatch`` steps (see the module doc), each from its own step.
+    ``peak_flops`` ``(peak FLOP/s of the devices, FLOPs per member step)`` adds ``perf/mfu``.
+    ``debug=profile`` traces the program into the first member's ``tb/``.
     ``refill``: called with a slot and how its member ended, after the dispatch it ended in
     (not after a stop request), returns the slot's next member, or None (see ``Refill``)."""
 
     def __init__(self, program: Program, members: Sequence[Member], *, trainer,
-                 stop: StopRequest, peak_flops: Optional[Tuple[float, float]] = None,
+                 cadence: Cadence, stop: StopRequest,
+                 peak_flops: Optional[Tuple[float, float]] = None,
                  refill: Optional[Refill] = None):
         self.program, self.trainer, self.stop = program, trainer, stop
         self.members = list(members)  # a slot's member changes when it is refilled
-        self.peak_flops, self.chunk = peak_flops, program.spec.num_steps
+        self.peak_flops, self.cadence = peak_flops, cadence
         self.refill = refill if program.refillable else None
         if refill is not None and self.refill is None:
             log.info("examples read on the host: a batched group's ended members' slots stay "
@@ -113,7 +110,7 @@ class HostLoop:
             self.interrupt(due, perf, window, last)
         window.restart(synced=synced)
         if self.bar:
-            self.bar.update(self.chunk)
+            self.bar.update(self.cadence.steps_per_dispatch)
         for i in self.living():
             if last[i]:
                 self.finish(i)
@@ -147,10 +144,11 @@ class HostLoop:
             for i in self.living():
                 self.end(i, err)
             return False
-        self.steps[self.alive] += self.chunk
+        per_dispatch = self.cadence.steps_per_dispatch
+        self.steps[self.alive] += per_dispatch
         # The trace's start and its writing (debug=profile) are no steps: left out
-        window.dispatched(self.chunk, metrics,
-                          excluded=self.profiler.after_dispatch(self.chunk, metrics))
+        window.dispatched(per_dispatch, metrics,
+                          excluded=self.profiler.after_dispatch(per_dispatch, metrics))
         failure = self.program.read_failure()
         if failure is not None:  # this process trained on zeros: it fails, the others with it
             for i in self.living():
@@ -161,12 +159,12 @@ class HostLoop:
     def fetch(self, window: Throughput) -> Dict[str, float]:
         """The dispatch's metrics to the host (waiting for the device ends the throughput
         window), each member's checked for NaN/Inf; the window's ``perf`` scalars."""
-        metrics = self.program.host_metrics()
+        metrics, cadence = self.program.host_metrics(), self.cadence
         perf = self.perf(window.rate())
         for i in self.living():
             self.attempt(i, functools.partial(check_finite, metrics[i],
-                                              int(self.steps[i]) - self.chunk,
-                                              self.chunk // self.program.spec.windows))
+                                              int(self.steps[i]) - cadence.steps_per_dispatch,
+                                              cadence.window))
         return perf
 
     def perf(self, steps_per_sec: Optional[float]) -> Dict[str, float]:
@@ -182,13 +180,12 @@ class HostLoop:
             perf["mfu"] = steps_per_sec * size * flops / peak
         return perf
 
-    def act(self, due: Dict[int, List[str]], perf: Optional[Dict[str, float]],
+    def act(self, due: Dict[int, List[Every]], perf: Optional[Dict[str, float]],
             last: Dict[int, bool]) -> None:
-        """Each member's actions due (every dispatch: figures come back meanwhile), the state
-        on the host only when an action reads it; a member that stopped (early stopping, a
-        pruned trial) is finished, alone."""
-        needs_state = self.trainer.log_histograms or any(
-            name != "log" for names in due.values() for name in names)
+        """Each member's actions due, the state on the host only when one of them reads it;
+        a member that stopped (a callback such as early stopping, a pruned trial) is
+        finished, alone."""
+        needs_state = any(a.needs_state for actions in due.values() for a in actions)
         states = self.program.host_states() if needs_state else None
         for i in self.living():
             member = self.members[i]
@@ -197,7 +194,7 @@ class HostLoop:
             if self.alive[i] and member.stopped is not None:
                 self.finish(i)
 
-    def interrupt(self, due: Dict[int, List[str]], perf: Optional[Dict[str, float]],
+    def interrupt(self, due: Dict[int, List[Every]], perf: Optional[Dict[str, float]],
                   window: Throughput, last: Dict[int, bool]) -> None:
         """A stop request: each member saves (if this dispatch did not) and, unless the run
         is done, ends ``Interrupted``. Its metrics are checked first: a NaN is never saved."""
@@ -207,13 +204,13 @@ class HostLoop:
         for i in self.living():
             self.attempt(i, functools.partial(
                 self.members[i].interrupt, self.share_of(i, last, perf, states),
-                saved="checkpoint" in due[i], signal_name=self.stop.signal_name))
+                due=due[i], signal_name=self.stop.signal_name))
 
     def share_of(self, i: int, last: Dict[int, bool], perf: Optional[Dict[str, float]],
                  states: Optional[List[Any]]) -> Dispatched:
         """Member ``i``'s share of the dispatch that just ended."""
         step = int(self.steps[i])
-        return Dispatched(step - self.chunk, step, last[i],
+        return Dispatched(step - self.cadence.steps_per_dispatch, step, last[i],
                           self.program.host_metrics()[i] if perf is not None else {},
                           perf or {}, states[i] if states is not None else None)
 

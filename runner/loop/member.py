@@ -1,8 +1,8 @@
-"""One run's share of a host loop (``runner.loop.host``): its named actions on their cadences
-(log the train metrics, evaluate and keep the best state, save a checkpoint), the reasons to
-stop at an eval (early stopping; an ``on_eval`` hook such as a search's pruner), figures, how
-a stop request ends it, and its summary. The loop hands it each dispatch's slice
-(``Dispatched``); a single run is a group of one member.
+"""One run's share of a host loop (``runner.loop.host``): its actions on their cadences (log
+the train metrics, evaluate and keep the best state, its callbacks, save a checkpoint), the
+reasons to stop (a callback's request, such as early stopping's; an ``on_eval`` hook such as a
+search's pruner), how a stop request ends it, and its summary. The loop hands it each
+dispatch's slice (``Dispatched``); a single run is a group of one member.
 
 ``MEMBERS`` says whose work is being done, for the log lines' routing: a fused sweep's jobs
 each keep a ``runner.log`` that takes the lines of their own work and their group's.
@@ -11,6 +11,7 @@ each keep a ``runner.log`` that takes the lines of their own work and their grou
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple
@@ -20,10 +21,11 @@ import jax
 import numpy as np
 
 from runner.config.errors import runner_command
+from runner.core.cadence import Cadence
 from runner.core.spec import StepSpec
 from runner.core.steps import LAYER_GRAD_NORM
 from runner.io.layout import RunPaths
-from runner.loop.early_stop import EarlyStop
+from runner.loop.callbacks import CallbackStates, Scheduled, StepInfo
 from runner.platform.preemption import Interrupted
 
 log = logging.getLogger(__name__)
@@ -62,58 +64,79 @@ class Dispatched(NamedTuple):
 
 
 class Stop(NamedTuple):
-    """A reason to end a run at the eval of ``step``, before ``trainer.steps``: what
-    ``metrics.json`` records of it (``stopped_early_at``; or ``status: pruned``, ``pruned_at``)
-    and the line logged. The run's last checkpoint and TensorBoard step are ``step``."""
+    """A reason to end a run at ``step``, before ``trainer.steps``: what ``metrics.json``
+    records of it (a callback's ``stopped_at``, ``stopped_by``, ``stop_reason``,
+    ``stop_details``; early
+    stopping's ``stopped_early_at`` too; or ``status: pruned``, ``pruned_at``) and the line
+    logged. The run's last checkpoint and TensorBoard step are ``step``."""
 
     step: int
     record: Dict[str, Any]
     message: str
 
 
+# The callbacks' states' entry for the latest eval's metrics (no callback's key: those are
+# config keys, ``callbacks.<name>``, ``trainer.<key>``)
+LATEST_EVAL = "latest_eval"
 # Called after each eval with (step, eval metrics); a Stop ends the run there.
 EvalHook = Callable[[int, Dict[str, float]], Optional[Stop]]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # each action is itself (``in`` by identity)
 class Every:
-    """The action ``name`` after a dispatch that ends on a multiple of ``every`` (None:
-    never), and after the last one."""
+    """``action`` after a dispatch that ends on a multiple of ``every`` (None: never), and
+    (``at_last``) after the last one. What the loop needs to know of it: whether it reads the
+    state (``needs_state``: the loop fetches it), and whether it also runs at the step a stop
+    ends the run (``on_stop``: the log and the checkpoint; not the eval, nor callbacks)."""
 
-    name: str
     every: Optional[int]
     action: Callable[[Dispatched], None]
+    needs_state: bool = False
+    on_stop: bool = False
+    at_last: bool = True
 
     def due(self, step: int, last: bool) -> bool:
-        return last or is_time(step, self.every)
+        return (last and self.at_last) or is_time(step, self.every)
 
 
 class Member:
-    """One run in a host loop: ``logger`` and ``checkpointer`` into ``run_dir``, ``renderer``
-    (None: no figures) drawing its eval outputs, ``spec`` and ``data`` to evaluate it. Its
-    actions are ``log`` (every ``trainer.log_every`` steps), ``eval`` (``eval_every``) and
-    ``checkpoint`` (``checkpoint_every``), each also after the last step. ``on_eval`` is asked
-    after each eval whether to stop there (a search's pruner, ``runner.run.search``)."""
+    """One run in a host loop: ``logger`` and ``checkpointer`` into ``run_dir``, ``spec`` and
+    ``data`` to evaluate it, on the run's ``cadence``. Its actions, in this order after a
+    dispatch: ``log`` (every ``trainer.log_every`` steps), ``eval`` (``eval_every``), each of
+    ``callbacks`` (their own ``every``; ``runner.loop.callbacks``) and ``checkpoint``
+    (``checkpoint_every``); log, eval and checkpoint also after the last step. ``on_eval`` is
+    asked after each eval whether to stop there (a search's pruner, ``runner.run.search``)."""
 
-    def __init__(self, run_dir: Path, *, spec: StepSpec, data, trainer, logger, checkpointer,
-                 start_step: int, renderer=None, resume_command: str = "",
-                 on_eval: Optional[EvalHook] = None):
-        self.run_dir, self.spec, self.data, self.trainer = run_dir, spec, data, trainer
-        self.logger, self.checkpointer, self.renderer = logger, checkpointer, renderer
+    def __init__(self, run_dir: Path, *, spec: StepSpec, cadence: Cadence, data, trainer,
+                 logger, checkpointer, start_step: int, callbacks: Sequence[Scheduled] = (),
+                 resume_command: str = "", on_eval: Optional[EvalHook] = None):
+        self.run_dir, self.spec, self.cadence = run_dir, spec, cadence
+        self.data, self.trainer = data, trainer
+        self.logger, self.checkpointer = logger, checkpointer
         # printed when a signal stops the run
         self.resume_command = resume_command or runner_command(f"resume={run_dir}")
         self.step = start_step
         self.group_members, self.bar = 1, None  # its loop's (join)
         self.train_metrics: Dict[str, float] = {}
+        self.train_step = -1  # the step train_metrics were logged at
         self.eval_metrics: Dict[str, float] = {}
+        self.eval_outputs = (-1, None)  # the latest eval's step and outputs (on the device)
         self.checkpoint: Optional[Path] = None
-        self.early_stop = EarlyStop(trainer, path=checkpointer.dir / "early_stop.json",
-                                    write=checkpointer.write, start_step=start_step)
         self.on_eval = on_eval
         self.stopped: Optional[Stop] = None  # why it ended before trainer.steps
-        self.actions: List[Every] = [Every("log", trainer.log_every, self.log_train),
-                                     Every("eval", trainer.eval_every, self.evaluate),
-                                     Every("checkpoint", trainer.checkpoint_every, self.save)]
+        self.callbacks = list(callbacks)
+        self.callback_states = CallbackStates(run_dir, write=checkpointer.write)
+        if start_step:
+            self.restore_callbacks(start_step)
+        self.checkpointing = Every(trainer.checkpoint_every, self.save, needs_state=True,
+                                   on_stop=True)
+        self.actions: List[Every] = [
+            Every(trainer.log_every, self.log_train, needs_state=trainer.log_histograms,
+                  on_stop=True),
+            Every(trainer.eval_every, self.evaluate, needs_state=True),
+            *(Every(c.every, functools.partial(self.call, c), needs_state=c.needs_state,
+                    at_last=c.after_eval) for c in self.callbacks),
+            self.checkpointing]
 
     @property
     def trace_dir(self) -> Optional[Path]:
@@ -125,23 +148,22 @@ class Member:
         (a tqdm bar; None: log lines)."""
         self.group_members, self.bar = group_members, bar
 
-    def due(self, step: int, last: bool) -> List[str]:
-        """The names of its actions due after a dispatch ending at ``step``."""
-        return [a.name for a in self.actions if a.due(step, last)]
+    def due(self, step: int, last: bool) -> List[Every]:
+        """Its actions due after a dispatch ending at ``step``."""
+        return [a for a in self.actions if a.due(step, last)]
 
-    def act(self, dispatched: Dispatched, names: Sequence[str]) -> None:
-        """The actions ``names``, and the figures drawn meanwhile logged; after an eval that
-        stops the run (``Stop``), the rest of a last step's work (log, checkpoint)."""
+    def act(self, dispatched: Dispatched, due: Sequence[Every]) -> None:
+        """The actions ``due``; after one that stops the run (``Stop``), the rest of a last
+        step's work (the actions ``on_stop``: log, checkpoint)."""
         self.step = dispatched.step
         for action in self.actions:
-            if action.name in names:
+            if action in due:
                 action.action(dispatched)
         if self.stopped is not None and not dispatched.last:
             for action in self.actions:
-                if action.name not in names and action.name != "eval":
+                if action.on_stop and action not in due:
                     action.action(dispatched)
-        self.log_figures()
-        if names:
+        if due:
             self.logger.flush()
 
     def log_train(self, dispatched: Dispatched) -> None:
@@ -149,9 +171,9 @@ class Member:
         and a console line each (the dispatch's ``perf`` on its last); all on the host already,
         fetched together when the dispatch ended."""
         self.logger.scalars(dispatched.step, "perf", dispatched.perf)
-        windows = self.spec.windows
-        ends = [(i, dispatched.start + (i + 1) * self.spec.num_steps // windows)
-                for i in range(windows)]
+        window = self.cadence.window
+        ends = [(i, dispatched.start + (i + 1) * window)
+                for i in range(self.cadence.log_windows)]
         ends = [(i, end) for i, end in ends
                 if is_time(end, self.trainer.log_every) or end == self.trainer.steps]
         for i, end in ends:
@@ -162,39 +184,82 @@ class Member:
             if self.trainer.log_histograms:  # the step computed the per-layer norms too
                 self.logger.scalars(end, "opt/grad_norm", layers)
                 self.logger.histograms(end, "params", dispatched.state.params)
-            self.train_metrics = values
+            self.train_metrics, self.train_step = values, end
             if end != dispatched.step:
                 self.report(values, step=end)
         self.report(self.train_metrics, dispatched.perf)
 
     def evaluate(self, dispatched: Dispatched) -> None:
-        """Evaluate, log, keep the best state, hand the outputs to the figure renderer."""
+        """Evaluate, log, keep the best state; ask ``on_eval`` whether to stop."""
         step, state = dispatched.step, dispatched.state
         metrics, outputs = self.spec.evaluate(state, self.data)
         self.eval_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.eval_outputs = (step, outputs)
         self.logger.scalars(step, "eval", self.eval_metrics)
-        if self.renderer:
-            self.renderer.submit(step, jax.device_get(outputs))
         self.checkpointer.consider(state, step, self.eval_metrics)
         self.report(self.eval_metrics, prefix="eval")
-        # The hook first: a search's trial reports every eval, an early-stopping one included.
-        stop = self.on_eval(step, self.eval_metrics) if self.on_eval else None
-        if self.early_stop.update(step, self.eval_metrics[self.trainer.best_metric]):
-            stop = stop or Stop(step, {"stopped_early_at": step}, (
-                f"step {step}: eval/{self.trainer.best_metric} has not improved for "
-                f"{self.early_stop.rounds} evals (trainer.early_stop.patience): stopping early"))
-        if stop is not None:
+        if self.on_eval:
+            self.request_stop(self.on_eval(step, self.eval_metrics))
+
+    def step_info(self, step: int, state: Any = None) -> StepInfo:
+        """What a callback is called with at ``step`` (``runner.loop.callbacks.StepInfo``)."""
+        metrics = {f"eval/{k}": v for k, v in self.eval_metrics.items()}
+        if self.train_step == step:
+            metrics.update({f"train/{k}": v for k, v in self.train_metrics.items()})
+        eval_step, outputs = self.eval_outputs
+        return StepInfo(step, metrics, self.logger, self.run_dir, state=state,
+                        eval_outputs=outputs if eval_step == step else None)
+
+    def call(self, scheduled: Scheduled, dispatched: Dispatched) -> None:
+        """Callback ``scheduled``, with the state where it asks for it; its stop request."""
+        info = self.step_info(dispatched.step, jax.device_get(dispatched.state)
+                              if scheduled.needs_state else None)
+        scheduled.callback(info)
+        if info.stop_request is not None:
+            record = {"stopped_at": info.step, "stopped_by": scheduled.key,
+                      "stop_reason": info.stop_request,
+                      "stop_details": info.stop_record or None}
+            if scheduled.recorded_as:
+                record[scheduled.recorded_as] = info.step
+            self.request_stop(Stop(info.step, record, f"step {info.step}: {scheduled.key} "
+                                                      f"stops the run: {info.stop_request}"))
+
+    def request_stop(self, stop: Optional[Stop]) -> None:
+        """End the run at ``stop.step`` (the first request stands)."""
+        if stop is not None and self.stopped is None:
             self.stopped = stop
             log.info("%s", stop.message)
 
     def save(self, dispatched: Dispatched) -> None:
+        """A checkpoint; first, where its callbacks need them on resume, their states and the
+        latest eval's metrics go with it (``runner.loop.callbacks``). What was
+        logged up to its step is flushed before it exists: a resume from it (which drops what
+        was logged after it) then misses nothing."""
+        self.logger.flush()
+        if any(c.resumes for c in self.callbacks):
+            states = {c.key: c.callback.state_dict() for c in self.callbacks if c.stateful}
+            self.callback_states.save(dispatched.step,
+                                      {LATEST_EVAL: self.eval_metrics, **states})
         self.checkpoint = self.checkpointer.save(dispatched.state, dispatched.step)
-        self.early_stop.checkpointed(dispatched.step)
 
-    def interrupt(self, dispatched: Dispatched, *, saved: bool, signal_name: str) -> None:
-        """A stop request: save (if this dispatch did not) and stop, unless the run is done."""
+    def restore_callbacks(self, step: int) -> None:
+        """The states the callbacks had at the checkpoint of ``step`` the run resumes from,
+        and the latest eval's metrics."""
+        states = self.callback_states.load(step)
+        self.eval_metrics = dict(states.get(LATEST_EVAL, {}))
+        for scheduled in self.callbacks:
+            if scheduled.key in states and hasattr(scheduled.callback, "load_state_dict"):
+                scheduled.callback.load_state_dict(states[scheduled.key])
+            elif scheduled.stateful:
+                log.warning("%s: no state saved with the checkpoint of step %d; it starts "
+                            "afresh", scheduled.key, step)
+
+    def interrupt(self, dispatched: Dispatched, *, due: Sequence[Every],
+                  signal_name: str) -> None:
+        """A stop request: save (unless this dispatch's actions ``due`` did) and stop, unless
+        the run is done."""
         self.step = dispatched.step
-        if not saved:
+        if self.checkpointing not in due:
             self.save(dispatched)
         if not dispatched.last:
             raise Interrupted(f"stopped by {signal_name} at step {self.step}, checkpoint "
@@ -202,8 +267,11 @@ class Member:
                               self.step)
 
     def finish(self) -> Dict[str, Any]:
-        """Its last figures logged (waiting for them); its summary."""
-        self.log_figures(wait=True)
+        """Its callbacks' ``finish`` (the figures wait for the last ones); its summary."""
+        for scheduled in self.callbacks:
+            if hasattr(scheduled.callback, "finish"):
+                scheduled.callback.finish(self.step_info(self.step))
+        self.logger.flush()
         return self.summary()
 
     def summary(self) -> Dict[str, Any]:
@@ -223,11 +291,6 @@ class Member:
                                                "group_members": self.group_members})
         else:
             self.logger.scalars(step, "perf", {"compile_s": seconds})
-
-    def log_figures(self, *, wait: bool = False) -> None:
-        if self.renderer:
-            for step, images in self.renderer.ready(wait=wait).items():
-                self.logger.images(step, "eval", images)
 
     def report(self, metrics: Dict[str, float], extra: Optional[Dict[str, float]] = None, *,
                prefix: str = "train", step: Optional[int] = None) -> None:

@@ -32,7 +32,8 @@ class Program(Protocol):
     size: int  # members
 
     def dispatch(self, alive: np.ndarray) -> Metrics:
-        """``spec.num_steps`` steps of every member ``alive``; the metrics, on the device."""
+        """``spec.steps_per_dispatch`` steps of every member ``alive``; the metrics, on the
+        device."""
 
     def host_metrics(self) -> List[Dict[str, np.ndarray]]:
         """Each member's metrics of the last dispatch, on the host."""

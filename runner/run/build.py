@@ -2,7 +2,6 @@
 
 import dataclasses
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional, Tuple
@@ -16,6 +15,7 @@ from omegaconf import DictConfig
 from runner.config.errors import AlreadyComplete, ConfigError, RunnerError
 from runner.config.schema import Precision, validate
 from runner.config.targets import build, check
+from runner.core.cadence import Cadence
 from runner.core.optim import (Optimizer, make_optimizer, with_hyperparams,
                                with_schedule_length)
 from runner.core.shapes import check_output
@@ -28,16 +28,13 @@ from runner.core.steps import check_examples, setup, step_flops
 from runner.io import inputs
 from runner.io.checkpoint import list_checkpoints, restore_latest
 from runner.loop.feed import from_host
-from runner.loop.host import log_windows
+from runner.loop.callbacks import user_cadences
 from runner.platform.device import configure_jax, is_primary
 from runner.tasks.base import best_rule, check_task
 
 log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = {Precision.fp32: None, Precision.bf16: "bfloat16"}
-# The automatic dispatch length stays at most this many steps (or log_every, if larger), so a
-# stop request (SIGTERM) and the progress bar are not held up by one very long dispatch.
-MAX_AUTO_DISPATCH = 1000
 
 
 class Parts(NamedTuple):
@@ -50,8 +47,10 @@ def build_parts(cfg: DictConfig) -> Parts:
     """The task, model and optimizer the config describes, each checked against its class's
     or factory's signature (types, keys) and by its own ``__post_init__`` (values). The model's
     null ``out_features`` is the task's ``output_dim``; its output on the task's example input
-    must have the task's shape (``runner.core.shapes.check_output``)."""
+    must have the task's shape (``runner.core.shapes.check_output``). The callbacks' configs
+    are checked too (``runner.loop.callbacks.user_cadences``), each run builds its own."""
     validate(cfg)
+    user_cadences(cfg.get("callbacks"))
     task = build(check(cfg.task, "task"), "task")
     check_task(task)
     trainer = cfg.trainer  # its null best_metric and best_mode: the task's (once, here)
@@ -88,7 +87,7 @@ class Run:
     init_rng: jax.Array
     train_rng: jax.Array
     start_step: int
-    chunk: int  # steps per dispatch
+    cadence: Cadence  # steps per dispatch, log windows, every periodic action's every
     writer: bool  # process 0: the one that writes TensorBoard, checkpoints and run files
     spec: StepSpec  # the static arguments of its compiled train and eval programs
     placement: Dict[str, Any]  # devices, precision, FLOPs: recorded in manifest and metrics
@@ -125,45 +124,21 @@ def build_run(cfg: DictConfig, run_dir: Path, *, resume: bool,
     start_step = _agreed_start(int(state.step), run_dir)
     if start_step >= cfg.trainer.steps:
         raise AlreadyComplete(run_dir, start_step)
-    chunk = steps_per_dispatch(cfg.trainer, start_step=start_step)
-    spec = StepSpec(task=parts.task, num_steps=chunk,
-                    windows=log_windows(cfg.trainer, chunk),
+    cadence = Cadence.of(cfg.trainer, start_step=start_step,
+                         callbacks=user_cadences(cfg.get("callbacks")))
+    spec = StepSpec(task=parts.task, steps_per_dispatch=cadence.steps_per_dispatch,
+                    log_windows=cadence.log_windows,
                     layer_norms=cfg.trainer.log_histograms, unroll=cfg.trainer.scan_unroll,
                     compute_dtype=COMPUTE_DTYPES[Precision(cfg.device.precision)], mesh=mesh)
-    run = Run(cfg, run_dir, parts, mesh, state, data, init_rng, train_rng, start_step, chunk,
-              is_primary(cfg.device), spec, {}, resume, host_fed)
+    run = Run(cfg, run_dir, parts, mesh, state, data, init_rng, train_rng, start_step,
+              cadence, is_primary(cfg.device), spec, {}, resume, host_fed)
     run.placement = _placement(run)
     log.info("devices: %d x %s (%s) in %d process(es), batch split over a '%s' mesh axis; "
              "steps %d..%d, %d per dispatch%s", mesh.size, run.placement["platform"],
              run.placement["device_kind"], jax.process_count(), DATA_AXIS, start_step,
-             cfg.trainer.steps, chunk, ", examples read on the host" if host_fed else "")
+             cfg.trainer.steps, cadence.steps_per_dispatch,
+             ", examples read on the host" if host_fed else "")
     return run
-
-
-def steps_per_dispatch(trainer: DictConfig, *, start_step: int = 0) -> int:
-    """Steps fused per dispatch: the configured count, or else the largest count that lands on
-    every eval and checkpoint step, on the last step and on the step a resume starts from (so
-    all dispatches share one shape: one compilation), and that is a multiple of ``log_every``
-    (one dispatch then returns the metrics of several log windows) or divides it. Parameter
-    histograms need the state at each log step: with them a dispatch is at most ``log_every``.
-    """
-    chunk = trainer.steps_per_dispatch
-    if chunk is None:
-        base = math.gcd(trainer.steps, start_step, *[
-            c for c in (trainer.eval_every, trainer.checkpoint_every) if c is not None])
-        log_every = trainer.log_every
-        if trainer.log_histograms or base % log_every:
-            return math.gcd(base, log_every)
-        cap = max(MAX_AUTO_DISPATCH // log_every, 1) * log_every
-        return max(d for d in range(log_every, min(base, cap) + 1, log_every) if base % d == 0)
-    if start_step % chunk or (trainer.steps - start_step) % chunk or any(
-            c is not None and c % chunk for c in (trainer.eval_every, trainer.checkpoint_every)
-    ) or (trainer.log_every % chunk and (chunk % trainer.log_every or trainer.log_histograms)):
-        raise RunnerError(
-            f"trainer.steps_per_dispatch={chunk}: must divide trainer.steps, the step a resume "
-            f"starts from ({start_step}), trainer.eval_every and trainer.checkpoint_every, and "
-            f"divide trainer.log_every or (without trainer.log_histograms) be a multiple of it")
-    return chunk
 
 
 def _restore(run_dir: Path, template, mesh: Mesh):

@@ -81,7 +81,7 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
         for job in jobs:
             if job.member is not None:
                 run = job.session.run
-                key = group_key(run.spec, run.cfg.trainer, run.start_step,
+                key = group_key(run.spec, run.cadence, run.cfg.trainer, run.start_step,
                                 (run.state, run.data, run.train_rng))
                 groups.setdefault(("alone", job.idx) if key is None else key, []).append(job)
         cap = launcher.max_members or len(jobs) or 1

@@ -69,7 +69,8 @@ class JobStream:
         its own step, so the start step does not part them (``group_key``'s is set to 0)."""
         if job.idx not in self.keys:
             run = job.session.run
-            key = group_key(run.spec, run.cfg.trainer, 0, (run.state, run.data, run.train_rng))
+            key = group_key(run.spec, run.cadence, run.cfg.trainer, 0,
+                            (run.state, run.data, run.train_rng))
             self.keys[job.idx] = ("alone", job.idx) if key is None else key
         return self.keys[job.idx]
 

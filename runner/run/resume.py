@@ -154,14 +154,17 @@ def evaluate_checkpoint(cfg: DictConfig, parts: "Parts",
 
 
 def _unless_complete(cfg: DictConfig):
-    """``resume=``'s claim: a completed run (an early-stopped one too: it is finished) raises
+    """``resume=``'s claim: a completed run (one a callback stopped too: it is finished) raises
     AlreadyComplete; anything else resumes."""
     def claim(run_dir: Path, writer: bool) -> bool:
         done = read_metrics(run_dir)
         if done.get("status") == "completed" and done.get("steps", 0) >= cfg.trainer.steps:
             raise AlreadyComplete(run_dir, done["steps"])
-        if done.get("status") == "completed" and done.get("stopped_early_at") is not None:
-            raise AlreadyComplete(run_dir, done["steps"], stopped_early=True)
+        if done.get("status") == "completed" and (
+                done.get("stopped_early_at") is not None or done.get("stopped_at") is not None):
+            raise AlreadyComplete(run_dir, done["steps"],
+                                  stopped_early=done.get("stopped_early_at") is not None,
+                                  stopped_by=done.get("stopped_by") or "a callback")
         if done.get("status") == "pruned":
             raise AlreadyComplete(run_dir, done["steps"], pruned=True)
         return True

@@ -22,6 +22,7 @@ from runner.io.manifest import write_manifest
 from runner.io.tb_logger import NullLogger
 from runner.io.writers.configured import open_writers, run_info, writer_files
 from runner.loop.feed import feeds_for
+from runner.loop.callbacks import built_in_callbacks, build_user_callbacks
 from runner.loop.host import HostLoop, Refill, Result
 from runner.loop.member import EvalHook, Member
 from runner.loop.programs import program_for
@@ -224,16 +225,17 @@ def train_group(sessions: Sequence[Session], stop: StopRequest,
         program = program_for(runs[0].spec, [(r.state, r.data, r.train_rng) for r in runs],
                               feeds)
         return HostLoop(program, [session.member for session in sessions],
-                        trainer=runs[0].cfg.trainer, stop=stop,
+                        trainer=runs[0].cfg.trainer, cadence=runs[0].cadence, stop=stop,
                         peak_flops=runs[0].peak_flops, refill=refill).run()
 
 
 def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRenderer],
              closing: ExitStack, summary: Dict[str, Any], choices: Dict[str, Any],
              on_eval: Optional[EvalHook]) -> Member:
-    """The run's files, its metric writers and checkpointer, and its member of a host loop.
-    The writers' closing (HParams, with how the run ended once ``summary`` says: its status
-    and end; flush) is left on ``closing``."""
+    """The run's files, its metric writers and checkpointer, its callbacks (runner's own and
+    the config's, ``runner.loop.callbacks``: fresh instances, its own) and its member of a host
+    loop. The writers' closing (HParams, with how the run ended once ``summary`` says: its
+    status and end; flush) is left on ``closing``."""
     if not run.writer:
         _log_to_console_only()
     else:
@@ -266,8 +268,11 @@ def _prepare(run: Run, overrides: Sequence[str], renderer: Optional[FigureRender
             {k: v for k, v in run.data.items() if k != TRAIN_EXAMPLES}))
     logger.text("config", OmegaConf.to_yaml(run.cfg, resolve=True))
     logger.text("model_summary", model_summary)
-    return Member(run.run_dir, spec=run.spec, data=run.data, trainer=trainer, logger=logger,
-                  checkpointer=checkpointer, start_step=run.start_step, renderer=renderer,
+    callbacks = [*built_in_callbacks(trainer, renderer),
+                 *build_user_callbacks(run.cfg.get("callbacks"))]
+    return Member(run.run_dir, spec=run.spec, cadence=run.cadence, data=run.data,
+                  trainer=trainer, logger=logger, checkpointer=checkpointer,
+                  start_step=run.start_step, callbacks=callbacks,
                   resume_command=resume_command(run.run_dir, run.cfg), on_eval=on_eval)
 
 
