@@ -126,6 +126,11 @@ def rows(run_dir: Path):
         return [(int(step), tag, float(value)) for step, tag, value in csv.reader(f)]
 
 
+def without_perf(run_dir: Path):
+    """The rows but the wall-clock ones (steps/s, compile time): equal between equal runs."""
+    return [row for row in rows(run_dir) if not row[1].startswith("perf/")]
+
+
 def by_tag(run_dir: Path, tag: str):
     return {step: value for step, t, value in rows(run_dir) if t == tag}
 
@@ -168,12 +173,13 @@ def test_a_users_writer_callback_and_schedule_resume_after_sigkill_to_the_same_b
     killed = runner([*RUN, "hydra.run.dir=out/killed"], cwd=lab,
                     env_extra={"KILL_AT_STEP": "120"})
     assert killed.returncode == -signal.SIGKILL
-    assert max(by_tag(lab / "out/killed", "cb/calls")) == 120  # written past the checkpoint
+    # its writer had rows past the checkpoint on disk (step 110's), which the resume drops
+    assert max(step for step, _, _ in rows(lab / "out/killed")) == 110
     resumed = runner(["resume=out/killed"], cwd=lab)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     check_run(lab / "out/killed", 0.01)
     assert checkpoints(lab / "out/killed") == checkpoints(lab / "out/whole")
-    assert rows(lab / "out/killed") == rows(lab / "out/whole")
+    assert without_perf(lab / "out/killed") == without_perf(lab / "out/whole")
 
 
 @pytest.mark.slow
