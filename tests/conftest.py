@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -65,6 +65,21 @@ def start_process(args: Sequence[str], **kwargs) -> subprocess.Popen:
     proc = subprocess.Popen(list(args), **kwargs)
     STARTED.append(proc)
     return proc
+
+
+def user_project(root: Path, package: str, modules: Dict[str, str],
+                 configs: Dict[str, str]) -> Path:
+    """A researcher's project in ``root``: their package ``package`` with ``modules`` (module
+    name: source) and their config dir ``myconf`` with ``configs`` (path in it: YAML)."""
+    (root / package).mkdir()
+    (root / package / "__init__.py").write_text("")
+    for name, source in modules.items():
+        (root / package / f"{name}.py").write_text(source)
+    for name, text in configs.items():
+        path = root / "myconf" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
 
 
 def run_cli(args: Sequence[str], *, cwd: Path, check: bool = True,

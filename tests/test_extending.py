@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import start_process
+from conftest import start_process, user_project
 
 WRITER = '''
 import csv
@@ -99,17 +99,8 @@ RUN = ["--config-dir", "myconf", "logger=[tensorboard,csv]", "callbacks=[count]"
 def lab(tmp_path):
     """A research project: package ``mylab`` (writer, callback, schedule), config dir
     ``myconf`` with one YAML for each."""
-    package = tmp_path / "mylab"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    for module, text in (("writers", WRITER), ("callbacks", CALLBACK),
-                         ("schedules", SCHEDULE)):
-        (package / f"{module}.py").write_text(text)
-    for name, text in YAMLS.items():
-        path = tmp_path / "myconf" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return tmp_path
+    return user_project(tmp_path, "mylab", {"writers": WRITER, "callbacks": CALLBACK,
+                                            "schedules": SCHEDULE}, YAMLS)
 
 
 def runner(args, *, cwd: Path, env_extra=None) -> subprocess.CompletedProcess:

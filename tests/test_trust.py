@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import user_project
 from runner.run.trust import resume_command
 
 MODEL = '''
@@ -45,13 +46,8 @@ FRESH_SHELL = {**{k: v for k, v in os.environ.items()
 @pytest.fixture
 def own_model(tmp_path):
     """A user's package ``mymodels`` holding only a model, and its config dir."""
-    (tmp_path / "mymodels").mkdir()
-    (tmp_path / "mymodels" / "__init__.py").write_text("")
-    (tmp_path / "mymodels" / "affine.py").write_text(MODEL)
-    (tmp_path / "myconf" / "model").mkdir(parents=True)
-    (tmp_path / "myconf" / "model" / "affine.yaml").write_text(
-        "_target_: mymodels.affine.Affine\n")
-    return tmp_path
+    return user_project(tmp_path, "mymodels", {"affine": MODEL},
+                        {"model/affine.yaml": "_target_: mymodels.affine.Affine\n"})
 
 
 def stopped_run(cwd: Path, args, signum) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, compose_config, group_options, run_cli, start_process
+from conftest import TINY, compose_config, group_options, run_cli, start_process, user_project
 from runner.config.errors import RunnerError, WriteError
 from runner.io.writers.base import RunInfo, Writers
 from runner.io.writers.configured import configured, open_writers, run_info
@@ -271,14 +271,9 @@ def test_a_users_writer_beside_runners_and_overwrite_sets_both_aside(tmp_path):
     with the list syntax beside jsonl: the same scalars at the same steps. overwrite=true
     moves both writers' files (and runner's) to attempts/1/. A bad _target_: one line naming
     the key, exit 1, nothing written."""
-    (tmp_path / "myproj").mkdir()
-    (tmp_path / "myproj" / "__init__.py").write_text("")
-    (tmp_path / "myproj" / "writers.py").write_text(USER_WRITER)
-    (tmp_path / "myconf" / "logger").mkdir(parents=True)
-    (tmp_path / "myconf" / "logger" / "recorder.yaml").write_text(
-        "recorder:\n  _target_: myproj.writers.Recorder\n  tag: mine\n")
-    (tmp_path / "myconf" / "logger" / "broken.yaml").write_text(
-        "broken:\n  _target_: myproj.nowhere.Writer\n")
+    user_project(tmp_path, "myproj", {"writers": USER_WRITER}, {
+        "logger/recorder.yaml": "recorder:\n  _target_: myproj.writers.Recorder\n  tag: mine\n",
+        "logger/broken.yaml": "broken:\n  _target_: myproj.nowhere.Writer\n"})
     args = ["--config-dir", "myconf", *TINY, "logger=[jsonl,recorder]", "hydra.run.dir=out"]
     run_dir = tmp_path / "out"
 
