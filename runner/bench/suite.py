@@ -234,6 +234,7 @@ def bench_overheads(repeats: int, cnn_shape: Optional[Dict[str, int]] = None) ->
 
     from runner.core.steps import train_steps
     from runner.io.checkpoint import save_checkpoint
+    from runner.io.layout import RunPaths
     from runner.io.tb_logger import TensorBoardLogger
     from runner.platform.compiles import compile_stats
 
@@ -247,7 +248,7 @@ def bench_overheads(repeats: int, cnn_shape: Optional[Dict[str, int]] = None) ->
                                      unroll=cfg.trainer.scan_unroll)
         jax.block_until_ready(metrics)
         with tempfile.TemporaryDirectory() as tmp:
-            logger = TensorBoardLogger(Path(tmp) / "tb")
+            logger = TensorBoardLogger(RunPaths(tmp).tb)
             t = median_times({  # a log step: fetch the metrics, write the scalars
                 "log": lambda lg=logger, m=metrics: lg.scalars(
                     0, "train", {k: v[-1] for k, v in jax.device_get(m).items()}),
