@@ -149,13 +149,23 @@ def interrupt_and_finish(tmp_path: Path, interrupt, *, launcher: str = "slurm",
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def reference(tmp_path: Path, lr: str = "1e-3", *args: str) -> bytes:
-    run_cli([f"optimizer.lr={lr}", *args, *LONG, f"hydra.run.dir={tmp_path / f'ref{lr}'}"],
-            cwd=tmp_path)
-    return (tmp_path / f"ref{lr}" / "checkpoints" / "step_400000.msgpack").read_bytes()
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """``reference(lr, *args)``: the last checkpoint of an uninterrupted LONG run, run once in
+    this module for each ``(lr, *args)`` (a run's bits are its command's: the requeue,
+    preemption and fused tests compare with the same lr=1e-3 run)."""
+    root, made = tmp_path_factory.mktemp("references"), {}
+
+    def final(lr: str = "1e-3", *args: str) -> bytes:
+        if (lr, *args) not in made:
+            run_dir = root / str(len(made))
+            run_cli([f"optimizer.lr={lr}", *args, *LONG, f"hydra.run.dir={run_dir}"], cwd=root)
+            made[(lr, *args)] = (run_dir / "checkpoints" / "step_400000.msgpack").read_bytes()
+        return made[(lr, *args)]
+    return final
 
 
-def test_a_requeued_job_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+def test_a_requeued_job_resumes_and_ends_as_an_uninterrupted_run(tmp_path, reference):
     done = interrupt_and_finish(tmp_path, lambda job: subprocess.run(
         ["scontrol", "requeue", job], check=True))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -163,11 +173,11 @@ def test_a_requeued_job_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
     assert metrics(run)["status"] == "completed" and metrics(run)["resumed_from"] > 0
     attempts = json.loads((run / "manifest.json").read_text())["attempts"]
     assert len(attempts) == 2
-    assert (run / "checkpoints" / "step_400000.msgpack").read_bytes() == reference(tmp_path)
+    assert (run / "checkpoints" / "step_400000.msgpack").read_bytes() == reference()
     assert summary(tmp_path / "s")[0]["status"] == "completed"
 
 
-def test_a_preempted_job_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+def test_a_preempted_job_resumes_and_ends_as_an_uninterrupted_run(tmp_path, reference):
     cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True,
                           check=True).stdout.split()[0]
 
@@ -179,7 +189,7 @@ def test_a_preempted_job_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "s" / "0"
     assert metrics(run)["status"] == "completed" and metrics(run)["resumed_from"] > 0
-    assert (run / "checkpoints" / "step_400000.msgpack").read_bytes() == reference(tmp_path)
+    assert (run / "checkpoints" / "step_400000.msgpack").read_bytes() == reference()
 
 
 def test_scancel_term_ends_the_sweep_in_one_line_and_a_rerun_resumes(tmp_path):
@@ -230,7 +240,7 @@ def test_a_failing_job_fails_alone_in_one_line(tmp_path):
         "): optimizer.lr=-1.0: must be > 0"), done.stderr
 
 
-def test_a_fused_group_is_one_slurm_job_and_resumes_when_requeued(tmp_path):
+def test_a_fused_group_is_one_slurm_job_and_resumes_when_requeued(tmp_path, reference):
     lrs = "1e-3,2e-3,3e-3,4e-3"
     done = interrupt_and_finish(tmp_path, lambda job: subprocess.run(
         ["scontrol", "requeue", job], check=True), launcher="fused_slurm", lrs=lrs)
@@ -241,8 +251,7 @@ def test_a_fused_group_is_one_slurm_job_and_resumes_when_requeued(tmp_path):
         run = tmp_path / "s" / str(job)
         assert metrics(run)["status"] == "completed" and metrics(run)["resumed_from"] > 0
         if job < 2:  # two members against uninterrupted single runs, bit for bit
-            assert (run / "checkpoints" / "step_400000.msgpack").read_bytes() == reference(
-                tmp_path, lr)
+            assert (run / "checkpoints" / "step_400000.msgpack").read_bytes() == reference(lr)
 
 
 def test_a_search_prunes_its_slurm_job_which_reports_to_the_study_itself(tmp_path):
@@ -269,7 +278,7 @@ LONG_SEARCH = ["hparams_search=linear_fit_optuna", "hydra.sweeper.n_trials=1",
                "model.features:'[64]'}"]
 
 
-def test_a_requeued_search_job_resumes_its_trial_from_its_checkpoint(tmp_path):
+def test_a_requeued_search_job_resumes_its_trial_from_its_checkpoint(tmp_path, reference):
     done = interrupt_and_finish(tmp_path, lambda job: subprocess.run(
         ["scontrol", "requeue", job], check=True), args=LONG_SEARCH)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -277,7 +286,7 @@ def test_a_requeued_search_job_resumes_its_trial_from_its_checkpoint(tmp_path):
     assert metrics(run)["status"] == "completed" and metrics(run)["resumed_from"] > 0
     assert len(json.loads((run / "manifest.json").read_text())["attempts"]) == 2
     assert (run / "checkpoints" / "step_400000.msgpack").read_bytes() == reference(
-        tmp_path, "0.001", "optimizer.b1=0.9", "model.features=[64]")
+        "0.001", "optimizer.b1=0.9", "model.features=[64]")
     trials = study_of(tmp_path / "s").trials  # the total stays n_trials, told COMPLETE once
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
     assert trials[0].value == pytest.approx(metrics(run)["eval"]["loss"])

@@ -155,8 +155,12 @@ def test_a_sweep_dir_of_other_jobs_is_not_overwritten(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_stops_the_whole_sweep_and_a_rerun_resumes_it(tmp_path):
-    long_job = ["task.batch_size=10", "trainer.steps=240000", "trainer.log_every=20000",
-                "trainer.eval_every=60000", "trainer.checkpoint_every=20000",
+    # 10 dispatches of 10,000 steps, a checkpoint after each. The test stops job 0 once it
+    # sees one; the asserts allow it to see any up to step 70,000 (6 dispatches for the poll
+    # below to lag behind the first) and the run to stop 2 dispatches after that.
+    steps, ckpt = 100000, 10000
+    long_job = ["task.batch_size=10", f"trainer.steps={steps}", f"trainer.log_every={ckpt}",
+                "trainer.eval_every=20000", f"trainer.checkpoint_every={ckpt}",
                 "trainer.progress_bar=false"]
     args = [sys.executable, "-m", "runner", "-m", "optimizer.lr=1e-3,2e-3", *long_job,
             f"hydra.sweep.dir={tmp_path}/sweep"]
@@ -169,16 +173,16 @@ def test_sigterm_stops_the_whole_sweep_and_a_rerun_resumes_it(tmp_path):
         time.sleep(0.005)
     # Stopped first, so that job 0 cannot run to its end before SIGTERM lands. The run stops
     # at most two dispatches after its newest checkpoint (the one in flight may have checked
-    # for a stop request already), and those must not include the last (step 240000).
+    # for a stop request already), and those must not include the last (step ``steps``).
     proc.send_signal(signal.SIGSTOP)
     newest = list_checkpoints(ckpts)[-1][0]
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGCONT)
-    assert proc.wait(timeout=60) == 1, f"job 0 was past step {newest} of 240000 when stopped"
-    assert newest <= 240000 - 3 * 20000
+    assert proc.wait(timeout=60) == 1, f"job 0 was past step {newest} of {steps} when stopped"
+    assert newest <= steps - 3 * ckpt
     metrics = json.loads((tmp_path / "sweep/0/metrics.json").read_text())
     assert metrics["status"] == "interrupted"
-    assert metrics["steps"] - newest in (0, 20000, 40000)
+    assert metrics["steps"] - newest in (0, ckpt, 2 * ckpt)
     assert list_checkpoints(ckpts)[-1][0] == metrics["steps"]
     assert not (tmp_path / "sweep/1").exists()  # the sweep stopped; job 1 never started
 
