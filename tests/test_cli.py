@@ -137,8 +137,8 @@ def test_help_lists_the_groups_a_user_picks_from_and_their_own(tmp_path):
         line.split(": ", 1) for line in proc.stdout.split("== Configuration groups ==")[1]
         .split("== Config ==")[0].splitlines() if ": " in line)
     shipped = groups(run_cli(["--help"], cwd=tmp_path))
-    assert set(shipped) == {"task", "model", "optimizer", "device", "experiment",
-                            "hparams_search", "debug"}
+    assert set(shipped) == {"task", "model", "optimizer", "optimizer/schedule", "device",
+                            "logger", "callbacks", "experiment", "hparams_search", "debug"}
     assert shipped["model"] == "cnn, cnn_small, linear, mlp"
     (tmp_path / "myconf/model").mkdir(parents=True)
     (tmp_path / "myconf/augment").mkdir()
