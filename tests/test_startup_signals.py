@@ -27,14 +27,21 @@ ARGS = [f"trainer.steps={STEPS}", "trainer.log_images=false", "trainer.progress_
 DELAYS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_with_signal(args: List[str], *, sig: signal.Signals, cwd: Path,
                     delay: float = 0.0, marker: Optional[Path] = None):
     """``python -m runner <args>``, sent ``sig`` once ``delay`` passed (or ``marker`` exists);
     its exit status and output."""
     out = cwd / f"out-{len(list(cwd.glob('out-*')))}.txt"
     with out.open("w") as sink:
+        # As from a terminal: SIGINT at its default in the new process, even where this one
+        # ignores it (a script's `&` job), which the process would inherit until runner's
+        # handler, its first line, replaces it: a signal before then would be ignored.
         proc = start_process([sys.executable, "-m", "runner", *args], cwd=cwd, stdout=sink,
-                             stderr=sink)
+                             stderr=sink, preexec_fn=default_sigint)
         time.sleep(delay)
         while marker is not None and not marker.exists() and proc.poll() is None:
             time.sleep(0.01)
