@@ -51,7 +51,8 @@ def verify(task: Any, run_dir: Path) -> None:
         what = ", ".join(f"{k}: now {_short(now.get(k))}, recorded {_short(was.get(k))}"
                          for k in changed)
         raise RunnerError(f"{now.get('path', 'the task inputs')}: changed since the run started "
-                          f"({what}; see {RunPaths(run_dir).inputs}): resume and eval need the same data")
+                          f"({what}; see {RunPaths(run_dir).inputs}): resume and eval need "
+                          f"the same data")
 
 
 def record(task: Any, run_dir: Path) -> None:

@@ -59,9 +59,8 @@ def refuse_fresh_run(run_dir: Path, *, overwrite: bool) -> None:
         return
     raise RunnerError(f"{shown} holds a run ({held}): continue it with "
                       f"{runner_command(f'resume={shown}')} (trainer.steps=N to train "
-                      f"longer), or start over there "
-                      f"with overwrite=true (the old run is moved to {shown}/{RunPaths.ATTEMPTS}/), or "
-                      f"give another hydra.run.dir")
+                      f"longer), or start over there with overwrite=true (the old run is "
+                      f"moved to {shown}/{RunPaths.ATTEMPTS}/), or give another hydra.run.dir")
 
 
 # Decides, for the process that will write (``writer``), whether a run continues what its dir

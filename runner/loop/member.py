@@ -67,7 +67,8 @@ class Stop(NamedTuple):
     """A reason to end a run at ``step``, before ``trainer.steps``: what ``metrics.json``
     records of it (a callback's ``stopped_at``, ``stopped_by``, ``stop_reason``,
     ``stop_details``; early stopping's ``stopped_early_at`` too; or ``status: pruned``,
-    ``pruned_at``) and the line logged. The run's last checkpoint and TensorBoard step are ``step``."""
+    ``pruned_at``) and the line logged. The run's last checkpoint and TensorBoard step are
+    ``step``."""
 
     step: int
     record: Dict[str, Any]
